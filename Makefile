@@ -1,0 +1,54 @@
+# dts — the two commands of the quick start are `make run` and `make test`.
+# Everything else here is what those two need on a fresh Debian/Ubuntu machine.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests drive as real peers: dcmtk (storescu/storescp/echoscu),
+# Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
+# busybox-static (a root filesystem for test container images).
+TEST_DEBS := dcmtk orthanc podman runc busybox-static postgresql
+TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
+             /usr/bin/podman /usr/sbin/runc /bin/busybox
+
+.PHONY: run test venv system-deps lint typecheck bench clean-venv
+
+$(BIN)/dts: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/dts
+
+## Start the station (receiver + every stage) on the embedded default configuration.
+run: venv
+	$(BIN)/dts --config configuration/dts.toml --spool spool watch
+
+system-deps:
+	@missing=0; for f in $(TEST_BINS) $$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -1 || echo /usr/lib/postgresql/none/bin/initdb); do \
+	  [ -e "$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing test peers: $(TEST_DEBS)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_DEBS) >/dev/null; \
+	fi
+
+## Install what the tests need (system packages too) and run them all.
+test: system-deps venv
+	$(BIN)/mypy dts
+	$(BIN)/pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check dts tests
+
+typecheck: venv
+	$(BIN)/mypy dts
+
+## Benchmarks against dcmtk and Orthanc (prints ratios; never part of `make test`).
+bench: system-deps venv
+	$(BIN)/python -m tests.bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,79 @@
+"""``dts log``: the station journal, filtered; ``--follow``; ``--db`` reads the database."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import click
+
+from ..errors import UsageError
+from ..journal import EventFilter, Stage, Status, follow_events, parse_since, read_events
+from . import StationContext, pass_ctx
+from .common import print_json_lines
+
+
+def _line(ev: dict[str, Any]) -> str:
+    parts = [str(ev.get("time", "")), f"{ev.get('stage', ''):<8}", f"{ev.get('status', ''):<7}",
+             f"{ev.get('event', ''):<20}", str(ev.get("job") or "-")]
+    if ev.get("accession"):
+        parts.append(f"acc={ev['accession']}")
+    if ev.get("stream"):
+        parts.append(f"stream={ev['stream']}")
+    parts.append(str(ev.get("message", "")))
+    return "  ".join(parts)
+
+
+@click.command(name="log")
+@click.option("--job", help="Only this job (and its fan-out children).")
+@click.option("--study", help="Only this StudyInstanceUID.")
+@click.option("--accession", help="Only this accession number.")
+@click.option("--stream", help="Only this stream.")
+@click.option("--stage", type=click.Choice([s.value for s in Stage]), help="Only this stage.")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice([s.value for s in Status]), help="Only this status (repeatable).")
+@click.option("--since", help="ISO-8601 time or a duration back from now (2h, 7d).")
+@click.option("--until", help="ISO-8601 time or a duration back from now.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events as they happen.")
+@click.option("--db", is_flag=True, help="Read from the journal database ([journal] url).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_ctx
+def command(ctx: StationContext, job: str | None, study: str | None, accession: str | None,
+            stream: str | None, stage: str | None, statuses: tuple[str, ...],
+            since: str | None, until: str | None, follow: bool, db: bool, as_json: bool) -> None:
+    """Print the station journal, oldest first.
+
+    \b
+    Example:
+      dts log --accession 12345
+      dts log --since 2h --status error
+      dts log --follow --json | jq -r .message
+    """
+    try:
+        flt = EventFilter(job=job, study=study, accession=accession, stream=stream,
+                          stage=stage, status=statuses,
+                          since=parse_since(since) if since else None,
+                          until=parse_since(until) if until else None)
+    except ValueError as exc:
+        raise UsageError(f"--since/--until: {exc}") from None
+    station = ctx.station
+    events: Iterable[dict[str, Any]]
+    if db:
+        from ..journaldb import read_db_events
+
+        events = read_db_events(station.config, flt)
+    else:
+        events = read_events(station.spool, flt)
+    _print(events, as_json)
+    if follow:
+        try:
+            _print(follow_events(station.spool, flt), as_json)
+        except KeyboardInterrupt:
+            pass
+
+
+def _print(events: Iterable[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print_json_lines(events)
+    else:
+        for ev in events:
+            click.echo(_line(ev))

@@ -1,0 +1,474 @@
+"""Owns the station's configuration: ``dts.toml`` parsed once into typed values.
+
+Every value is checked where it enters; a bad one raises ``ConfigError`` naming
+the file, the key and the reason, so a station never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jmespath
+import jmespath.exceptions
+
+from .errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_CONFIG = PACKAGE_ROOT / "configuration" / "dts.toml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"negative duration: {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"not a duration (seconds, or a number with ms/s/m/h/d/w): {value!r}")
+
+
+def valid_ae_title(value: str) -> bool:
+    """DICOM AE title: 1-16 characters of the default repertoire, no backslash, not blank."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 16
+        and value.strip() != ""
+        and "\\" not in value
+        and all(32 <= ord(c) < 127 for c in value)
+    )
+
+
+@dataclass(frozen=True)
+class TLS:
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    ae_title: str = "DTS"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    spool: Path = Path("spool")
+    stable_seconds: float = 5.0
+    check_called_ae: bool = False
+    allowed_calling_ae: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    min_free_mb: int = 1024
+    max_parallel_runs: int = 1
+    classify_rules: Path = Path("classifyRules.json")
+    max_pdu: int = 0  # 0: unlimited, the receiver's advertised maximum PDU length
+    max_associations: int = 16
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_attempts: int = 3
+    send_retries: int = 5
+    send_backoff: float = 30.0
+    send_backoff_max: float = 3600.0
+    rescan_seconds: float = 30.0
+    retention: float | None = None
+    clean_below_free_mb: int = 0
+    tls: TLS | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+    calling_ae: str | None = None
+    folder: Path | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        return self.folder is not None
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    called_ae: re.Pattern[str]
+    calling_ae: re.Pattern[str]
+    when: Any = None  # compiled jmespath expression or None
+    when_text: str | None = None
+    select: dict[str, Any] = field(default_factory=dict)  # name -> compiled jmespath
+    select_text: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    command: tuple[str, ...] | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    timeout: float = 3600.0
+    memory: str | None = None
+    cpus: float | None = None
+    gpus: str | None = None
+    user: str | None = None
+    network: bool = False
+    pull: bool = False
+    expect_output: bool = True
+    allow_new_study: bool = False
+    destinations: tuple[str, ...] = ()
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    station: StationConfig
+    destinations: dict[str, Destination]
+    streams: tuple[Stream, ...]
+    journal: JournalConfig
+
+    @property
+    def rules_path(self) -> Path:
+        return self.station.classify_rules
+
+    def stream(self, name: str) -> Stream | None:
+        return next((s for s in self.streams if s.name == name), None)
+
+    def destination_for_ae(self, ae_title: str) -> Destination | None:
+        """The configured DICOM destination whose AE title is ``ae_title`` (for ``@sender``)."""
+        return next(
+            (d for d in self.destinations.values() if not d.is_folder and d.ae_title == ae_title),
+            None,
+        )
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used so unknown ones are refused."""
+
+    def __init__(self, file: str, prefix: str, data: Any) -> None:
+        self.file, self.prefix = file, prefix
+        if not isinstance(data, dict):
+            raise ConfigError(file, prefix, "must be a table")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), reason)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if bool not in kinds and isinstance(value, bool):
+            raise self.fail(name, f"expected {_kind_names(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.fail(name, f"expected {_kind_names(kinds)}, got {value!r}")
+        return value
+
+    def convert(self, name: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        try:
+            return fn(self.data[name])
+        except (ValueError, TypeError) as exc:
+            raise self.fail(name, str(exc)) from None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _regex(value: Any) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression string, got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+
+
+def _jmespath(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a jmespath expression string, got {value!r}")
+    try:
+        return jmespath.compile(value)
+    except jmespath.exceptions.JMESPathError as exc:
+        raise ValueError(f"jmespath syntax error in {value!r}: {exc}") from None
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number 0-65535, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _ae(value: Any) -> str:
+    if not valid_ae_title(value):
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return str(value)
+
+
+def _host_pattern(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address or network, got {value!r}")
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP address or network: {value!r}") from None
+    return value
+
+
+def _string_list(item: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...]]:
+    def convert(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(item(v) for v in value)
+
+    return convert
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _path(base: Path) -> Callable[[Any], Path]:
+    def convert(value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a path, got {value!r}")
+        p = Path(os.path.expanduser(value))
+        return Path(os.path.normpath(p if p.is_absolute() else base / p))
+
+    return convert
+
+
+def _duration(value: Any) -> float:
+    return parse_duration(value)
+
+
+def _memory(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    if isinstance(value, str) and _MEMORY.match(value):
+        return value
+    raise ValueError(f"expected a memory size like '512m' or '8g', got {value!r}")
+
+
+def _parameters(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of names to values, got {value!r}")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+            raise ValueError(f"parameter name {k!r} is not usable as an environment variable")
+        if isinstance(v, (dict, list)):
+            raise ValueError(f"parameter {k!r}: expected a string or number, got {v!r}")
+        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+def _station(file: str, data: Any, base: Path) -> StationConfig:
+    t = _Table(file, "station", data)
+    d = StationConfig()
+    tls = None
+    if "tls" in t.data:
+        tt = _Table(file, "station.tls", t.get("tls", dict))
+        tls = TLS(
+            certificate=tt.convert("certificate", _path(base)),
+            private_key=tt.convert("private_key", _path(base)),
+            ca_certificates=tt.convert("ca_certificates", _path(base)),
+            require_client_certificate=tt.get("require_client_certificate", bool, False),
+        )
+        tt.finish()
+        if tls.certificate is None or tls.private_key is None:
+            raise ConfigError(file, "station.tls", "needs certificate and private_key")
+    station = StationConfig(
+        ae_title=t.convert("ae_title", _ae, d.ae_title),
+        host=t.get("host", str, d.host),
+        port=t.convert("port", _port, d.port),
+        spool=t.convert("spool", _path(base), base / "spool"),
+        stable_seconds=t.convert("stable_seconds", _duration, d.stable_seconds),
+        check_called_ae=t.get("check_called_ae", bool, d.check_called_ae),
+        allowed_calling_ae=t.convert("allowed_calling_ae", _string_list(_ae), ()),
+        allowed_hosts=t.convert("allowed_hosts", _string_list(_host_pattern), ()),
+        min_free_mb=t.convert("min_free_mb", _positive_int, d.min_free_mb),
+        max_parallel_runs=t.convert("max_parallel_runs", _positive_int, d.max_parallel_runs),
+        classify_rules=t.convert("classify_rules", _path(base), base / "classifyRules.json"),
+        max_pdu=t.convert("max_pdu", _positive_int, d.max_pdu),
+        max_associations=t.convert("max_associations", _positive_int, d.max_associations),
+        dimse_timeout=t.convert("dimse_timeout", _duration, d.dimse_timeout),
+        network_timeout=t.convert("network_timeout", _duration, d.network_timeout),
+        max_attempts=t.convert("max_attempts", _positive_int, d.max_attempts),
+        send_retries=t.convert("send_retries", _positive_int, d.send_retries),
+        send_backoff=t.convert("send_backoff", _duration, d.send_backoff),
+        send_backoff_max=t.convert("send_backoff_max", _duration, d.send_backoff_max),
+        rescan_seconds=t.convert("rescan_seconds", _duration, d.rescan_seconds),
+        retention=t.convert("retention", _duration, None),
+        clean_below_free_mb=t.convert("clean_below_free_mb", _positive_int, 0),
+        tls=tls,
+    )
+    t.finish()
+    if station.max_parallel_runs < 1:
+        raise ConfigError(file, "station.max_parallel_runs", "must be at least 1")
+    if station.max_attempts < 1:
+        raise ConfigError(file, "station.max_attempts", "must be at least 1")
+    if station.rescan_seconds <= 0:
+        raise ConfigError(file, "station.rescan_seconds", "must be more than 0")
+    return station
+
+
+def _destination(file: str, index: int, data: Any, base: Path) -> Destination:
+    t = _Table(file, f"destination[{index}]", data)
+    name = t.get("name", str)
+    if not name or not _NAME.match(name):
+        raise t.fail("name", f"a destination needs a name of letters, digits, '_.-', got {name!r}")
+    t.prefix = f"destination.{name}"
+    dest = Destination(
+        name=name,
+        ae_title=t.convert("ae_title", _ae),
+        host=t.get("host", str),
+        port=t.convert("port", _port),
+        calling_ae=t.convert("calling_ae", _ae),
+        folder=t.convert("folder", _path(base)),
+    )
+    t.finish()
+    if dest.folder is not None:
+        if dest.ae_title or dest.host or dest.port:
+            raise ConfigError(file, t.prefix, "either folder or ae_title/host/port, not both")
+    elif not (dest.ae_title and dest.host and dest.port):
+        raise ConfigError(file, t.prefix, "a DICOM destination needs ae_title, host and port "
+                          "(or give folder)")
+    return dest
+
+
+def _stream(file: str, index: int, data: Any, destinations: dict[str, Destination]) -> Stream:
+    t = _Table(file, f"stream[{index}]", data)
+    name = t.get("name", str)
+    if not name or not _NAME.match(name):
+        raise t.fail("name", f"a stream needs a name of letters, digits, '_.-', got {name!r}")
+    t.prefix = f"stream.{name}"
+    select_raw = t.get("select", dict, {})
+    select: dict[str, Any] = {}
+    for sel_name, expr in select_raw.items():
+        if not _NAME.match(sel_name):
+            raise t.fail(f"select.{sel_name}", "selection names are letters, digits, '_.-'")
+        try:
+            select[sel_name] = _jmespath(expr)
+        except ValueError as exc:
+            raise t.fail(f"select.{sel_name}", str(exc)) from None
+    command = t.convert("command", _string_list(_str))
+    stream = Stream(
+        name=name,
+        called_ae=t.convert("called_ae", _regex, re.compile(".*")),
+        calling_ae=t.convert("calling_ae", _regex, re.compile(".*")),
+        when=t.convert("when", _jmespath),
+        when_text=t.data.get("when"),
+        select=select,
+        select_text={k: str(v) for k, v in select_raw.items()},
+        image=t.get("image", str),
+        command=command,
+        parameters=t.convert("parameters", _parameters, {}),
+        timeout=t.convert("timeout", _duration, 3600.0),
+        memory=t.convert("memory", _memory),
+        cpus=t.get("cpus", (int, float)),
+        gpus=t.get("gpus", str),
+        user=t.get("user", str),
+        network=t.get("network", bool, False),
+        pull=t.get("pull", bool, False),
+        expect_output=t.get("expect_output", bool, True),
+        allow_new_study=t.get("allow_new_study", bool, False),
+        destinations=t.convert("destinations", _string_list(_str), ()),
+        enabled=t.get("enabled", bool, True),
+    )
+    t.finish()
+    if bool(stream.image) == bool(stream.command):
+        raise ConfigError(file, t.prefix, "give exactly one of image or command")
+    if stream.command is not None and not stream.command:
+        raise ConfigError(file, f"{t.prefix}.command", "must not be empty")
+    if stream.cpus is not None and stream.cpus <= 0:
+        raise ConfigError(file, f"{t.prefix}.cpus", "must be more than 0")
+    for dest in stream.destinations:
+        if dest != "@sender" and dest not in destinations:
+            raise ConfigError(file, f"{t.prefix}.destinations",
+                              f"unknown destination {dest!r} (configured: "
+                              f"{', '.join(sorted(destinations)) or 'none'}; or '@sender')")
+    return stream
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and check ``dts.toml``; ``None`` means the embedded default."""
+    cfg_path = Path(path) if path is not None else EMBEDDED_CONFIG
+    file = str(cfg_path)
+    try:
+        with open(cfg_path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(file, "", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(file, "", exc.strerror or str(exc)) from None
+    base = cfg_path.resolve().parent
+    top = _Table(file, "", raw)
+    station = _station(file, top.get("station", dict, {}), base)
+    destinations: dict[str, Destination] = {}
+    for i, d in enumerate(top.get("destination", list, [])):
+        dest = _destination(file, i, d, base)
+        if dest.name in destinations:
+            raise ConfigError(file, f"destination.{dest.name}", "defined twice")
+        destinations[dest.name] = dest
+    streams: list[Stream] = []
+    for i, s in enumerate(top.get("stream", list, [])):
+        stream = _stream(file, i, s, destinations)
+        if any(x.name == stream.name for x in streams):
+            raise ConfigError(file, f"stream.{stream.name}", "defined twice")
+        streams.append(stream)
+    jt = _Table(file, "journal", top.get("journal", dict, {}))
+    journal = JournalConfig(url=jt.get("url", str))
+    jt.finish()
+    top.finish()
+    config = Config(path=cfg_path.resolve(), station=station, destinations=destinations,
+                    streams=tuple(streams), journal=journal)
+    _check_rules(config)
+    return config
+
+
+def _check_rules(config: Config) -> None:
+    """Refuse a bad classification rule file at load time (the classifier owns the format)."""
+    from .rules import load_rules_for_config
+
+    load_rules_for_config(config)

@@ -1,0 +1,223 @@
+"""Owns the event journal: one JSON line per state change.
+
+Every event is appended to the job's ``events.jsonl`` (when there is a job) and
+to the station-wide ``spool/log/YYYY-MM-DD.jsonl``. Lines are written with one
+``write()`` on an ``O_APPEND`` descriptor, so concurrent stages never interleave
+inside a line. Reading and filtering (``dts log``) lives here too; mirroring into
+a SQL database is ``dts.journaldb``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .spool import Job, Spool, isotime, parse_isotime, utcnow
+
+
+class Stage(str, Enum):
+    RECEIVE = "receive"
+    CLASSIFY = "classify"
+    RUN = "run"
+    SEND = "send"
+    REQUEUE = "requeue"
+    CLEAN = "clean"
+    WATCH = "watch"
+
+
+class Status(str, Enum):
+    OK = "ok"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+# Keys every event has (the journal database has one column for each; the rest of an
+# event goes into its ``details``).
+EVENT_KEYS = ("time", "job", "stage", "event", "status", "message", "study_uid", "accession",
+              "stream")
+# job.json keys copied into each event of that job, so that a filter on one line works.
+_FROM_JOB = ("study_uid", "accession", "stream")
+_HOST = socket.gethostname()
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Writes events of one station."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def emit(self, stage: Stage | str, event: str, status: Status | str = Status.INFO,
+             message: str = "", *, job: Job | None = None,
+             job_data: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Record one event and return it. ``job_data`` saves re-reading job.json."""
+        record: dict[str, Any] = {
+            "time": isotime(),
+            "job": job.id if job is not None else fields.pop("job", None),
+            "stage": Stage(stage).value,
+            "event": event,
+            "status": Status(status).value,
+            "message": message,
+        }
+        if job is not None and job_data is None:
+            try:
+                job_data = job.read()
+            except Exception:  # an unreadable job.json must not stop the event
+                job_data = {}
+        for key in _FROM_JOB:
+            value = fields.pop(key, None)
+            if value is None and job_data:
+                value = job_data.get(key)
+            record[key] = value
+        record["host"] = _HOST
+        record["pid"] = os.getpid()
+        record.update({k: v for k, v in fields.items() if v is not None})
+        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        if job is not None:
+            try:
+                _append_line(job.events_file, line)
+            except FileNotFoundError:
+                pass  # job moved on meanwhile; the station log still has it
+        self.spool.log_dir.mkdir(parents=True, exist_ok=True)
+        _append_line(self.log_file(record["time"]), line)
+        return record
+
+    def log_file(self, time_text: str) -> Path:
+        return self.spool.log_dir / f"{time_text[:10]}.jsonl"
+
+
+# -- reading ------------------------------------------------------------------
+
+@dataclass
+class EventFilter:
+    job: str | None = None
+    study: str | None = None
+    accession: str | None = None
+    stream: str | None = None
+    stage: str | None = None
+    status: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    event: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        if self.job is not None:
+            j = rec.get("job") or ""
+            # a parent's filter also shows its fan-out children (J.<stream>)
+            if j != self.job and not j.startswith(self.job + ".") and \
+                    rec.get("parent") != self.job:
+                return False
+        if self.study is not None and rec.get("study_uid") != self.study:
+            return False
+        if self.accession is not None and rec.get("accession") != self.accession:
+            return False
+        if self.stream is not None and rec.get("stream") != self.stream:
+            return False
+        if self.stage is not None and rec.get("stage") != self.stage:
+            return False
+        if self.event is not None and rec.get("event") != self.event:
+            return False
+        if self.status and rec.get("status") not in self.status:
+            return False
+        if self.since is not None or self.until is not None:
+            try:
+                t = parse_isotime(str(rec.get("time")))
+            except ValueError:
+                return False
+            if self.since is not None and t < self.since:
+                return False
+            if self.until is not None and t > self.until:
+                return False
+        return True
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``--since``: an ISO-8601 time, or a duration back from now (``2h``, ``7d``)."""
+    from .config import parse_duration
+
+    try:
+        return (now or utcnow()) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        return parse_isotime(text)
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 time or a duration like 2h or 7d: {text!r}") from None
+
+
+def log_files(spool: Spool, since: datetime | None = None) -> list[Path]:
+    files = sorted(spool.log_dir.glob("*.jsonl"))
+    if since is not None:
+        day = since.astimezone(timezone.utc).strftime("%Y-%m-%d")
+        files = [f for f in files if f.name[:10] >= day]
+    return files
+
+
+def _parse_lines(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash: skipped, never fatal
+        if isinstance(rec, dict):
+            yield rec
+
+
+def read_events(spool: Spool, flt: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+    """Events of the station journal in time order, filtered."""
+    flt = flt or EventFilter()
+    for path in log_files(spool, flt.since):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for rec in _parse_lines(fh):
+                if flt.matches(rec):
+                    yield rec
+
+
+def follow_events(spool: Spool, flt: EventFilter | None = None, poll: float = 0.25,
+                  stop: Any = None) -> Iterator[dict[str, Any]]:
+    """Like ``tail -f`` over the daily files: new matching events as they are written."""
+    flt = flt or EventFilter()
+    files = log_files(spool)
+    current = files[-1] if files else spool.log_dir / f"{isotime()[:10]}.jsonl"
+    pos = current.stat().st_size if current.exists() else 0
+    buf = ""
+    while stop is None or not stop():
+        try:
+            with open(current, encoding="utf-8", errors="replace") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+                pos = fh.tell()
+        except FileNotFoundError:
+            chunk = ""
+        if chunk:
+            buf += chunk
+            lines = buf.split("\n")
+            buf = lines.pop()
+            for rec in _parse_lines(lines):
+                if flt.matches(rec):
+                    yield rec
+            continue
+        newer = [f for f in log_files(spool) if f.name > current.name]
+        if newer:
+            current, pos, buf = newer[0], 0, ""
+            continue
+        time.sleep(poll)

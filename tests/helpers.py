@@ -1,0 +1,168 @@
+"""Shared test helpers: free ports, deadlines, running the dts command, DICOM data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+DTS = [sys.executable, "-m", "dts"]
+
+# dcmtk by full path: pynetdicom installs Python commands of the same names on PATH.
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+    wait_for(up, timeout, what=f"port {port}")
+
+
+def run_dts(*args: str, config: Path | None = None, spool: Path | None = None,
+            timeout: float = 120, check: bool = False,
+            env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = list(DTS)
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if spool is not None:
+        cmd += ["--spool", str(spool)]
+    cmd += list(args)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DTS_")}
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          input=input, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:{proc.stdout}\n"
+                             f"stderr:{proc.stderr}")
+    return proc
+
+
+def start_dts(*args: str, config: Path | None = None, spool: Path | None = None,
+              env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+    cmd = list(DTS)
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if spool is not None:
+        cmd += ["--spool", str(spool)]
+    cmd += list(args)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DTS_")}
+    full_env.update(env or {})
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+                 timeout: float = 20.0) -> int:
+    """Stop a process the test started, by its PID; SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def make_instance(path: Path, *, study_uid: str, series_uid: str, sop_uid: str | None = None,
+                  patient_id: str = "PAT001", patient_name: str = "Doe^Jane",
+                  accession: str = "ACC001", modality: str = "CT", rows: int = 16,
+                  cols: int = 16, series_number: int = 1, instance_number: int = 1,
+                  sop_class: str = "1.2.840.10008.5.1.4.1.1.2", **attrs: Any) -> Path:
+    """Write one small, valid image instance (uncompressed) and return its path."""
+    import numpy as np
+
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.AccessionNumber = accession
+    ds.StudyDate = "20261126"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.Modality = modality
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 1.0
+    ds.ImagePositionPatient = [0.0, 0.0, float(instance_number)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    rng = np.random.default_rng(instance_number)
+    ds.PixelData = rng.integers(-1000, 1500, size=(rows, cols), dtype=np.int16).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_study(folder: Path, *, n_series: int = 2, per_series: int = 3,
+               study_uid: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A study of ``n_series`` series of ``per_series`` images under ``folder``."""
+    study_uid = study_uid or generate_uid()
+    series: dict[str, list[str]] = {}
+    for s in range(n_series):
+        series_uid = generate_uid()
+        series[series_uid] = []
+        for i in range(per_series):
+            sop = generate_uid()
+            make_instance(folder / series_uid / f"{sop}.dcm", study_uid=study_uid,
+                          series_uid=series_uid, sop_uid=sop, series_number=s + 1,
+                          instance_number=i + 1, **kw)
+            series[series_uid].append(sop)
+    return {"study_uid": study_uid, "series": series, "folder": folder}
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
