@@ -314,6 +314,11 @@ class Spool:
         return self.root / "log"
 
     @property
+    def produced(self) -> Path:
+        """Registry of SOP Instance UIDs this station produced (``dts.provenance``)."""
+        return self.root / "produced"
+
+    @property
     def run_dir(self) -> Path:
         """Process state (pid files of running services)."""
         return self.root / "tmp" / ".run"
@@ -324,7 +329,7 @@ class Spool:
         return self.root / queue.value
 
     def all_dirs(self) -> list[Path]:
-        dirs = [self.tmp, self.incoming, self.log_dir]
+        dirs = [self.tmp, self.incoming, self.log_dir, self.produced]
         for q in self.WORK:
             dirs += [self.dir(q, State.NEW), self.dir(q, State.CUR)]
         dirs += [self.dir(q) for q in self.FINAL]

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Real peers started by fixtures: dcmtk and Orthanc (peers), podman (engine), PostgreSQL
+# (database). Each is started on free loopback ports and stopped by its PID.
+pytest_plugins = ["tests.plugins.peers", "tests.plugins.engine", "tests.plugins.database"]
+
 
 @pytest.fixture(autouse=True)
 def _clean_dts_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,1 @@
+"""Pytest fixtures: engine (see the module owner)."""

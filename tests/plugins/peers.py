@@ -1,0 +1,1 @@
+"""Pytest fixtures: peers (see the module owner)."""
