@@ -194,11 +194,13 @@ def read_events(spool: Spool, flt: EventFilter | None = None) -> Iterator[dict[s
 
 def follow_events(spool: Spool, flt: EventFilter | None = None, poll: float = 0.25,
                   stop: Any = None) -> Iterator[dict[str, Any]]:
-    """Like ``tail -f`` over the daily files: new matching events as they are written."""
+    """The matching history, then (like ``tail -f`` over the daily files) new events as
+    they are written; history and following share one read position, so no event
+    written in between is missed or printed twice."""
     flt = flt or EventFilter()
-    files = log_files(spool)
-    current = files[-1] if files else spool.log_dir / f"{isotime()[:10]}.jsonl"
-    pos = current.stat().st_size if current.exists() else 0
+    files = log_files(spool, flt.since)
+    current = files[0] if files else spool.log_dir / f"{isotime()[:10]}.jsonl"
+    pos = 0
     buf = ""
     while stop is None or not stop():
         try:

@@ -166,3 +166,17 @@ def make_study(folder: Path, *, n_series: int = 2, per_series: int = 3,
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def read_line(stream: Any, timeout: float = 20.0) -> str:
+    """One line from a child's text pipe, failing after ``timeout`` instead of blocking."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no line from the process within {timeout}s")
+        ready, _, _ = select.select([stream], [], [], remaining)
+        if ready:
+            return str(stream.readline())

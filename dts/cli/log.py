@@ -58,17 +58,19 @@ def command(ctx: StationContext, job: str | None, study: str | None, accession: 
     station = ctx.station
     events: Iterable[dict[str, Any]]
     if db:
+        if follow:
+            raise UsageError("--follow reads the spool's journal; it does not combine with --db")
         from ..journaldb import read_db_events
 
         events = read_db_events(station.config, flt)
+    elif follow:
+        events = follow_events(station.spool, flt)
     else:
         events = read_events(station.spool, flt)
-    _print(events, as_json)
-    if follow:
-        try:
-            _print(follow_events(station.spool, flt), as_json)
-        except KeyboardInterrupt:
-            pass
+    try:
+        _print(events, as_json)
+    except KeyboardInterrupt:
+        pass
 
 
 def _print(events: Iterable[dict[str, Any]], as_json: bool) -> None:
