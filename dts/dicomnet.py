@@ -1,0 +1,259 @@
+"""Owns everything dts does to pynetdicom: tuning its internals, building AEs, C-ECHO.
+
+pynetdicom 3.0 polls: its DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever a
+loop finds nothing to do, and ``Association._run_reactor`` sleeps 1 ms before every
+look for a complete DIMSE message. It sets neither ``TCP_NODELAY`` nor
+``TCP_QUICKACK``, so against a sender that leaves Nagle's algorithm on (Debian's
+dcmtk by default) every small message waits for a delayed ACK (~40 ms), and it
+reads the socket 4 KiB at a time. ``tune()`` fixes all of that for the pinned
+version only; ``tests/test_dicomnet.py`` fails when the installed pynetdicom
+stops looking like the one these changes were written against.
+
+Receiving into files: ``set_receive_directory()`` makes pynetdicom write every
+C-STORE data set straight to a file in the given folder (the spool's ``tmp/``) as
+its fragments arrive, so a receiver never holds a whole instance in memory and
+never joins fragments; the store handler finds it at ``event.dataset_path``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pynetdicom
+from pynetdicom import AE, _config, association, dimse_messages, dul, transport
+from pynetdicom.presentation import PresentationContext
+
+LOGGER = logging.getLogger(__name__)
+
+PINNED_VERSION = "3.0.4"
+# Polling delay of both reactor threads once tuned (pynetdicom's default: 1 ms).
+FAST_DELAY = 0.0001
+# The read size of one recv() call; pynetdicom reads 4 KiB at a time.
+RECV_CHUNK = 1 << 20
+# What we advertise when configured with 0 (unlimited): peers then send large
+# P-DATA PDUs, far fewer per image (dcmtk fragments by the receiver's maximum).
+DEFAULT_MAX_PDU = 0
+
+_tuned = False
+_tune_lock = threading.Lock()
+_HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
+
+
+class NetworkError(Exception):
+    """Something on the network went wrong (peer unreachable, association refused)."""
+
+
+def version_ok() -> bool:
+    return str(pynetdicom.__version__) == PINNED_VERSION
+
+
+def is_tuned() -> bool:
+    return _tuned
+
+
+def _set_nodelay(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not a TCP socket (e.g. closed meanwhile): nothing to tune
+        pass
+
+
+def _quickack(sock: socket.socket) -> None:
+    # Not sticky: Linux falls back to delayed ACKs after a while, so re-arm per read.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except OSError:
+        pass
+
+
+class _ShortSleepTime:
+    """Stands in for the ``time`` module inside ``pynetdicom.association``: only the
+    reactor's 1 ms poll becomes ``FAST_DELAY``; every other sleep is left alone."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.delay if seconds == 0.001 else seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading large chunks straight into the result buffer
+    and re-arming TCP_QUICKACK before each read. Same contract as the original:
+    blocks until ``nr_bytes`` are read, returns less only when the peer closed."""
+    sock = self.socket
+    assert sock is not None
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            if _HAS_QUICKACK:
+                _quickack(sock)
+            n = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, RECV_CHUNK))
+            if not n:
+                break
+            nr_read += n
+    finally:
+        view.release()
+    if nr_read < nr_bytes:
+        del buf[nr_read:]
+    return buf
+
+
+def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def __init__(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        # Requestor sockets are tuned before connect(), accepted ones right away;
+        # TLS wraps the same descriptor, so the options survive the handshake.
+        _set_nodelay(self.socket)
+
+    __init__._dts_tuned = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def _patch_dul_init(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def __init__(self: dul.DULServiceProvider, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._run_loop_delay = FAST_DELAY
+
+    __init__._dts_tuned = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def tune() -> bool:
+    """Apply dts's changes to pynetdicom once per process; True when applied.
+
+    With another pynetdicom version than the pinned one nothing is changed (the
+    station still works, only slower) and a warning says so.
+    """
+    global _tuned
+    with _tune_lock:
+        if _tuned:
+            return True
+        if not version_ok():
+            LOGGER.warning("pynetdicom %s is installed, dts is tuned for %s: running "
+                           "without its network tuning", pynetdicom.__version__, PINNED_VERSION)
+            return False
+        association.time = _ShortSleepTime(FAST_DELAY)  # type: ignore[assignment]
+        dul.DULServiceProvider.__init__ = _patch_dul_init(  # type: ignore[method-assign]
+            dul.DULServiceProvider.__init__)
+        transport.AssociationSocket.__init__ = _patch_socket_init(  # type: ignore[method-assign]
+            transport.AssociationSocket.__init__)
+        transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        _tuned = True
+        return True
+
+
+def set_receive_directory(path: Path | None) -> None:
+    """Have pynetdicom write received C-STORE data sets into files under ``path``
+    (the spool's ``tmp/``: same filesystem, so the handler can rename them into
+    place); None goes back to holding them in memory. Process-wide."""
+    if path is None:
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore
+        return
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore
+        tempfile.NamedTemporaryFile, dir=str(path), prefix=".rx-")
+
+
+def make_ae(ae_title: str, *, max_pdu: int = DEFAULT_MAX_PDU, acse_timeout: float = 30.0,
+            dimse_timeout: float = 60.0, network_timeout: float = 60.0,
+            connection_timeout: float | None = 10.0, max_associations: int = 16) -> AE:
+    """An AE with dts's defaults (tuned pynetdicom, timeouts, maximum PDU)."""
+    tune()
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = max_pdu
+    ae.acse_timeout = acse_timeout
+    ae.dimse_timeout = dimse_timeout
+    ae.network_timeout = network_timeout
+    ae.connection_timeout = connection_timeout
+    ae.maximum_associations = max_associations
+    return ae
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """Every storage SOP class with every transfer syntax pynetdicom knows (compressed
+    ones included: a receiver stores the bytes as they come, it never decodes)."""
+    return [pynetdicom.build_context(str(cx.abstract_syntax), pynetdicom.ALL_TRANSFER_SYNTAXES)
+            for cx in pynetdicom.AllStoragePresentationContexts]
+
+
+def add_scp_contexts(ae: AE) -> None:
+    for cx in storage_contexts():
+        ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax)
+    ae.add_supported_context(pynetdicom.sop_class.Verification,  # type: ignore[attr-defined]
+                             pynetdicom.ALL_TRANSFER_SYNTAXES[:4])
+
+
+def server_ssl_context(certificate: Path, private_key: Path, ca_certificates: Path | None,
+                       require_client_certificate: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(certificate), str(private_key))
+    if ca_certificates is not None:
+        ctx.load_verify_locations(str(ca_certificates))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_NONE
+    return ctx
+
+
+def client_ssl_context(ca_certificates: Path | None = None, certificate: Path | None = None,
+                       private_key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(ca_certificates) if ca_certificates else None)
+    if ca_certificates is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if certificate is not None and private_key is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    return ctx
+
+
+def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
+         timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> int:
+    """C-ECHO ``called_ae`` at ``host:port``; the status (0 = success).
+
+    Raises NetworkError when no association could be made or no answer came.
+    """
+    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
+                 network_timeout=timeout, connection_timeout=timeout)
+    ae.add_requested_context(pynetdicom.sop_class.Verification)  # type: ignore[attr-defined]
+    tls_args = (tls, "") if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    if assoc.is_rejected:
+        raise NetworkError(f"{called_ae} at {host}:{port} rejected the association")
+    if not assoc.is_established:
+        raise NetworkError(f"cannot reach {called_ae} at {host}:{port}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if status is None or "Status" not in status:
+        raise NetworkError(f"{called_ae} at {host}:{port} did not answer the C-ECHO")
+    return int(status.Status)
+
+
+def peer_of(assoc: Any) -> tuple[str, int]:
+    """(address, port) of the requestor of an accepted association."""
+    info = assoc.requestor.address_info
+    return str(info.address), int(info.port)
+
+
+def requested_sop_classes(contexts: Sequence[PresentationContext]) -> list[str]:
+    return sorted({str(cx.abstract_syntax) for cx in contexts})
