@@ -35,11 +35,15 @@ def _line(ev: dict[str, Any]) -> str:
 @click.option("--until", help="ISO-8601 time or a duration back from now.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events as they happen.")
 @click.option("--db", is_flag=True, help="Read from the journal database ([journal] url).")
+@click.option("--sync-db", is_flag=True,
+              help="Copy events not yet in the journal database into it, then exit "
+                   "(cron set-ups; dts watch does it by itself). 75: database unreachable.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @pass_ctx
 def command(ctx: StationContext, job: str | None, study: str | None, accession: str | None,
             stream: str | None, stage: str | None, statuses: tuple[str, ...],
-            since: str | None, until: str | None, follow: bool, db: bool, as_json: bool) -> None:
+            since: str | None, until: str | None, follow: bool, db: bool, as_json: bool,
+            sync_db: bool = False) -> None:
     """Print the station journal, oldest first.
 
     \b
@@ -47,6 +51,7 @@ def command(ctx: StationContext, job: str | None, study: str | None, accession: 
       dts log --accession 12345
       dts log --since 2h --status error
       dts log --follow --json | jq -r .message
+      dts log --sync-db            # cron: mirror new events into [journal] url
     """
     try:
         flt = EventFilter(job=job, study=study, accession=accession, stream=stream,
@@ -56,6 +61,14 @@ def command(ctx: StationContext, job: str | None, study: str | None, accession: 
     except ValueError as exc:
         raise UsageError(f"--since/--until: {exc}") from None
     station = ctx.station
+    if sync_db:
+        from ..journaldb import sync
+
+        shipped = sync(station.spool, station.config)
+        click.echo(f"{shipped.inserted} new event(s) in the journal database "
+                   f"({shipped.read} read{', another shipper busy' if shipped.skipped else ''})",
+                   err=True)
+        return
     events: Iterable[dict[str, Any]]
     if db:
         if follow:
