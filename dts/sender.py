@@ -1,0 +1,753 @@
+"""Owns delivery of results: the ``send`` stage and ``dts send --to``.
+
+A send job's results (``output/``) go to each destination of its stream: a DICOM node
+over one association that proposes exactly the presentation contexts the objects need
+(each object's own transfer syntax, plus an uncompressed fallback), sending the files as
+encoded on disk; or a folder, into which they are copied under a temporary name and
+renamed, so that a watcher never sees half a result.
+
+What was delivered is kept per destination and per instance in job.json
+(``destinations: {name: {status, sent, failed}}``), so a retry sends only what is
+missing. A temporary problem (peer down, association rejected transiently or dropped, no
+answer within the DIMSE timeout) leaves the job in ``send/new/`` with ``next_attempt_at``
+(exponential backoff with jitter); ``ready()`` tells the worker loop when it is due. A
+refusal for good (no accepted presentation context, a failure status) fails only the
+instances concerned, and the job ends in ``failed/`` naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+
+from . import dicomnet, worker
+from .config import Config, Destination, StationConfig, valid_ae_title
+from .errors import JobFailed, TemporaryFailure, UsageError
+from .journal import Stage, Status
+from .spool import Claim, Job, Queue, fsync_dir, isotime, parse_isotime, utcnow
+from .station import Station
+
+log = logging.getLogger(__name__)
+
+SENDER = "@sender"
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128  # presentation contexts one association can propose (odd ids 1..255)
+NO_CONTEXT = "no-context"  # a failed instance's status when the peer accepted no context
+RECONNECTS = 3  # new associations within one try, as long as each one made progress
+CHECKPOINT_SECONDS = 2.0  # how often job.json records progress during a long send
+
+
+# -- what is sent -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One DICOM object to deliver, as found on disk."""
+
+    path: Path
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    has_meta: bool = True  # file meta present: it can be streamed from disk as encoded
+
+
+def read_item(path: Path) -> Item | None:
+    """The identity of a DICOM file from its header; None for a file that is not DICOM."""
+    try:
+        meta = read_file_meta_info(path)
+        uid, cls, ts = (meta.get("MediaStorageSOPInstanceUID"),
+                        meta.get("MediaStorageSOPClassUID"), meta.get("TransferSyntaxUID"))
+        if uid and cls and ts:
+            return Item(path, str(uid), str(cls), str(ts))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        pass
+    try:  # no (complete) file meta: a bare data set, read up to the pixels only
+        ds = dcmread(path, stop_before_pixels=True, force=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        uid, cls = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+        if not (uid and cls):
+            return None
+        implicit = ds.original_encoding[0]
+        ts = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
+        return Item(path, str(uid), str(cls), str(ts), has_meta=False)
+    except Exception:  # anything pydicom cannot make sense of is simply not DICOM
+        return None
+
+
+def collect_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files named, and files under folders named, in a stable order."""
+    for p in paths:
+        if p.is_dir():
+            for dirpath, dirnames, files in os.walk(p):
+                dirnames.sort()
+                for name in sorted(files):
+                    yield Path(dirpath) / name
+        elif p.is_file():
+            yield p
+        else:
+            raise UsageError(f"no such file or folder: {p}")
+
+
+def scan(paths: Iterable[Path]) -> tuple[list[Item], list[Path]]:
+    """DICOM objects (first file of each SOP Instance UID) and the other files."""
+    items: list[Item] = []
+    other: list[Path] = []
+    seen: set[str] = set()
+    for f in collect_files(paths):
+        item = read_item(f)
+        if item is None:
+            other.append(f)
+        elif item.sop_uid not in seen:
+            seen.add(item.sop_uid)
+            items.append(item)
+    return items, other
+
+
+def job_items(job: Job, data: dict[str, Any]) -> list[Item]:
+    """The DICOM results of a job: job.json ``outputs`` if the run stage listed them,
+    else a header scan of ``output/``."""
+    outputs = data.get("outputs")
+    if not isinstance(outputs, list):
+        return scan([job.output_dir])[0] if job.output_dir.is_dir() else []
+    root = job.output_dir.resolve()
+    items: list[Item] = []
+    seen: set[str] = set()
+    for entry in outputs:
+        if not isinstance(entry, dict) or not entry.get("file") or not entry.get("sop_uid"):
+            raise JobFailed(f"job.json outputs: entry without file/sop_uid: {entry!r}")
+        path = (job.output_dir / str(entry["file"])).resolve()
+        if not path.is_relative_to(root):
+            raise JobFailed(f"job.json outputs: {entry['file']!r} is outside output/")
+        if not path.is_file():
+            raise JobFailed(f"job.json outputs: {entry['file']!r} is missing from output/")
+        uid = str(entry["sop_uid"])
+        if uid in seen:
+            continue
+        seen.add(uid)
+        cls, ts = entry.get("sop_class"), entry.get("transfer_syntax")
+        if cls and ts:
+            items.append(Item(path, uid, str(cls), str(ts)))
+        else:
+            found = read_item(path)
+            if found is None:
+                raise JobFailed(f"output {entry['file']!r} is not a readable DICOM object")
+            items.append(found)
+    return items
+
+
+# -- DICOM delivery ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM node to store to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def of(cls, station: StationConfig) -> "NetSettings":
+        return cls(acse_timeout=min(station.network_timeout, 30.0),
+                   dimse_timeout=station.dimse_timeout, network_timeout=station.network_timeout,
+                   connect_timeout=min(station.network_timeout, 10.0))
+
+
+@dataclass
+class Delivery:
+    """What one try to deliver a set of objects to one DICOM peer achieved."""
+
+    sent: list[str] = field(default_factory=list)
+    warnings: dict[str, int] = field(default_factory=dict)   # delivered with a warning
+    failed: dict[str, str] = field(default_factory=dict)     # SOPInstanceUID -> status
+    reasons: dict[str, str] = field(default_factory=dict)    # SOPInstanceUID -> why
+    temporary: str | None = None   # why the rest is still missing (retry later)
+    refused: str | None = None     # the peer refused the association for good
+
+    @property
+    def complete(self) -> bool:
+        return self.temporary is None and self.refused is None
+
+
+OnResult = Callable[[Item, str, int | None], None]  # item, "sent"|"warning"|"failed", status
+
+
+def tune() -> None:
+    """pynetdicom as dts wants it for sending (idempotent)."""
+    dicomnet.tune()  # short reactor polls, TCP_NODELAY and TCP_QUICKACK
+    # Stream files from disk as encoded instead of decoding and re-encoding them.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def propose(items: Iterable[Item]) -> list[PresentationContext]:
+    """Exactly the presentation contexts these objects need: one per SOP class and
+    transfer syntax they are in (so the peer can accept each as it is), plus one
+    uncompressed fallback per SOP class."""
+    syntaxes: dict[str, list[str]] = {}
+    for it in items:
+        ts = syntaxes.setdefault(it.sop_class, [])
+        if it.transfer_syntax not in ts:
+            ts.append(it.transfer_syntax)
+    contexts: list[PresentationContext] = []
+    for cls, tss in syntaxes.items():
+        for one in tss:
+            contexts.append(build_context(cls, one))
+        fallback: list[str | UID] = [ts for ts in UNCOMPRESSED if ts not in tss]
+        if fallback:
+            contexts.append(build_context(cls, fallback))
+    return contexts
+
+
+def _groups(items: list[Item]) -> list[list[Item]]:
+    """Items split by SOP class into groups whose contexts fit one association."""
+    by_class: dict[str, list[Item]] = {}
+    for it in items:
+        by_class.setdefault(it.sop_class, []).append(it)
+    groups: list[list[Item]] = [[]]
+    size = 0
+    for cls_items in by_class.values():
+        need = len(propose(cls_items))
+        if size and size + need > MAX_CONTEXTS:
+            groups.append([])
+            size = 0
+        groups[-1].extend(cls_items)
+        size += need
+    return [g for g in groups if g]
+
+
+def _associate(peer: Peer, contexts: list[PresentationContext],
+               net: NetSettings) -> Association:
+    ae = dicomnet.make_ae(peer.calling_ae, acse_timeout=net.acse_timeout,
+                          dimse_timeout=net.dimse_timeout, network_timeout=net.network_timeout,
+                          connection_timeout=net.connect_timeout)
+    ae.requested_contexts = contexts
+    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+
+
+def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
+    """Why an association was not established, and whether that is for good."""
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        result = getattr(rsp, "result", None)
+        text = (f"{peer} rejected the association: {getattr(rsp, 'result_str', '?')}, "
+                f"{getattr(rsp, 'source_str', '?')}, {getattr(rsp, 'reason_str', '?')}")
+        return text, result == 0x01
+    if assoc.is_aborted:
+        return f"{peer} aborted the association during negotiation", False
+    return f"{peer} is not reachable (no association within {assoc.ae.connection_timeout}s)", \
+        False
+
+
+def _class_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def _status_text(code: int) -> str:
+    return f"0x{code:04X}"
+
+
+def _send_one(assoc: Association, item: Item, accepted: dict[str, list[str]]
+              ) -> tuple[Dataset | None, tuple[str, str] | None]:
+    """C-STORE one object: (status, None), or (None, (failed status, why)) when it
+    cannot be sent over this association."""
+    tss = accepted.get(item.sop_class, [])
+    if item.transfer_syntax in tss and item.has_meta:
+        return assoc.send_c_store(item.path), None  # streamed from disk as encoded
+    if not any(ts in UNCOMPRESSED for ts in tss) and item.transfer_syntax not in tss:
+        names = ", ".join(UID(t).name for t in tss) or "none"
+        return None, (NO_CONTEXT, f"the peer accepted {_class_name(item.sop_class)} only in "
+                      f"{names}, not in {UID(item.transfer_syntax).name}")
+    # The peer accepted only another (uncompressed) transfer syntax: decode and re-encode.
+    ds = dcmread(item.path, force=True)
+    ts = UID(item.transfer_syntax)
+    if ts.is_compressed:
+        try:
+            ds.decompress()
+        except Exception as exc:
+            return None, (NO_CONTEXT, f"the peer accepts {_class_name(item.sop_class)} only "
+                          f"uncompressed and {ts.name} could not be decompressed: {exc}")
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+        if not hasattr(ds, "file_meta"):
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(item.transfer_syntax)
+    return assoc.send_c_store(ds), None
+
+
+def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
+              on_result: OnResult | None) -> tuple[list[Item], str | None]:
+    """Send ``items`` over an established association; returns what is still missing
+    and why (None when nothing is)."""
+    accepted: dict[str, list[str]] = {}
+    for cx in assoc.accepted_contexts:
+        accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
+    for i, item in enumerate(items):
+        if not assoc.is_established:
+            return items[i:], f"{peer} dropped the association"
+        if item.sop_class not in accepted:
+            out.failed[item.sop_uid] = NO_CONTEXT
+            out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
+                                         f"{_class_name(item.sop_class)}")
+            if on_result:
+                on_result(item, "failed", None)
+            continue
+        try:
+            status, why = _send_one(assoc, item, accepted)
+        except (OSError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+            status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
+        except RuntimeError as exc:  # the association went away between two stores
+            return items[i:], f"{peer}: {exc}"
+        if why is not None:
+            out.failed[item.sop_uid] = why[0]
+            out.reasons[item.sop_uid] = f"{item.sop_uid} ({item.path.name}): {why[1]}"
+            if on_result:
+                on_result(item, "failed", None)
+            continue
+        assert status is not None
+        if "Status" not in status:
+            # No answer within the DIMSE timeout, or the association dropped (pynetdicom
+            # 3.0.4 sometimes misroutes a response and then waits for the timeout).
+            return items[i:], (f"{peer}: no C-STORE response for {item.sop_uid} "
+                               "(association aborted or DIMSE timeout)")
+        code = int(status.Status)
+        if code == 0x0000:
+            out.sent.append(item.sop_uid)
+            if on_result:
+                on_result(item, "sent", code)
+        elif 0xB000 <= code <= 0xBFFF:
+            out.sent.append(item.sop_uid)
+            out.warnings[item.sop_uid] = code
+            if on_result:
+                on_result(item, "warning", code)
+        elif 0xA700 <= code <= 0xA7FF:
+            # out of resources: the peer's disk is full or it is overloaded, for now
+            return items[i:], f"{peer}: out of resources ({_status_text(code)})"
+        else:
+            out.failed[item.sop_uid] = _status_text(code)
+            comment = status.get("ErrorComment")
+            out.reasons[item.sop_uid] = (
+                f"{peer} refused {item.sop_uid} ({_class_name(item.sop_class)}) with status "
+                f"{_status_text(code)}" + (f": {comment}" if comment else ""))
+            if on_result:
+                on_result(item, "failed", code)
+    return [], None
+
+
+def store(peer: Peer, items: list[Item], net: NetSettings | None = None,
+          on_result: OnResult | None = None) -> Delivery:
+    """Deliver ``items`` to ``peer``: one association (more only if over 128 contexts are
+    needed, or to resume after a dropped association that had made progress)."""
+    tune()
+    net = net or NetSettings()
+    out = Delivery()
+    for group in _groups(items):
+        contexts = propose(group)
+        todo = group
+        reconnects = 0
+        while todo:
+            assoc = _associate(peer, contexts, net)
+            if not assoc.is_established:
+                if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+                    # answered, but accepted none of the contexts: refused for good
+                    for item in todo:
+                        out.failed[item.sop_uid] = NO_CONTEXT
+                        out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
+                                                     f"{_class_name(item.sop_class)}")
+                        if on_result:
+                            on_result(item, "failed", None)
+                    break
+                reason, for_good = _why_not(assoc, peer)
+                if for_good:
+                    out.refused = reason
+                else:
+                    out.temporary = reason
+                return out
+            before = len(out.sent) + len(out.failed)
+            try:
+                todo, why = _store_on(assoc, peer, todo, out, on_result)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+            if not todo:
+                break
+            progress = len(out.sent) + len(out.failed) - before
+            reconnects += 1
+            if progress == 0 or reconnects > RECONNECTS:
+                out.temporary = why
+                return out
+            log.info("%s; resuming %d missing objects on a new association", why, len(todo))
+    return out
+
+
+# -- folder delivery ----------------------------------------------------------------------------
+
+def _copy_durably(src: Path, dest: Path) -> None:
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+    shutil.copystat(src, dest)
+
+
+def deliver_to_folder(folder: Path, name: str, files: list[tuple[Path, Path]]) -> Path:
+    """Copy ``files`` ((source, relative destination) pairs) to ``folder/name/`` through a
+    hidden temporary folder beside it, renamed into place when complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{secrets.token_hex(3)}"
+    tmp = folder / f".{name}.partial-{tag}"
+    tmp.mkdir()
+    try:
+        for src, rel in files:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _copy_durably(src, dest)
+        for dirpath, _dirs, _files in os.walk(tmp):
+            fsync_dir(Path(dirpath))
+        final = folder / name
+        old = None
+        if final.exists():  # delivered before (a re-run): replace it as a whole
+            old = folder / f".{name}.old-{tag}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _output_files(job: Job) -> list[tuple[Path, Path]]:
+    root = job.output_dir
+    if not root.is_dir():
+        return []
+    return [(f, f.relative_to(root)) for f in collect_files([root])]
+
+
+# -- resolving destinations ---------------------------------------------------------------------
+
+def peer_of(dest: Destination, station: StationConfig) -> Peer:
+    assert dest.ae_title and dest.host and dest.port
+    return Peer(name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                calling_ae=dest.calling_ae or station.ae_title)
+
+
+def parse_target(config: Config, target: str, ae_title: str | None = None,
+                 calling_ae: str | None = None) -> Destination:
+    """A destination name from dts.toml, or ``HOST:PORT`` (with ``ae_title``)."""
+    dest = config.destinations.get(target)
+    if dest is None:
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            known = ", ".join(sorted(config.destinations)) or "none configured"
+            raise UsageError(f"{target!r} is neither a destination ({known}) nor HOST:PORT")
+        dest = Destination(name=target, ae_title=ae_title or "ANY-SCP", host=host.strip("[]"),
+                           port=int(port))
+    elif ae_title and not dest.is_folder:
+        dest = Destination(dest.name, ae_title, dest.host, dest.port, dest.calling_ae)
+    for what, value in (("--ae-title", dest.ae_title), ("--calling-ae", calling_ae)):
+        if value is not None and not valid_ae_title(value):
+            raise UsageError(f"{what}: not a valid AE title: {value!r}")
+    if calling_ae and not dest.is_folder:
+        dest = Destination(dest.name, dest.ae_title, dest.host, dest.port, calling_ae)
+    return dest
+
+
+def stream_destinations(config: Config, data: dict[str, Any]) -> list[str]:
+    stream = data.get("stream")
+    if isinstance(stream, dict):  # a job that carries its stream's settings itself
+        names = stream.get("destinations")
+        if isinstance(names, list):
+            return [str(n) for n in names]
+        stream = stream.get("name")
+    if not stream:
+        raise JobFailed("job.json names no stream, so there is nowhere to send its results")
+    found = config.stream(str(stream))
+    if found is None:
+        raise JobFailed(f"stream {stream!r} is not in the configuration any more")
+    if not found.destinations:
+        raise JobFailed(f"stream {stream!r} has no destinations")
+    return list(found.destinations)
+
+
+def resolve(config: Config, name: str, data: dict[str, Any]) -> Destination:
+    """The configured destination ``name``; ``@sender`` is the one whose AE title is the
+    study's calling AE title."""
+    if name != SENDER:
+        dest = config.destinations.get(name)
+        if dest is None:
+            raise JobFailed(f"destination {name!r} is not in the configuration any more")
+        return dest
+    calling = data.get("calling_ae")
+    if not calling:
+        raise JobFailed("@sender: job.json has no calling AE title of the study")
+    dest = config.destination_for_ae(str(calling))
+    if dest is None:
+        raise JobFailed(f"@sender: no [[destination]] has ae_title = {calling!r} (the AE title "
+                        "the study came from); add one with its host and port")
+    return dest
+
+
+# -- the send stage ---------------------------------------------------------------------------
+
+def backoff(station: StationConfig, attempts: int) -> float:
+    """Seconds until the next try after ``attempts`` tries: doubling, capped, jittered."""
+    base = station.send_backoff * (2 ** max(0, attempts - 1))
+    delay = min(station.send_backoff_max, base)
+    return delay * random.uniform(0.5, 1.0)
+
+
+def ready(job: Job) -> bool:
+    """Is the job due (no ``next_attempt_at`` in the future)?"""
+    try:
+        due = job.read().get("next_attempt_at")
+        return not due or parse_isotime(str(due)) <= utcnow()
+    except Exception:  # an unreadable job is processed, and failed there with the reason
+        return True
+
+
+class _Progress:
+    """Records per-instance results into job.json state, checkpointed now and then."""
+
+    def __init__(self, job: Job, data: dict[str, Any], state: dict[str, Any]) -> None:
+        self.job, self.data, self.state = job, data, state
+        self.sent: set[str] = set(state["sent"])
+        self.last = time.monotonic()
+
+    def __call__(self, item: Item, outcome: str, code: int | None) -> None:
+        if outcome in ("sent", "warning") and item.sop_uid not in self.sent:
+            self.sent.add(item.sop_uid)
+            self.state["sent"].append(item.sop_uid)
+        if time.monotonic() - self.last > CHECKPOINT_SECONDS:
+            self.job.write(self.data)
+            self.last = time.monotonic()
+
+
+def _send_dicom(station: Station, job: Job, data: dict[str, Any], dest: Destination,
+                state: dict[str, Any], items: list[Item]) -> str:
+    """One try to a DICOM destination; returns the destination's new status."""
+    done = set(state["sent"]) | set(state["failed"])
+    todo = [it for it in items if it.sop_uid not in done]
+    peer = peer_of(dest, station.config.station)
+    if not todo:
+        return "failed" if state["failed"] else "done"
+    t0 = time.monotonic()
+    result = store(peer, todo, NetSettings.of(station.config.station),
+                   _Progress(job, data, state))
+    seconds = time.monotonic() - t0
+    journal = station.journal
+    for uid, code in result.warnings.items():
+        journal.emit(Stage.SEND, "store-warning", Status.WARNING,
+                     f"{peer} stored {uid} with warning status {_status_text(code)}",
+                     job=job, job_data=data, destination=dest.name, sop_uid=uid,
+                     dimse_status=_status_text(code))
+    for uid, status in result.failed.items():
+        state["failed"][uid] = status
+        journal.emit(Stage.SEND, "store-failed", Status.ERROR, result.reasons.get(uid, status),
+                     job=job, job_data=data, destination=dest.name, sop_uid=uid,
+                     dimse_status=status)
+    if result.sent:
+        journal.emit(Stage.SEND, "stored", Status.INFO,
+                     f"{len(result.sent)} of {len(todo)} objects stored to {peer} in "
+                     f"{seconds:.1f}s", job=job, job_data=data, destination=dest.name,
+                     count=len(result.sent))
+    if result.refused:
+        state["error"] = result.refused
+        return "failed"
+    if result.temporary:
+        state["error"] = result.temporary
+        return "retry"
+    state.pop("error", None)
+    return "failed" if state["failed"] else "done"
+
+
+def _send_folder(station: Station, job: Job, data: dict[str, Any], dest: Destination,
+                 state: dict[str, Any], items: list[Item]) -> str:
+    assert dest.folder is not None
+    try:
+        final = deliver_to_folder(dest.folder, job.id, _output_files(job))
+    except OSError as exc:
+        state["error"] = f"cannot write to {dest.folder}: {exc.strerror or exc}"
+        return "retry"
+    state["sent"] = [it.sop_uid for it in items]
+    state["path"] = str(final)
+    state.pop("error", None)
+    station.journal.emit(Stage.SEND, "stored", Status.INFO,
+                         f"results copied to {final}", job=job, job_data=data,
+                         destination=dest.name, count=len(items))
+    return "done"
+
+
+def process(station: Station, claim: Claim) -> worker.Outcome:
+    """One try to deliver a claimed send job to every destination still missing."""
+    job = claim.job
+    journal = station.journal
+    data = job.read()
+    try:
+        names = stream_destinations(station.config, data)
+        items = job_items(job, data)
+    except JobFailed as exc:
+        return _fail(station, claim, data, str(exc))
+    states: dict[str, Any] = data.setdefault("destinations", {})
+    data["attempts"] = attempts = int(data.get("attempts") or 0) + 1
+    data.pop("next_attempt_at", None)
+    job.write(data)
+    journal.emit(Stage.SEND, "send-started", Status.INFO,
+                 f"try {attempts}: {len(items)} objects to {', '.join(names)}",
+                 job=job, job_data=data)
+    handled: set[str] = set()
+    for name in names:
+        try:
+            dest = resolve(station.config, name, data)
+        except JobFailed as exc:
+            states[name] = {"status": "failed", "sent": [], "failed": {}, "error": str(exc)}
+            journal.emit(Stage.SEND, "destination-failed", Status.ERROR, str(exc), job=job,
+                         job_data=data, destination=name)
+            continue
+        if dest.name in handled:
+            continue  # "@sender" and the same destination by name: deliver once
+        handled.add(dest.name)
+        state = states.setdefault(dest.name, {})
+        state.setdefault("sent", [])
+        state.setdefault("failed", {})
+        if name == SENDER:
+            state["via"] = SENDER
+        if state.get("status") in ("done", "failed"):
+            continue
+        send = _send_folder if dest.is_folder else _send_dicom
+        state["status"] = send(station, job, data, dest, state, items)
+        job.write(data)
+    return _decide(station, claim, data)
+
+
+def _decide(station: Station, claim: Claim, data: dict[str, Any]) -> worker.Outcome:
+    job, journal, cfg = claim.job, station.journal, station.config.station
+    states: dict[str, dict[str, Any]] = data["destinations"]
+    waiting = {n: s for n, s in states.items() if s.get("status") == "retry"}
+    attempts = int(data["attempts"])
+    if waiting and attempts <= cfg.send_retries:
+        delay = backoff(cfg, attempts)
+        data["next_attempt_at"] = isotime(utcnow() + timedelta(seconds=delay))
+        job.write(data)
+        why = "; ".join(f"{n}: {s.get('error')}" for n, s in waiting.items())
+        journal.emit(Stage.SEND, "send-retry", Status.WARNING,
+                     f"try {attempts} of {cfg.send_retries + 1} incomplete ({why}); next try "
+                     f"in {delay:.0f}s at {data['next_attempt_at']}", job=job, job_data=data,
+                     next_attempt_at=data["next_attempt_at"])
+        claim.move(Queue.SEND)
+        return worker.Outcome.RETRY
+    for name, s in waiting.items():
+        s["status"] = "failed"
+        s["error"] = f"gave up after {attempts} tries: {s.get('error')}"
+    failed = {n: s for n, s in states.items() if s.get("status") == "failed"}
+    if failed:
+        return _fail(station, claim, data, "; ".join(_failure_summary(n, s)
+                                                     for n, s in failed.items()))
+    data.pop("error", None)
+    data["sent_at"] = isotime()
+    job.write(data)
+    total = sum(len(s.get("sent", [])) for s in states.values())
+    journal.emit(Stage.SEND, "sent", Status.OK,
+                 f"delivered to {', '.join(states)} ({total} objects in all)", job=job,
+                 job_data=data)
+    claim.move(Queue.DONE)
+    return worker.Outcome.DONE
+
+
+def _failure_summary(name: str, state: dict[str, Any]) -> str:
+    failed: dict[str, str] = state.get("failed", {})
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} object(s) not delivered "
+                     f"({', '.join(sorted(set(failed.values())))})")
+    if state.get("error"):
+        parts.append(str(state["error"]))
+    return f"{name}: " + "; ".join(parts)
+
+
+def _fail(station: Station, claim: Claim, data: dict[str, Any], reason: str) -> worker.Outcome:
+    data["error"] = reason
+    data["failed_at"] = isotime()
+    data.pop("next_attempt_at", None)
+    claim.job.write(data)
+    station.journal.emit(Stage.SEND, "send-failed", Status.ERROR, reason, job=claim.job,
+                         job_data=data)
+    claim.move(Queue.FAILED)
+    return worker.Outcome.FAILED
+
+
+def serve(station: Station, *, once: bool, job_ids: list[str] | None = None,
+          stop: threading.Event | None = None) -> worker.Tally:
+    """``dts send``: job ids now (regardless of backoff), the due jobs once, or forever."""
+    return worker.serve(station, Queue.SEND, process, once=once, job_ids=job_ids,
+                        ready=ready, stop=stop)
+
+
+# -- dts send --to ------------------------------------------------------------------------------
+
+@dataclass
+class AdHocResult:
+    delivery: Delivery
+    total: int
+    skipped: list[Path]
+    seconds: float
+    folder: Path | None = None
+
+
+def send_paths(station: Station, target: str, paths: list[Path], *,
+               ae_title: str | None = None, calling_ae: str | None = None,
+               on_start: Callable[[int], None] | None = None,
+               on_result: OnResult | None = None) -> AdHocResult:
+    """Send arbitrary DICOM files and folders to a destination or ``HOST:PORT``."""
+    dest = parse_target(station.config, target, ae_title, calling_ae)
+    items, skipped = scan(paths)
+    if not items:
+        raise UsageError(f"no DICOM files in {', '.join(map(str, paths))}")
+    if on_start:
+        on_start(len(items))
+    t0 = time.monotonic()
+    if dest.is_folder:
+        assert dest.folder is not None
+        from .spool import new_job_id
+
+        files = [(it.path, Path(it.path.name)) for it in items]
+        try:
+            final = deliver_to_folder(dest.folder, new_job_id(), files)
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot write to {dest.folder}: {exc.strerror or exc}") \
+                from None
+        delivery = Delivery(sent=[it.sop_uid for it in items])
+        return AdHocResult(delivery, len(items), skipped, time.monotonic() - t0, final)
+    delivery = store(peer_of(dest, station.config.station), items,
+                     NetSettings.of(station.config.station), on_result)
+    return AdHocResult(delivery, len(items), skipped, time.monotonic() - t0)
