@@ -1,0 +1,1 @@
+"""Benchmarks: plain scripts (``python -m tests.bench.<name>``), not collected by pytest."""
