@@ -1,0 +1,143 @@
+"""Owns manual reprocessing: ``dts requeue JOB --to classify|run|send``.
+
+A job resting in ``failed/``, ``done/``, ``unmatched/`` or waiting in another
+queue's ``new/`` is claimed where it is (``Spool.claim_at``; a job a live worker
+holds is refused) and renamed into the target queue's ``new/``. Its history stays
+with it: ``events.jsonl`` keeps every line, job.json gains a ``requeued`` entry, and
+an event names who requeued it (user and host). What would stop the job from being
+tried again is reset: ``attempts``, ``error``, ``next_attempt_at``; for ``send`` the
+per-destination failures (``sent`` instances are kept unless ``resend_all``); for
+``run`` the previous ``output/`` and ``logs/`` are kept under ``previous/<time>/``
+so the new run starts empty and nothing of the old one is lost.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import TemporaryFailure, UsageError
+from .journal import Stage, Status
+from .spool import Location, Queue, State, isotime
+from .station import Station
+
+TARGETS = (Queue.CLASSIFY, Queue.RUN, Queue.SEND)
+# job.json keys that describe the last try and would hold the job back
+_RESET = ("error", "next_attempt_at", "failed_at", "recovered_at", "reason")
+
+
+@dataclass
+class Requeued:
+    job: str
+    source: str
+    target: str
+    by: str
+    host: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"job": self.job, "from": self.source, "to": self.target, "by": self.by,
+                "host": self.host}
+
+
+def who() -> str:
+    """The person behind the command: the sudo caller if any, else the login name."""
+    sudo = os.environ.get("SUDO_USER")
+    if sudo:
+        return sudo
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (containers)
+        return f"uid {os.getuid()}"
+
+
+def _check_target(job_id: str, data: dict[str, Any], target: Queue, has_output: bool) -> None:
+    if target in (Queue.RUN, Queue.SEND) and not data.get("stream"):
+        raise UsageError(f"job {job_id} has no stream (it was never classified into one): "
+                         f"requeue it --to classify")
+    if target is Queue.SEND and not has_output:
+        raise UsageError(f"job {job_id} has no output/ to send: requeue it --to run")
+
+
+def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = False,
+            by: str | None = None) -> Requeued:
+    """Move ``job_id`` into ``target``'s ``new/`` for another try, history kept."""
+    if target not in TARGETS:
+        raise UsageError(f"cannot requeue to {target}: choose one of "
+                         f"{', '.join(q.value for q in TARGETS)}")
+    spool = station.spool
+    loc, _path = spool.find(job_id)
+    claim = spool.claim_at(job_id)
+    if claim is None:
+        raise TemporaryFailure(f"job {job_id} is being worked on in {loc}; try again when it "
+                               "has finished")
+    by = by or who()
+    host = socket.gethostname()
+    with claim:
+        # claim_at may have found it in a cur/ whose worker died: that is where it is now
+        source = Location(loc.queue, loc.state)
+        data = claim.job.read()
+        _check_target(job_id, data, target, claim.job.output_dir.is_dir() and
+                      any(claim.job.output_dir.iterdir()))
+        now = isotime()
+        for key in _RESET:
+            data.pop(key, None)
+        data["attempts"] = 0
+        if target is Queue.RUN:
+            _keep_previous(claim.job.path, now)
+            data.pop("destinations", None)  # new results: every destination again
+        if target is Queue.SEND:
+            data["destinations"] = _reset_destinations(data.get("destinations"), resend_all)
+        if target is Queue.CLASSIFY:
+            data.pop("children", None)
+        history = list(data.get("requeued") or [])
+        history.append({"at": now, "by": by, "host": host, "from": str(source),
+                        "to": f"{target}/new"})
+        data["requeued"] = history
+        claim.job.write(data)
+        station.journal.emit(Stage.REQUEUE, "requeued", Status.INFO,
+                             f"requeued from {source} to {target}/new by {by}@{host}",
+                             job=claim.job, job_data=data, by=by, source=str(source),
+                             target=f"{target}/new")
+        if claim.path.parent == spool.dir(target, State.NEW):
+            claim.release()  # already waiting there: reset in place (due now)
+        else:
+            claim.move(target, State.NEW)
+    return Requeued(job_id, str(source), f"{target}/new", by, host)
+
+
+def _keep_previous(job_path: Any, now: str) -> None:
+    """Move ``output/`` and ``logs/`` of the last run aside: ``previous/<time>/``."""
+    stamp = now.replace(":", "").replace("-", "")
+    moved = False
+    for name in ("output", "logs"):
+        src = job_path / name
+        if src.is_dir() and any(src.iterdir()):
+            dest = job_path / "previous" / stamp
+            dest.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dest / name)
+            moved = True
+    if moved:
+        (job_path / "output").mkdir(exist_ok=True)
+
+
+def _reset_destinations(dests: Any, resend_all: bool) -> dict[str, Any]:
+    """Per destination: failures forgotten (so they are tried again), ``sent`` kept."""
+    out: dict[str, Any] = {}
+    if not isinstance(dests, dict):
+        return out
+    for name, state in dests.items():
+        if not isinstance(state, dict):
+            continue
+        state = dict(state)
+        state.pop("failed", None)
+        state.pop("error", None)
+        state.pop("next_attempt_at", None)
+        if resend_all:
+            state["sent"] = []
+        state["attempts"] = 0
+        state["status"] = "pending"
+        out[name] = state
+    return out
