@@ -124,20 +124,19 @@ def _keep_previous(job_path: Any, now: str) -> None:
 
 
 def _reset_destinations(dests: Any, resend_all: bool) -> dict[str, Any]:
-    """Per destination: failures forgotten (so they are tried again), ``sent`` kept."""
+    """Per destination: finished ones stay finished, the others forget their failures (so
+    those instances are tried again) and keep what was ``sent``; ``resend_all`` forgets
+    everything, so every result is delivered again."""
     out: dict[str, Any] = {}
-    if not isinstance(dests, dict):
+    if resend_all or not isinstance(dests, dict):
         return out
     for name, state in dests.items():
         if not isinstance(state, dict):
             continue
         state = dict(state)
-        state.pop("failed", None)
-        state.pop("error", None)
-        state.pop("next_attempt_at", None)
-        if resend_all:
-            state["sent"] = []
-        state["attempts"] = 0
-        state["status"] = "pending"
+        if state.get("status") != "done":
+            state["failed"] = {}
+            state.pop("error", None)
+            state.pop("status", None)
         out[name] = state
     return out

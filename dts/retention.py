@@ -10,7 +10,9 @@ a job in a queue.
 
 ``tmp/`` entries (instances and jobs being written, trash of an interrupted clean)
 older than ``TMP_AGE`` are removed too, unless their lock is held; the service
-state folder ``tmp/.run`` is never touched.
+state folder ``tmp/.run`` and a study the receiver was publishing when it stopped
+(``.receiving`` marker: acknowledged data it finishes at its next start) are never
+touched.
 
 Below the free-disk watermark (``[station] clean_below_free_mb``) the oldest
 finished jobs of ``done/`` and ``unmatched/`` go first, whatever their age, until
@@ -35,6 +37,7 @@ from .station import Station
 DEFAULT_QUEUES = (Queue.DONE, Queue.UNMATCHED)
 TMP_AGE = 86400.0
 _KEEP_IN_TMP = (".run",)
+RECEIVING_MARKER = ".receiving"  # dts.receiver.MARKER (not imported: pynetdicom is heavy)
 
 
 @dataclass
@@ -186,6 +189,8 @@ def clean_tmp(spool: Spool, max_age: float, *, dry_run: bool = False,
             continue
         if not _unlocked(path):
             continue
+        if (path / RECEIVING_MARKER).exists():
+            continue  # acknowledged instances mid-publication: the receiver finishes it
         removed.append(name)
         if dry_run:
             continue

@@ -97,8 +97,11 @@ def test_stale_tmp_entries(station: Station, base_config: Path, spool_dir: Path)
     stale_job = spool.create_tmp_job()
     locked_job = spool.create_tmp_job()
     fresh_job = spool.create_tmp_job()
+    publishing = spool.create_tmp_job()  # a receiver died halfway through publishing it
+    (publishing.path / ".receiving").write_text("{}")
     for p in (stale_file, stale_job.path, stale_job.path / ".lock", locked_job.path,
-              locked_job.path / ".lock", spool.run_dir):
+              locked_job.path / ".lock", spool.run_dir, publishing.path,
+              publishing.path / ".lock", publishing.path / ".receiving"):
         os.utime(p, (old, old))
     fd = os.open(locked_job.path / ".lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -110,7 +113,8 @@ def test_stale_tmp_entries(station: Station, base_config: Path, spool_dir: Path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(proc.stdout)["tmp_removed"]) == sorted(["1.2.3.dcm.part",
                                                                     stale_job.id])
-    assert sorted(os.listdir(spool.tmp)) == sorted([".run", locked_job.id, fresh_job.id])
+    assert sorted(os.listdir(spool.tmp)) == sorted([".run", locked_job.id, fresh_job.id,
+                                                    publishing.id])
 
 
 def test_free_disk_watermark_removes_oldest_first(station: Station) -> None:

@@ -90,13 +90,14 @@ def test_send_keeps_sent_instances_and_forgets_failures(station: Station) -> Non
     data = json.loads((spool.dir(Queue.SEND, State.NEW) / jid / "job.json").read_text())
     assert data["attempts"] == 0 and "next_attempt_at" not in data
     assert data["destinations"]["pacs"]["sent"] == ["1.1", "1.2"]
-    assert "failed" not in data["destinations"]["pacs"]
-    assert data["destinations"]["reports"]["sent"] == ["1.1", "1.2", "1.3"]
+    assert data["destinations"]["pacs"]["failed"] == {}
+    assert "status" not in data["destinations"]["pacs"]  # the sender tries it again
+    assert data["destinations"]["reports"] == dests["reports"]  # finished stays finished
     # from send/new (waiting for its backoff) to send: reset in place, due now
     data_before = data
     requeue(station, jid, Queue.SEND, by="bob", resend_all=True)
     data = json.loads((spool.dir(Queue.SEND, State.NEW) / jid / "job.json").read_text())
-    assert data["destinations"]["pacs"]["sent"] == []
+    assert data["destinations"] == {}  # every result again, to every destination
     assert len(data["requeued"]) == len(data_before["requeued"]) + 1
     assert data["requeued"][-1]["from"] == "send/new"
 
