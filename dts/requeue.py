@@ -54,6 +54,10 @@ def who() -> str:
 
 
 def _check_target(job_id: str, data: dict[str, Any], target: Queue, has_output: bool) -> None:
+    if target is Queue.CLASSIFY and data.get("parent"):
+        raise UsageError(f"job {job_id} is a run job of stream {data.get('stream')} (from "
+                         f"{data['parent']}): requeue {data['parent']} --to classify, or this "
+                         "one --to run")
     if target in (Queue.RUN, Queue.SEND) and not data.get("stream"):
         raise UsageError(f"job {job_id} has no stream (it was never classified into one): "
                          f"requeue it --to classify")
@@ -90,8 +94,6 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
             data.pop("destinations", None)  # new results: every destination again
         if target is Queue.SEND:
             data["destinations"] = _reset_destinations(data.get("destinations"), resend_all)
-        if target is Queue.CLASSIFY:
-            data.pop("children", None)
         history = list(data.get("requeued") or [])
         history.append({"at": now, "by": by, "host": host, "from": str(source),
                         "to": f"{target}/new"})

@@ -132,7 +132,11 @@ def test_unmatched_job_needs_classify_first(station: Station, base_config: Path,
     assert proc.returncode == 0, proc.stderr
     assert f"{jid}\tunmatched -> classify/new" in proc.stdout
     data = json.loads((spool.dir(Queue.CLASSIFY, State.NEW) / jid / "job.json").read_text())
-    assert "children" not in data
+    assert data["children"] == ["x"]  # history: the classifier adds new children to it
+    # a run job goes back to run, not to classify
+    child = make_job(spool, Queue.DONE, stream="s1", parent=jid)
+    proc = run_dts("requeue", child, "--to", "classify", config=base_config, spool=spool_dir)
+    assert proc.returncode == 2 and f"requeue {jid} --to classify" in proc.stderr
     # a job without results cannot be sent
     jid2 = make_job(spool, Queue.FAILED, output=False, stream="s1")
     proc = run_dts("requeue", jid2, "--to", "send", config=base_config, spool=spool_dir)
