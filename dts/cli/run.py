@@ -1,11 +1,46 @@
-"""Placeholder until this command lands (see the open issue)."""
+"""``dts run``: run the streams' processing on the jobs in run/new/."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
 
 import click
 
-from ..errors import UsageError
+from .. import runner
+from . import StationContext, pass_ctx
+from .common import finish, job_ids_argument, json_option, once_option
 
 
 @click.command(name="run")
-def command() -> None:
-    """Not available yet."""
-    raise UsageError("this command is not available yet")
+@once_option
+@json_option
+@job_ids_argument
+@pass_ctx
+def command(ctx: StationContext, once: bool, as_json: bool, job_ids: tuple[str, ...]) -> None:
+    """Run each waiting job's processing (container or command), check its output,
+    and move the job to send/ (valid results) or failed/ (with the reason).
+
+    Without --once it keeps serving run/new/, up to [station] max_parallel_runs at a
+    time, until SIGTERM/SIGINT (running processing is then stopped and its job put
+    back). A container engine that cannot be reached exits 75 and leaves the job in
+    run/new/ with its attempt counted. Container jobs use the engine at DOCKER_HOST.
+
+    \b
+    Example:
+      dts run --once
+      DOCKER_HOST=unix:///run/podman/podman.sock dts run 20261126T105700.123456Z-3f9a1c2e.vibe
+    """
+    station = ctx.station
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        tally = runner.serve(station, once=once, job_ids=list(job_ids), stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    finish(tally, as_json)

@@ -1,0 +1,1 @@
+"""Example processing modules that ship with dts (the default stream runs one)."""

@@ -1,0 +1,400 @@
+"""Owns the run stage: ``run/new/`` -> processing -> ``send/new/`` or ``failed/``.
+
+For each claimed job the runner builds the input view the processing sees (the
+selected series as ``<selection>/<SeriesInstanceUID>/*.dcm``, hard links, plus
+``task.json``), runs the stream's container or command (``dts.executors``),
+checks the output (``dts.validate``) and only then lets results go on to the
+sender, recording each produced SOP Instance UID (``dts.provenance``) so that our
+own results coming back from a PACS are not processed again.
+
+A job's ``running`` entry in job.json says what is running for it (container or
+process group), so that after a ``kill -9`` of ``dts run`` the next start can stop
+the orphan (``on_recovered``) before the job runs again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import worker
+from .config import Stream
+from .errors import JobFailed, TemporaryFailure
+from .executors import (
+    Cancelled,
+    RunResult,
+    Task,
+    executor_for,
+    log_tail,
+    parameter_environment,
+    stop_orphaned_container,
+    stop_orphaned_process,
+)
+from .journal import Stage, Status
+from .provenance import register_produced
+from .spool import Claim, Job, Queue, dump_json, isotime
+from .station import Station
+from .validate import InputFacts, InvalidOutput, check_output, valid_uid
+from .worker import Outcome, Tally
+
+VIEW_DIR = "view"            # <job>/view: what the processing sees as /input
+TASK_FILE = "task.json"
+WHOLE_STUDY = "study"        # selection name when a stream selects nothing (whole study)
+_SELECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+_REASONS = {
+    "timeout": "killed at the stream's timeout",
+    "oom": "killed for running out of memory",
+}
+
+
+# -- the input view ------------------------------------------------------------------
+
+
+def selection_of(job: Job, data: dict[str, Any]) -> dict[str, list[str]]:
+    """``{selection name: [SeriesInstanceUID, ...]}`` from job.json; the whole input
+    under ``study`` when the stream selected nothing."""
+    raw = data.get("selection")
+    if not raw:
+        try:
+            series = sorted(p.name for p in job.input_dir.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            series = []
+        return {WHOLE_STUDY: series}
+    if not isinstance(raw, dict):
+        raise JobFailed("job.json: selection is not an object of names to series lists")
+    out: dict[str, list[str]] = {}
+    for name, uids in raw.items():
+        if not (isinstance(name, str) and _SELECTION_NAME.match(name) and name != TASK_FILE):
+            raise JobFailed(f"job.json: selection name {name!r} is not usable as a folder name")
+        if not isinstance(uids, list) or not all(valid_uid(u) for u in uids):
+            raise JobFailed(f"job.json: selection {name!r} must list valid SeriesInstanceUIDs")
+        out[name] = list(uids)
+    return out
+
+
+def build_view(job: Job, data: dict[str, Any], stream: Stream) -> Path:
+    """Create ``<job>/view`` by hard links (never byte copies) and write task.json."""
+    view = job.path / VIEW_DIR
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir()
+    selection = selection_of(job, data)
+    files: dict[str, dict[str, list[str]]] = {}
+    for name, series_uids in selection.items():
+        files[name] = {}
+        for uid in series_uids:
+            src = job.input_dir / uid
+            names = sorted(f.name for f in src.iterdir() if f.is_file()) if src.is_dir() else []
+            if not names:
+                raise JobFailed(f"selected series {uid} ({name}) has no instances in input/")
+            dest = view / name / uid
+            dest.mkdir(parents=True)
+            for f in names:
+                os.link(src / f, dest / f)
+            files[name][uid] = [f"{name}/{uid}/{f}" for f in names]
+    try:
+        study = json.loads((job.path / "study.json").read_text())
+    except FileNotFoundError:
+        study = {}
+    except ValueError as exc:
+        raise JobFailed(f"study.json is not valid JSON: {exc}") from None
+    task = {
+        "job": job.id,
+        "stream": stream.name,
+        "parent": data.get("parent"),
+        "study": study,
+        "selection": selection,
+        "files": files,
+        "parameters": stream.parameters,
+    }
+    (view / TASK_FILE).write_bytes(dump_json(task))
+    return view
+
+
+def prepare_output(job: Job, stream: Stream) -> Path:
+    """An empty output/ (an interrupted attempt may have left files) the processing may
+    write to, also as the stream's ``user``."""
+    out = job.output_dir
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    uid, _, gid = (stream.user or "").partition(":")
+    if uid.isdigit() and os.geteuid() == 0:
+        os.chown(out, int(uid), int(gid) if gid.isdigit() else -1)
+    elif stream.user:
+        out.chmod(0o777)  # a named user inside an image: its uid is unknown here
+    return out
+
+
+# -- one job ------------------------------------------------------------------------
+
+
+def process(station: Station, claim: Claim, *,
+            cancel: threading.Event | None = None) -> Outcome:
+    """Run one claimed job and move it on: send/new, failed/, or back to run/new."""
+    job = claim.job
+    data = job.read()
+    name = data.get("stream")
+    stream = station.config.stream(str(name)) if name else None
+    if stream is None:
+        return _fail(station, claim, "no-stream", f"stream {name!r} is not configured in "
+                     f"{station.config.path}")
+    attempts = int(data.get("attempts") or 0)
+    max_attempts = station.config.station.max_attempts
+    if attempts >= max_attempts:
+        return _fail(station, claim, "attempts", f"gave up after {attempts} interrupted "
+                     f"attempts ([station] max_attempts = {max_attempts})")
+    executor = executor_for(stream)
+    started_at = isotime()
+    try:
+        view = build_view(job, data, stream)
+        output = prepare_output(job, stream)
+    except JobFailed as exc:
+        return _fail(station, claim, "input", str(exc))
+    task = Task(job_id=job.id, stream=stream, input_dir=view, output_dir=output,
+                logs_dir=job.logs_dir, environment=parameter_environment(stream))
+    station.journal.emit(Stage.RUN, "started", Status.INFO,
+                         f"{executor.kind} {stream.image or ' '.join(stream.command or ())}",
+                         job=job, executor=executor.kind, attempt=attempts + 1)
+
+    def started(info: dict[str, Any]) -> None:
+        job.update(running={**info, "started_at": started_at, "pid_of_runner": os.getpid()})
+
+    try:
+        result = executor.run(task, cancel=cancel, started=started)
+    except TemporaryFailure as exc:
+        return _temporary(station, claim, str(exc))
+    except Cancelled:
+        _forget_running(job)
+        station.journal.emit(Stage.RUN, "interrupted", Status.WARNING,
+                             "stopped because the station is shutting down; job put back",
+                             job=job)
+        claim.move(Queue.RUN)
+        return Outcome.SKIPPED  # not the job's fault: no attempt counted
+    except JobFailed as exc:
+        return _fail(station, claim, "setup", str(exc))
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    return _finish(station, claim, stream, result, started_at)
+
+
+def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
+            started_at: str) -> Outcome:
+    job = claim.job
+    run = {**result.provenance, "exit_code": result.exit_code,
+           "duration_seconds": round(result.duration, 3), "started_at": started_at,
+           "finished_at": isotime()}
+    if result.reason is not None:
+        detail = _REASONS.get(result.reason, result.reason)
+        if result.reason == "timeout":
+            detail += f" ({stream.timeout:g} s)"
+        elif result.reason == "oom" and stream.memory:
+            detail += f" (memory = {stream.memory}, exit code {result.exit_code})"
+        return _fail(station, claim, result.reason, detail, run=run)
+    if result.exit_code != 0:
+        return _fail(station, claim, "exit-code",
+                     f"the processing exited with code {result.exit_code}", run=run)
+    facts = InputFacts.from_job(job.input_dir, job.read())
+    try:
+        checked = check_output(job.output_dir, facts, allow_new_study=stream.allow_new_study)
+    except InvalidOutput as exc:
+        return _fail(station, claim, "invalid-output", str(exc), run=run,
+                     violations=[v.__dict__ for v in exc.violations])
+    if checked.empty and stream.expect_output:
+        return _fail(station, claim, "no-output", "the processing wrote nothing to its output "
+                     "(set expect_output = false in the stream if that can be right)", run=run)
+    # Registered before the results can leave, so that our own objects coming back from
+    # a PACS are always recognised.
+    register_produced(station.spool, [o.sop_uid for o in checked.dicom], job.id)
+    data = job.read()
+    for key in ("running", "error", "failure"):
+        data.pop(key, None)
+    data.update(run=run, outputs=[o.as_dict() for o in checked.dicom],
+                other_files=checked.other)
+    job.write(data)
+    station.journal.emit(Stage.RUN, "finished", Status.OK,
+                         f"{len(checked.dicom)} DICOM object(s), {len(checked.other)} other "
+                         f"file(s) in {result.duration:.1f} s", job=job, job_data=data,
+                         outputs=len(checked.dicom), duration=round(result.duration, 3))
+    claim.move(Queue.SEND)
+    return Outcome.DONE
+
+
+def _forget_running(job: Job) -> None:
+    data = job.read()
+    if data.pop("running", None) is not None:
+        job.write(data)
+
+
+def _fail(station: Station, claim: Claim, reason: str, message: str,
+          run: dict[str, Any] | None = None, **extra: Any) -> Outcome:
+    job = claim.job
+    tail = log_tail(job.logs_dir) if run is not None else ""
+    data = job.read()
+    data.pop("running", None)
+    data["error"] = message + (f"\n--- last lines of the log ---\n{tail}" if tail else "")
+    data["failure"] = {"stage": "run", "reason": reason, "message": message, "log_tail": tail,
+                       "time": isotime(), **extra}
+    if run is not None:
+        data["run"] = run
+    job.write(data)
+    station.journal.emit(Stage.RUN, "failed", Status.ERROR, message, job=job, job_data=data,
+                         reason=reason, exit_code=(run or {}).get("exit_code"))
+    claim.move(Queue.FAILED)
+    return Outcome.FAILED
+
+
+def _temporary(station: Station, claim: Claim, message: str) -> Outcome:
+    """Engine down: count the attempt; back to run/new, or failed/ when attempts are used up."""
+    job = claim.job
+    data = job.read()
+    data.pop("running", None)
+    data["attempts"] = int(data.get("attempts") or 0) + 1
+    data["last_error"] = message
+    job.write(data)
+    max_attempts = station.config.station.max_attempts
+    if data["attempts"] >= max_attempts:
+        return _fail(station, claim, "engine-unreachable",
+                     f"{message} (gave up after {data['attempts']} attempts)")
+    station.journal.emit(Stage.RUN, "retry", Status.WARNING,
+                         f"{message}; attempt {data['attempts']} of {max_attempts}, job put back",
+                         job=job, job_data=data)
+    claim.move(Queue.RUN)
+    return Outcome.RETRY
+
+
+# -- recovery -----------------------------------------------------------------------
+
+
+def on_recovered(job: Job) -> None:
+    """Stop what a dead ``dts run`` left running for ``job`` (called under its lock)."""
+    data = job.read()
+    info = data.get("running")
+    if not isinstance(info, dict):
+        return
+    stopped: list[str] = []
+    if info.get("executor") == "command":
+        if stop_orphaned_process(info):
+            stopped.append(f"process group {info.get('pid')}")
+    else:
+        try:
+            stopped = [f"container {c}" for c in stop_orphaned_container(job.id)]
+        except TemporaryFailure:
+            pass  # the next attempt removes it by its label before starting a new one
+    data.pop("running", None)
+    if stopped:
+        data["orphans_stopped"] = list(data.get("orphans_stopped") or []) + stopped
+    job.write(data)
+
+
+def _recover(station: Station) -> list[str]:
+    def hook(job: Job) -> None:
+        before = len(job.read().get("orphans_stopped") or [])
+        on_recovered(job)
+        stopped = (job.read().get("orphans_stopped") or [])[before:]
+        if stopped:
+            station.journal.emit(Stage.RUN, "orphan-stopped", Status.WARNING,
+                                 f"stopped {', '.join(stopped)} left by a dts run that died",
+                                 job=job)
+    return worker.recover(station, Queue.RUN, hook)
+
+
+# -- the stage ----------------------------------------------------------------------
+
+
+def serve(station: Station, *, once: bool = False, job_ids: list[str] | None = None,
+          stop: threading.Event | None = None) -> Tally:
+    """The body of ``dts run``: recover, then the given jobs, what is queued, or forever,
+    with up to ``[station] max_parallel_runs`` runs at a time. Setting ``stop`` stops
+    running processing and puts its jobs back."""
+    _recover(station)
+    proc = functools.partial(process, cancel=stop)
+    if job_ids:
+        return worker.process_ids(station, Queue.RUN, list(job_ids), proc)
+    stop = stop or threading.Event()
+    parallel = station.config.station.max_parallel_runs
+    if once:
+        return _in_threads(parallel, lambda: _drain(station, proc, stop, _Seen()))
+    not_before: dict[str, float] = {}
+    backoff = min(600.0, station.config.station.rescan_seconds)
+
+    def proc_later(st: Station, claim: Claim) -> Outcome:
+        outcome = proc(st, claim)
+        if outcome is Outcome.RETRY:  # engine down: give it time before the next try
+            not_before[claim.id] = time.monotonic() + backoff
+        return outcome
+
+    def loop() -> Tally:
+        tally = Tally()
+        while not stop.is_set():
+            tally.merge(_drain(station, proc_later, stop, _Seen(not_before)))
+            stop.wait(1.0)
+        return tally
+    return _in_threads(parallel, loop)
+
+
+class _Seen:
+    """Jobs taken in this round (shared by the threads), each at most once per round."""
+
+    def __init__(self, not_before: dict[str, float] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.ids: set[str] = set()
+        self.not_before = not_before if not_before is not None else {}
+
+    def take(self, job_id: str) -> bool:
+        with self.lock:
+            if job_id in self.ids or self.not_before.get(job_id, 0.0) > time.monotonic():
+                return False
+            return True
+
+    def add(self, job_id: str) -> None:
+        with self.lock:
+            self.ids.add(job_id)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.ids.clear()
+
+
+def _drain(station: Station, proc: Callable[[Station, Claim], Outcome],
+           stop: threading.Event, seen: _Seen) -> Tally:
+    tally = Tally()
+    while not stop.is_set():
+        claim = station.spool.claim_next(Queue.RUN, lambda job: seen.take(job.id))
+        if claim is None:
+            break
+        seen.add(claim.id)
+        tally.add(claim.id, worker.run_one(station, claim, proc))
+    return tally
+
+
+def _in_threads(n: int, body: Callable[[], Tally]) -> Tally:
+    if n <= 1:
+        return body()
+    results: list[Tally] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            results.append(body())
+        except BaseException as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+    threads = [threading.Thread(target=target, name=f"dts-run-{i}", daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    total = Tally()
+    for r in results:
+        total.merge(r)
+    return total
