@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive as real peers: dcmtk (storescu/storescp/echoscu),
 # Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
-# busybox-static (a root filesystem for test container images).
-TEST_DEBS := dcmtk orthanc podman runc busybox-static postgresql
+# busybox-static (a root filesystem for test container images), logrotate (its dts file
+# is run by the tests).
+TEST_DEBS := dcmtk orthanc podman runc busybox-static postgresql logrotate
 TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
-             /usr/bin/podman /usr/sbin/runc /bin/busybox
+             /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate
 
 .PHONY: run test venv system-deps lint typecheck bench clean-venv
 
