@@ -120,11 +120,20 @@ def _has_dicm(path: Path) -> bool:
 
 
 def read_header(path: Path) -> Dataset:
+    where = f"{path.parent.name}/{path.name}"
+    marked = _has_dicm(path)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=not _has_dicm(path))
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise StudyError(f"unreadable DICOM file {path.parent.name}/{path.name}: "
-                         f"{type(exc).__name__}: {exc}") from None
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not marked)
+        # a file without the DICM marker is only DICOM if it parses into an instance
+        uid = ds.get(0x00080018)
+        ok = marked or (uid is not None and isinstance(uid.value, str) and UID.match(uid.value))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError,
+            AttributeError) as exc:
+        raise StudyError(f"unreadable DICOM file {where}: {type(exc).__name__}: {exc}") from None
+    if not ok:
+        raise StudyError(f"unreadable DICOM file {where}: not DICOM (no DICM marker, "
+                         "no SOP Instance UID)")
+    return ds
 
 
 def _sample(n: int) -> list[int]:
