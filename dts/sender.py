@@ -21,7 +21,10 @@ import logging
 import os
 import random
 import secrets
+import select
 import shutil
+import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +38,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
 from pynetdicom.presentation import PresentationContext, build_context
 
 from . import dicomnet, worker
@@ -244,6 +250,206 @@ def _groups(items: list[Item]) -> list[list[Item]]:
     return [g for g in groups if g]
 
 
+_PDV_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF: type, reserved, length; PDV: length, id, flags
+_SEND_CHUNK = 1 << 20
+
+
+class _WaitingSocket(AssociationSocket):
+    """An association socket whose ``ready`` waits up to 2 ms for data in ``select``
+    instead of answering at once. pynetdicom's DUL thread polls ``ready`` in a loop with
+    short sleeps; while a batch of C-STOREs is being written that loop would wake some
+    ten thousand times a second and take CPU and the GIL from the sender and the peer
+    on the same machine. Blocked in ``select`` it wakes exactly when a response comes.
+    """
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            found, _, _ = select.select([sock], [], [], 0.002)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return bool(found) or bool(sock.pending())
+        return bool(found)
+
+
+class _Sender:
+    """Writes C-STORE requests straight to an established association's socket.
+
+    pynetdicom 3.0 hands every 16 KiB fragment of a data set as its own primitive
+    from the caller's thread to its DUL thread, through a queue and its state
+    machine; that costs more than the network. Sending a P-DATA-TF PDU does not
+    change the state of an established association, so the requests are encoded
+    here, whole messages at a time, and written with ``sendall`` while pynetdicom
+    keeps reading (the C-STORE responses arrive on its DIMSE queue as usual). The
+    association's own reactor is parked for the whole batch, so it cannot take a
+    response off that queue (pynetdicom 3.0.4 occasionally does so between two
+    ``send_c_store`` calls and then waits for the DIMSE timeout). Used only with the
+    pinned pynetdicom version (``dicomnet.version_ok()``); ``send_c_store`` otherwise.
+    """
+
+    def __init__(self, assoc: Association, timeout: float) -> None:
+        self.assoc = assoc
+        self.sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        self.max_pdu = int(assoc.acceptor.maximum_length or 0)
+        self.msg_id = 0
+        self.timeout = timeout
+        self.parked = False
+        self._loop_delay = 0.001
+        self._next: tuple[tuple[str, int], bytearray] | None = None
+
+    def __enter__(self) -> "_Sender":
+        self.park()
+        dul = self.assoc.dul
+        if self.usable and type(dul.socket) is AssociationSocket:
+            dul.socket.__class__ = _WaitingSocket
+            self._loop_delay = dul._run_loop_delay
+            dul._run_loop_delay = 0
+        if self.sock is not None:
+            self.sock.settimeout(self.timeout)
+        return self
+
+    def park(self) -> None:
+        """Stop the association's reactor at its checkpoint (and make sure it is there)."""
+        assoc = self.assoc
+        self.parked = False
+        assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 5
+        # Parked means blocked on the checkpoint: seen paused twice, a few polls apart.
+        while time.monotonic() < deadline:
+            if assoc._is_paused:
+                time.sleep(0.003)
+                if assoc._is_paused:
+                    self.parked = True
+                    break
+            time.sleep(0.0001)
+
+    def __exit__(self, *exc: object) -> None:
+        dul = self.assoc.dul
+        if type(dul.socket) is _WaitingSocket:
+            dul.socket.__class__ = AssociationSocket  # type: ignore[assignment]
+            dul._run_loop_delay = self._loop_delay
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(None)
+            except OSError:
+                pass
+        self.assoc._reactor_checkpoint.set()
+
+    @property
+    def usable(self) -> bool:
+        return self.parked and self.sock is not None
+
+    def _message(self, item: Item, cx_id: int, msg_id: int) -> bytearray:
+        """The whole C-STORE-RQ as P-DATA-TF PDUs: command, then the data set read
+        from the file straight into place (no decoding, no extra copy)."""
+        with open(item.path, "rb") as fh:
+            offset = _dataset_offset(fh)
+            if offset is None:
+                offset = split_dataset(item.path)[1]
+            size = os.fstat(fh.fileno()).st_size - offset
+            command = c_store_command(msg_id, item.sop_class, item.sop_uid)
+            step = self.max_pdu - 6 if self.max_pdu > 6 else max(size, len(command), 1)
+            frags = max(1, -(-size // step))
+            buf = bytearray(-(-len(command) // step) * 12 + len(command) + frags * 12 + size)
+            view = memoryview(buf)
+            pos = 0
+            for start in range(0, len(command), step):
+                part = command[start:start + step]
+                flags = 0x03 if start + step >= len(command) else 0x01
+                _PDV_HEADER.pack_into(buf, pos, 0x04, 0, len(part) + 6, len(part) + 2, cx_id,
+                                      flags)
+                buf[pos + 12:pos + 12 + len(part)] = part
+                pos += 12 + len(part)
+            fh.seek(offset)
+            for k in range(frags):
+                part_len = min(step, size - k * step)
+                _PDV_HEADER.pack_into(buf, pos, 0x04, 0, part_len + 6, part_len + 2, cx_id,
+                                      0x02 if k == frags - 1 else 0x00)
+                pos += 12
+                if part_len and fh.readinto(view[pos:pos + part_len]) != part_len:
+                    raise OSError(f"{item.path} changed while being sent")
+                pos += part_len
+            view.release()
+        return buf
+
+    def store(self, item: Item, cx_id: int, after: tuple[Item, int] | None = None) -> Dataset:
+        """C-STORE ``item`` (its file as encoded) on context ``cx_id``; the response's
+        status elements, or an empty Dataset when none came (timeout, abort).
+        ``after``: the object that comes next, prepared while the peer works on this one."""
+        assert self.sock is not None
+        self.msg_id = self.msg_id % 65535 + 1
+        msg_id = self.msg_id
+        if self._next is not None and self._next[0] == (item.sop_uid, cx_id):
+            buf = self._next[1]
+        else:
+            buf = self._message(item, cx_id, msg_id)
+        self._next = None
+        view = memoryview(buf)
+        for start in range(0, len(buf), _SEND_CHUNK):
+            self.sock.sendall(view[start:start + _SEND_CHUNK])
+        view.release()
+        if after is not None:
+            try:
+                nxt = self._message(after[0], after[1], msg_id % 65535 + 1)
+                self._next = ((after[0].sop_uid, after[1]), nxt)
+            except (OSError, ValueError, EOFError):
+                pass  # found again, and reported, when its turn comes
+        _cx, rsp = self.assoc.dimse.get_msg(block=True)
+        status = Dataset()
+        if (isinstance(rsp, C_STORE) and rsp.is_valid_response
+                and rsp.MessageIDBeingRespondedTo == msg_id):
+            status.Status = rsp.Status
+            for keyword in rsp.STATUS_OPTIONAL_KEYWORDS:
+                if getattr(rsp, keyword, None) is not None:
+                    setattr(status, keyword, getattr(rsp, keyword))
+        elif rsp is not None:
+            log.warning("unexpected answer to C-STORE %d: %r; aborting", msg_id, rsp)
+            self.assoc.abort()
+        return status
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    """One command set element (group 0000, implicit VR little endian)."""
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _uid(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def c_store_command(msg_id: int, sop_class: str, sop_uid: str, priority: int = 2) -> bytes:
+    """The encoded command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1)."""
+    body = b"".join((
+        _element(0x0002, _uid(sop_class)),               # Affected SOP Class UID
+        _element(0x0100, struct.pack("<H", 0x0001)),     # Command Field: C-STORE-RQ
+        _element(0x0110, struct.pack("<H", msg_id)),     # Message ID
+        _element(0x0700, struct.pack("<H", priority)),   # Priority
+        _element(0x0800, struct.pack("<H", 0x0001)),     # Command Data Set Type: present
+        _element(0x1000, _uid(sop_uid)),                 # Affected SOP Instance UID
+    ))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _dataset_offset(fh: Any) -> int | None:
+    """Where the data set starts in a DICOM file whose meta starts with its group length
+    (as files written by pydicom, dcmtk and dts do); None to look the slow way."""
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    offset = 144 + struct.unpack_from("<I", head, 140)[0]
+    fh.seek(offset)
+    tag = fh.read(2)
+    if len(tag) == 2 and struct.unpack("<H", tag)[0] == 0x0002:
+        return None  # the group length does not cover the whole meta
+    return offset
+
+
 def _associate(peer: Peer, contexts: list[PresentationContext],
                net: NetSettings) -> Association:
     ae = dicomnet.make_ae(peer.calling_ae, acse_timeout=net.acse_timeout,
@@ -261,10 +467,9 @@ def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
         text = (f"{peer} rejected the association: {getattr(rsp, 'result_str', '?')}, "
                 f"{getattr(rsp, 'source_str', '?')}, {getattr(rsp, 'reason_str', '?')}")
         return text, result == 0x01
-    if assoc.is_aborted:
+    if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return f"{peer} aborted the association during negotiation", False
-    return f"{peer} is not reachable (no association within {assoc.ae.connection_timeout}s)", \
-        False
+    return f"{peer} is not reachable (connection refused or no answer)", False
 
 
 def _class_name(uid: str) -> str:
@@ -276,89 +481,115 @@ def _status_text(code: int) -> str:
     return f"0x{code:04X}"
 
 
-def _send_one(assoc: Association, item: Item, accepted: dict[str, list[str]]
-              ) -> tuple[Dataset | None, tuple[str, str] | None]:
+Accepted = dict[str, dict[str, int]]  # SOP class -> {transfer syntax: context id}
+
+
+def _as_is(item: Item, accepted: Accepted) -> int | None:
+    """The context to send ``item`` on as encoded on disk, if the peer accepted one."""
+    return accepted.get(item.sop_class, {}).get(item.transfer_syntax) if item.has_meta else None
+
+
+def _send_one(assoc: Association, item: Item, accepted: Accepted, fast: _Sender | None,
+              after: Item | None = None) -> tuple[Dataset | None, tuple[str, str] | None]:
     """C-STORE one object: (status, None), or (None, (failed status, why)) when it
     cannot be sent over this association."""
-    tss = accepted.get(item.sop_class, [])
-    if item.transfer_syntax in tss and item.has_meta:
-        return assoc.send_c_store(item.path), None  # streamed from disk as encoded
+    tss = accepted.get(item.sop_class, {})
+    cx_id = _as_is(item, accepted)
+    if cx_id is not None:
+        if fast is not None:
+            next_cx = _as_is(after, accepted) if after is not None else None
+            return fast.store(item, cx_id, (after, next_cx) if after and next_cx else None), None
+        return assoc.send_c_store(item.path), None
     if not any(ts in UNCOMPRESSED for ts in tss) and item.transfer_syntax not in tss:
         names = ", ".join(UID(t).name for t in tss) or "none"
-        return None, (NO_CONTEXT, f"the peer accepted {_class_name(item.sop_class)} only in "
-                      f"{names}, not in {UID(item.transfer_syntax).name}")
+        return None, (NO_CONTEXT, (f"the peer accepted {_class_name(item.sop_class)} only in "
+                                   f"{names}, not in {UID(item.transfer_syntax).name}"))
     # The peer accepted only another (uncompressed) transfer syntax: decode and re-encode.
     ds = dcmread(item.path, force=True)
     ts = UID(item.transfer_syntax)
     if ts.is_compressed:
         try:
             ds.decompress()
-        except Exception as exc:
-            return None, (NO_CONTEXT, f"the peer accepts {_class_name(item.sop_class)} only "
-                          f"uncompressed and {ts.name} could not be decompressed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any codec error means "cannot convert"
+            return None, (NO_CONTEXT, (f"the peer accepts {_class_name(item.sop_class)} only "
+                                       f"uncompressed and {ts.name} could not be "
+                                       f"decompressed: {exc}"))
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         if not hasattr(ds, "file_meta"):
             ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = UID(item.transfer_syntax)
-    return assoc.send_c_store(ds), None
+    try:
+        return assoc.send_c_store(ds), None
+    finally:
+        if fast is not None:
+            fast.park()  # send_c_store lets the association's reactor run again
 
 
 def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
-              on_result: OnResult | None) -> tuple[list[Item], str | None]:
+              net: NetSettings, on_result: OnResult | None) -> tuple[list[Item], str | None]:
     """Send ``items`` over an established association; returns what is still missing
     and why (None when nothing is)."""
-    accepted: dict[str, list[str]] = {}
+    accepted: Accepted = {}
     for cx in assoc.accepted_contexts:
-        accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
-    for i, item in enumerate(items):
-        if not assoc.is_established:
-            return items[i:], f"{peer} dropped the association"
-        if item.sop_class not in accepted:
-            out.failed[item.sop_uid] = NO_CONTEXT
-            out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
-                                         f"{_class_name(item.sop_class)}")
-            if on_result:
-                on_result(item, "failed", None)
-            continue
-        try:
-            status, why = _send_one(assoc, item, accepted)
-        except (OSError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
-            status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
-        except RuntimeError as exc:  # the association went away between two stores
-            return items[i:], f"{peer}: {exc}"
-        if why is not None:
-            out.failed[item.sop_uid] = why[0]
-            out.reasons[item.sop_uid] = f"{item.sop_uid} ({item.path.name}): {why[1]}"
-            if on_result:
-                on_result(item, "failed", None)
-            continue
-        assert status is not None
-        if "Status" not in status:
-            # No answer within the DIMSE timeout, or the association dropped (pynetdicom
-            # 3.0.4 sometimes misroutes a response and then waits for the timeout).
-            return items[i:], (f"{peer}: no C-STORE response for {item.sop_uid} "
-                               "(association aborted or DIMSE timeout)")
-        code = int(status.Status)
-        if code == 0x0000:
-            out.sent.append(item.sop_uid)
-            if on_result:
-                on_result(item, "sent", code)
-        elif 0xB000 <= code <= 0xBFFF:
-            out.sent.append(item.sop_uid)
-            out.warnings[item.sop_uid] = code
-            if on_result:
-                on_result(item, "warning", code)
-        elif 0xA700 <= code <= 0xA7FF:
-            # out of resources: the peer's disk is full or it is overloaded, for now
-            return items[i:], f"{peer}: out of resources ({_status_text(code)})"
-        else:
-            out.failed[item.sop_uid] = _status_text(code)
-            comment = status.get("ErrorComment")
-            out.reasons[item.sop_uid] = (
-                f"{peer} refused {item.sop_uid} ({_class_name(item.sop_class)}) with status "
-                f"{_status_text(code)}" + (f": {comment}" if comment else ""))
-            if on_result:
-                on_result(item, "failed", code)
+        accepted.setdefault(str(cx.abstract_syntax), {}).setdefault(
+            str(cx.transfer_syntax[0]), int(cx.context_id or 0))
+    with _Sender(assoc, net.dimse_timeout) as sender:
+        fast = sender if sender.usable and dicomnet.version_ok() else None
+        for i, item in enumerate(items):
+            if not assoc.is_established:
+                return items[i:], f"{peer} dropped the association"
+            if item.sop_class not in accepted:
+                out.failed[item.sop_uid] = NO_CONTEXT
+                out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
+                                             f"{_class_name(item.sop_class)}")
+                if on_result:
+                    on_result(item, "failed", None)
+                continue
+            try:
+                after = items[i + 1] if i + 1 < len(items) else None
+                status, why = _send_one(assoc, item, accepted, fast, after)
+            except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+                status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
+            except FileNotFoundError as exc:
+                status, why = None, ("unreadable", f"cannot be read: {exc}")
+            except (OSError, RuntimeError) as exc:  # the connection went away
+                if assoc.is_established:
+                    assoc.abort()
+                return items[i:], f"{peer}: connection lost: {exc}"
+            if why is not None:
+                out.failed[item.sop_uid] = why[0]
+                out.reasons[item.sop_uid] = f"{item.sop_uid} ({item.path.name}): {why[1]}"
+                if on_result:
+                    on_result(item, "failed", None)
+                continue
+            assert status is not None
+            if "Status" not in status:
+                # No answer within the DIMSE timeout, or the association dropped.
+                if assoc.is_established:
+                    assoc.abort()
+                return items[i:], (f"{peer}: no C-STORE response for {item.sop_uid} "
+                                   "(association aborted or DIMSE timeout)")
+            code = int(status.Status)
+            if code == 0x0000:
+                out.sent.append(item.sop_uid)
+                if on_result:
+                    on_result(item, "sent", code)
+            elif 0xB000 <= code <= 0xBFFF:
+                out.sent.append(item.sop_uid)
+                out.warnings[item.sop_uid] = code
+                if on_result:
+                    on_result(item, "warning", code)
+            elif 0xA700 <= code <= 0xA7FF:
+                # out of resources: the peer's disk is full or it is overloaded, for now
+                return items[i:], f"{peer}: out of resources ({_status_text(code)})"
+            else:
+                out.failed[item.sop_uid] = _status_text(code)
+                comment = status.get("ErrorComment")
+                out.reasons[item.sop_uid] = (
+                    f"{peer} refused {item.sop_uid} ({_class_name(item.sop_class)}) with "
+                    f"status {_status_text(code)}" + (f": {comment}" if comment else ""))
+                if on_result:
+                    on_result(item, "failed", code)
     return [], None
 
 
@@ -393,7 +624,7 @@ def store(peer: Peer, items: list[Item], net: NetSettings | None = None,
                 return out
             before = len(out.sent) + len(out.failed)
             try:
-                todo, why = _store_on(assoc, peer, todo, out, on_result)
+                todo, why = _store_on(assoc, peer, todo, out, net, on_result)
             finally:
                 if assoc.is_established:
                     assoc.release()
