@@ -135,18 +135,26 @@ class CommandExecutor:
         t0 = time.monotonic()
         with open(task.logs_dir / STDOUT_LOG, "wb") as out, \
                 open(task.logs_dir / STDERR_LOG, "wb") as err:
+            user, _, group = (task.stream.user or "").partition(":")
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                         env=env, cwd=task.output_dir, start_new_session=True,
-                                        close_fds=True)
-            except OSError as exc:
-                raise JobFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+                                        close_fds=True, user=_id(user), group=_id(group))
+            except (OSError, ValueError) as exc:
+                raise JobFailed(f"cannot start {argv[0]!r}"
+                                f"{' as ' + str(task.stream.user) if task.stream.user else ''}: "
+                                f"{getattr(exc, 'strerror', None) or exc}") from None
             if started is not None:
                 started({"executor": self.kind, "pid": proc.pid,
                          "start_time": process_start_time(proc.pid)})
             reason = _wait_process(proc, task.stream.timeout, cancel)
         return RunResult(exit_code=proc.returncode, duration=time.monotonic() - t0,
                          reason=reason, provenance={"executor": self.kind, "command": argv})
+
+
+def _id(text: str) -> int | str | None:
+    """A user or group for Popen: a number, a name, or None (as dts itself runs)."""
+    return None if not text else int(text) if text.isdigit() else text
 
 
 def _wait_process(proc: subprocess.Popen[bytes], timeout: float,
@@ -356,17 +364,19 @@ class DockerExecutor:
         container.reload()
         state = container.attrs.get("State", {})
         exit_code = state.get("ExitCode", status.get("StatusCode") if status else None)
-        if reason is None and state.get("OOMKilled"):
+        oom_killed = bool(state.get("OOMKilled"))
+        if reason is None and oom_killed:
             reason = "oom"
         elif reason is None and exit_code == 137 and stream.memory:
             # SIGKILL that we did not send, with a memory limit set: the kernel's OOM
-            # killer (some engines, e.g. podman on cgroup v1, do not report OOMKilled)
+            # killer (podman on cgroup v1 does not report OOMKilled)
             reason = "oom"
         self._save_logs(container, task.logs_dir)
         return RunResult(exit_code=exit_code, duration=duration, reason=reason, provenance={
             "executor": self.kind, "image": stream.image, "image_id": image.id,
             "image_digests": list(image.attrs.get("RepoDigests") or []),
-            "container": container.id, "engine": engine_address()})
+            "container": container.id, "engine": engine_address(),
+            "oom_killed": oom_killed})
 
     @staticmethod
     def _save_logs(container: Any, logs_dir: Path) -> None:

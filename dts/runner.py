@@ -195,7 +195,9 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
         detail = _REASONS.get(result.reason, result.reason)
         if result.reason == "timeout":
             detail += f" ({stream.timeout:g} s)"
-        elif result.reason == "oom" and stream.memory:
+        elif result.reason == "oom":
+            if not result.provenance.get("oom_killed"):
+                detail = "killed by SIGKILL, most likely for running out of memory"
             detail += f" (memory = {stream.memory}, exit code {result.exit_code})"
         return _fail(station, claim, result.reason, detail, run=run)
     if result.exit_code != 0:

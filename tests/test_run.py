@@ -412,3 +412,15 @@ def test_serve_stops_on_event(tmp_path: Path) -> None:
         stop.set()
         t.join(30)
     assert not t.is_alive() and result[0].done == [job_path.name]
+
+
+def test_command_runs_as_the_streams_user(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "ok")
+    config.write_text(config.read_text().replace(
+        'name = "model"', 'name = "as-nobody"\nuser = "65534:65534"\n'
+        'command = ["/bin/sh", "-c", "id -u > uid.txt"]\n\n[[stream]]\nname = "model"'))
+    spool = tmp_path / "spool"
+    job_path, _ = make_run_job(spool, "as-nobody")
+    assert runner.serve(station_for(config), once=True).done == [job_path.name]
+    uid_file = Job(spool / "send" / "new" / job_path.name).output_dir / "uid.txt"
+    assert uid_file.read_text().strip() == "65534" and uid_file.stat().st_uid == 65534

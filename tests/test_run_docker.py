@@ -120,7 +120,7 @@ def test_container_contained(tmp_path: Path, engine: Engine, docker_host: str) -
 @pytest.mark.parametrize("mode,extra,reason,text", [
     ("fail", "", "exit-code", "CUDA error: out of luck"),
     ("sleep", 'timeout = "2s"', "timeout", "killed at the stream's timeout (2 s)"),
-    ("oom", 'memory = "32m"', "oom", "out of memory (memory = 32m"),
+    ("oom", 'memory = "32m"', "oom", "out of memory (memory = 32m, exit code 137)"),
     ("empty", "", "no-output", "wrote nothing"),
 ])
 def test_container_failures(tmp_path: Path, engine: Engine, docker_host: str, mode: str,
