@@ -190,6 +190,13 @@ class RuleSet:
             out.append((present, text(v)))
         return tuple(out)
 
+    def distinct(self, images: Sequence["Facts"]) -> list["Facts"]:
+        """One image per signature: all that ``classify`` needs to look at."""
+        seen: dict[tuple[tuple[bool, str], ...], Facts] = {}
+        for f in images:
+            seen.setdefault(self.signature(f), f)
+        return list(seen.values())
+
 
 # -- values ------------------------------------------------------------------
 
@@ -284,15 +291,23 @@ class Facts:
         self.ds = ds
         self.num_images = num_images
         self._csa: dict[int, dict[str, list[str]] | None] = {}
+        self._elements: dict[int, tuple[bool, Any]] = {}
+        self._keys = ds.keys()  # a dict view: membership without pydicom's KeyError path
 
     def element(self, tag: int) -> tuple[bool, Any]:
-        elem = self.ds.get(tag)
+        found = self._elements.get(tag)
+        if found is not None:
+            return found
+        elem = self.ds[tag] if tag in self._keys else None
         if elem is None:
-            return False, None
-        value = elem.value
-        if isinstance(value, bytes):
-            value = value.decode("latin-1").strip("\x00 ")
-        return True, value
+            found = (False, None)
+        else:
+            value = elem.value
+            if isinstance(value, bytes):
+                value = value.decode("latin-1").strip("\x00 ")
+            found = (True, value)
+        self._elements[tag] = found
+        return found
 
     def lookup(self, spec: TagSpec, types: Sequence[str]) -> tuple[bool, Any]:
         kind = spec.kind
