@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,8 @@ from .spool import Claim, Job, Queue, dump_json, isotime
 from .station import Station
 from .validate import InputFacts, InvalidOutput, check_output, valid_uid
 from .worker import Outcome, Tally
+
+log = logging.getLogger(__name__)
 
 VIEW_DIR = "view"            # <job>/view: what the processing sees as /input
 TASK_FILE = "task.json"
@@ -226,6 +229,7 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
                          f"file(s) in {result.duration:.1f} s", job=job, job_data=data,
                          outputs=len(checked.dicom), duration=round(result.duration, 3))
     claim.move(Queue.SEND)
+    log.info("%s: done, %d DICOM object(s) to send", job.id, len(checked.dicom))
     return Outcome.DONE
 
 
@@ -250,6 +254,7 @@ def _fail(station: Station, claim: Claim, reason: str, message: str,
     station.journal.emit(Stage.RUN, "failed", Status.ERROR, message, job=job, job_data=data,
                          reason=reason, exit_code=(run or {}).get("exit_code"))
     claim.move(Queue.FAILED)
+    log.warning("%s: failed (%s): %s", job.id, reason, message)
     return Outcome.FAILED
 
 
@@ -269,6 +274,8 @@ def _temporary(station: Station, claim: Claim, message: str) -> Outcome:
                          f"{message}; attempt {data['attempts']} of {max_attempts}, job put back",
                          job=job, job_data=data)
     claim.move(Queue.RUN)
+    log.warning("%s: %s; put back (attempt %d of %d)", job.id, message, data["attempts"],
+                max_attempts)
     return Outcome.RETRY
 
 

@@ -130,6 +130,8 @@ class Checked:
 
 
 def _looks_like_dicom(path: Path) -> bool:
+    """By name, by the Part 10 marker, or by a first element of group 0002/0008 (a dataset
+    written without preamble must not slip past the checks as an "other" file)."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
@@ -137,7 +139,9 @@ def _looks_like_dicom(path: Path) -> bool:
             head = fh.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
 
 
 def check_output(output_dir: Path, facts: InputFacts, *,
@@ -200,7 +204,7 @@ def _check_dicom(path: Path, rel: str, facts: InputFacts,
                  allow_new_study: bool) -> tuple[OutputObject | None, list[Violation]]:
     problems: list[Violation] = []
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, force=True)
         ds.get("PixelData")  # values are read lazily: a truncated file fails only here
     except Exception as exc:  # pydicom raises many kinds on broken files
         return None, [Violation(rel, "unreadable", f"not a valid DICOM file: {exc}")]

@@ -309,6 +309,15 @@ def test_validation_rules_directly(tmp_path: Path) -> None:
     with pytest.raises(InvalidOutput, match="bad-uid.dcm: invalid-uid: SeriesInstanceUID"):
         check_output(out, facts)
     (out / "bad-uid.dcm").unlink()
+    # a dataset written without preamble and file meta, under a name without .dcm
+    raw = pydicom.dcmread(good)
+    raw.PatientID = "SOMEONE-ELSE"
+    raw.SOPInstanceUID = generate_uid()
+    del raw.file_meta
+    raw.save_as(out / "raw", implicit_vr=True, little_endian=True)
+    with pytest.raises(InvalidOutput, match="raw: missing-attribute: TransferSyntaxUID"):
+        check_output(out, facts)
+    (out / "raw").unlink()
     # a file cut short (a model killed while writing)
     cut = make_instance(out / "cut.dcm", study_uid=study, series_uid="1.2.5")
     cut.write_bytes(cut.read_bytes()[:-100])

@@ -24,7 +24,7 @@ def command(ctx: StationContext, once: bool, as_json: bool, job_ids: tuple[str, 
 
     Without --once it keeps serving run/new/, up to [station] max_parallel_runs at a
     time, until SIGTERM/SIGINT (running processing is then stopped and its job put
-    back). A container engine that cannot be reached exits 75 and leaves the job in
+    back; exit 0). A container engine that cannot be reached exits 75 and leaves the job in
     run/new/ with its attempt counted. Container jobs use the engine at DOCKER_HOST.
 
     \b
@@ -43,4 +43,9 @@ def command(ctx: StationContext, once: bool, as_json: bool, job_ids: tuple[str, 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    finish(tally, as_json)
+    try:
+        finish(tally, as_json)
+    except click.exceptions.Exit:
+        if not once and not job_ids:
+            raise click.exceptions.Exit(0) from None  # a service stopped on request: ok
+        raise
