@@ -102,6 +102,8 @@ def build_view(job: Job, data: dict[str, Any], stream: Stream) -> Path:
             dest.mkdir(parents=True)
             for f in names:
                 os.link(src / f, dest / f)
+                if stream.user:
+                    _readable(dest / f)
             files[name][uid] = [f"{name}/{uid}/{f}" for f in names]
     try:
         study = json.loads((job.path / "study.json").read_text())
@@ -120,6 +122,13 @@ def build_view(job: Job, data: dict[str, Any], stream: Stream) -> Path:
     }
     (view / TASK_FILE).write_bytes(dump_json(task))
     return view
+
+
+def _readable(path: Path) -> None:
+    """Let the stream's (other) user read an input file: received files may be 0600."""
+    mode = os.stat(path).st_mode
+    if mode & 0o004 == 0:
+        os.chmod(path, mode | 0o044)
 
 
 def prepare_output(job: Job, stream: Stream) -> Path:

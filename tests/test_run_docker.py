@@ -103,12 +103,16 @@ def test_container_contained(tmp_path: Path, engine: Engine, docker_host: str) -
     assert list(before.values()) == list(after.values())
 
     job_id, study = new_job(tmp_path)
+    for f in job_at(tmp_path, job_id).input_dir.rglob("*.dcm"):
+        f.chmod(0o600)  # as a receiver may leave them
     config = write_config(tmp_path, engine, "network", payload=payload(tmp_path, study),
                           extra='user = "65534:65534"')
     assert runner.serve(Station.open(config), once=True).done == [job_id]
-    net = job_at(tmp_path, job_id).output_dir / "net.txt"
-    assert net.read_text().split() == ["lo"]
-    assert net.stat().st_uid == 65534
+    out = job_at(tmp_path, job_id).output_dir
+    assert (out / "net.txt").read_text().split() == ["lo"]
+    assert (out / "uid.txt").read_text().strip() == "65534"
+    assert (out / "read.txt").read_text().strip() == "ok"
+    assert (out / "net.txt").stat().st_uid == 65534
 
     job_id, study = new_job(tmp_path)
     config = write_config(tmp_path, engine, "network", payload=payload(tmp_path, study),

@@ -71,6 +71,8 @@ readonly)
     emit ;;
 network)
     ls /sys/class/net > /output/net.txt
+    id -u > /output/uid.txt
+    cat $(find /input -name '*.dcm') /input/task.json > /dev/null && echo ok > /output/read.txt
     emit ;;
 empty)
     echo "model: nothing to say" ;;
