@@ -10,7 +10,8 @@ For a job claimed from ``classify/new`` (or, by id, from ``unmatched/``, ``done/
 3. evaluates every stream: ``enabled``, the ``called_ae``/``calling_ae`` regular
    expressions (searched, so anchor them as ``^AICORE1$``), ``when`` (jmespath over
    study.json, must be truthy in jmespath's sense: not null, false, empty string, list
-   or object) and every ``select.<name>`` (must yield at least one series: a list of
+   or object; dts adds the function ``regexp(value, pattern)``, the rule files' regexp
+   operator) and every ``select.<name>`` (must yield at least one series: a list of
    series objects, a single series object, or SeriesInstanceUIDs of this study; an
    evaluation error counts as not matched, with the error as the reason). A stream
    without ``select`` takes the whole study as one selection named ``study``;
@@ -30,13 +31,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import jmespath
 import jmespath.exceptions
+from jmespath import functions as jp_functions
 
 from . import worker
 from .config import Config, Stream
@@ -120,9 +124,28 @@ def _series_of(result: Any, doc: dict[str, Any]) -> tuple[list[str], str | None]
     return uids, None
 
 
+class _Functions(jp_functions.Functions):
+    """jmespath functions dts adds for ``when`` and ``select``."""
+
+    @jp_functions.signature({"types": ["string", "number", "array", "null"]},
+                            {"types": ["string"]})
+    def _func_regexp(self, subject: Any, pattern: str) -> bool:
+        """``regexp(ProtocolName, 'vibe.*2min')``: the rule files' regexp operator (a
+        search); null is false; an array matches when one of its items does."""
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"regexp(): invalid pattern {pattern!r}: {exc}") from None
+        items = subject if isinstance(subject, list) else [subject]
+        return any(compiled.search(str(x)) is not None for x in items if x is not None)
+
+
+_OPTIONS = jmespath.Options(custom_functions=_Functions())
+
+
 def _search(expr: Any, doc: dict[str, Any]) -> tuple[Any, str | None]:
     try:
-        return expr.search(doc), None
+        return expr.search(doc, options=_OPTIONS), None
     except (jmespath.exceptions.JMESPathError, TypeError, ValueError, KeyError,
             AttributeError) as exc:
         return None, f"{type(exc).__name__}: {exc}"

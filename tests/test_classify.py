@@ -248,6 +248,11 @@ DOC = {"calling_ae": "PACS", "called_ae": "DTS", "PatientSex": None,
      "select.b `series[?contains(ClassifyType, 'B')]` selected no series"),
     ("called_ae = \"^DTS$\"\ncalling_ae = \"^PAC\"", True, {"study": ["1.2.3", "1.2.4"]}, None),
     ("enabled = false", False, None, "stream is disabled"),
+    # dts's regexp() function, as the predecessor's select statements used regexp
+    ("select.a = \"series[?regexp(Modality, '^M')]\"", True, {"a": ["1.2.3"]}, None),
+    ("select.a = \"series[?regexp(ClassifyType, '^A$')]\"", True, {"a": ["1.2.3"]}, None),
+    ("select.a = \"series[?regexp(ProtocolName, '.*')]\"", False, None, "selected no series"),
+    ("select.a = \"series[?regexp(Modality, '(')]\"", False, None, "invalid pattern '('"),
 ])
 def test_stream_evaluation_edge_cases(tmp_path: Path, body: str, matched: bool,
                                       selection: dict[str, list[str]] | None,
@@ -381,3 +386,63 @@ def test_serve_until_stopped(cfg: Path, station: Station, tmp_path: Path) -> Non
     finally:
         code = stop_process(proc, signal.SIGTERM)
     assert code == 0, (tmp_path / "classify.log").read_text()
+
+
+def test_predecessor_select_statement_as_a_stream(tmp_path: Path) -> None:
+    """select_statements.json's AIcore stream, written the two ways dts offers."""
+    site_rules = json.loads(SEED_RULES.read_text()) + [
+        {"type": "VIBE_OLD", "id": "VIBE_OLD", "rules": [
+            {"tag": ["ProtocolName"], "value": "fl3d_vibe_tra_ 2mm_2min"},
+            {"tag": ["0x0018", "0x0010"], "value": ".*Dotarem.*"}]},
+        {"type": "VIBE_NEW", "rules": [
+            {"tag": ["ProtocolName"], "value": "t1_vibe_dixon_tra_p2 FOV 250 _2min"},
+            {"tag": ["0x0018", "0x0010"], "value": ".*Dotarem.*"}]}]
+    rules = tmp_path / "classifyRules.json"
+    rules.write_text(json.dumps(site_rules))
+    cfg = write_config(tmp_path, """
+[[stream]]
+name = "AIcore-rules"
+called_ae = "^AICORE1$"
+select.old = "series[?contains(ClassifyType, 'VIBE_OLD')]"
+select.new = "series[?contains(ClassifyType, 'VIBE_NEW')]"
+image = "segm_ec_vibe:latest"
+
+[[stream]]
+name = "AIcore-regexp"
+called_ae = "^AICORE1$"
+select.old = "series[?regexp(ProtocolName, 'fl3d_vibe_tra_ 2mm_2min') && regexp(ContrastBolusAgent, '.*Dotarem.*')]"
+select.new = "series[?regexp(ProtocolName, 't1_vibe_dixon_tra_p2 FOV 250 _2min') && regexp(ContrastBolusAgent, '.*Dotarem.*')]"
+image = "segm_ec_vibe:latest"
+""", rules=rules)
+    station = Station.open(cfg)
+    spool = station.spool
+    job = spool.create_tmp_job()
+    study_uid = generate_uid()
+    uids = {}
+    for number, (protocol, agent) in enumerate((
+            ("fl3d_vibe_tra_ 2mm_2min", "Dotarem 10ml"),
+            ("t1_vibe_dixon_tra_p2 FOV 250 _2min", "Dotarem 10ml"),
+            ("t1_vibe_dixon_tra_p2 FOV 250 _2min", None)), start=1):
+        uid = uids[number] = generate_uid()
+        extra = {"ContrastBolusAgent": agent} if agent else {}
+        make_instance(job.input_dir / uid / "1.2.9.1.dcm", study_uid=study_uid, series_uid=uid,
+                      sop_uid=f"1.2.9.{number}", series_number=number, modality="MR",
+                      Manufacturer="SIEMENS", ProtocolName=protocol, **extra)
+    job.write({"study_uid": study_uid, "calling_ae": "PACS", "called_ae": "AICORE1",
+               "attempts": 0})
+    spool.publish(job, Queue.CLASSIFY)
+    assert classifier.serve(station, once=True).done == [job.id]
+    for stream in ("AIcore-rules", "AIcore-regexp"):
+        child = Job(spool.dir(Queue.RUN, State.NEW) / f"{job.id}.{stream}").read()
+        assert child["selection"] == {"old": [uids[1]], "new": [uids[2]]}
+
+
+def test_dicom_file_without_preamble_is_read(station: Station, cfg: Path) -> None:
+    spool = station.spool
+    jid, study = queue_job(spool, descriptions=("vibe_pre",), per_series=1)
+    (uid, (sop,)), = study["series"].items()
+    path = spool.dir(Queue.CLASSIFY, State.NEW) / jid / "input" / uid / f"{sop}.dcm"
+    path.write_bytes(path.read_bytes()[132:])  # no preamble, no DICM marker
+    assert classifier.serve(station, once=True).done == [jid]
+    doc = json.loads((spool.dir(Queue.DONE) / jid / "study.json").read_text())
+    assert doc["series"][0]["SeriesDescription"] == "vibe_pre"
