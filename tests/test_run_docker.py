@@ -63,7 +63,8 @@ def job_at(tmp_path: Path, job_id: str) -> Job:
 
 def test_container_success(tmp_path: Path, engine: Engine) -> None:
     job_id, study = new_job(tmp_path)
-    config = write_config(tmp_path, engine, "ok", payload=payload(tmp_path, study))
+    config = write_config(tmp_path, engine, "ok", payload=payload(tmp_path, study),
+                          extra='memory = "256m"\ncpus = 0.5')
     proc = run_dts("--config", str(config), "run", "--once", env=engine.env)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     job = Job(tmp_path / "spool" / "send" / "new" / job_id)
@@ -79,7 +80,10 @@ def test_container_success(tmp_path: Path, engine: Engine) -> None:
     [out] = data["outputs"]
     ds = pydicom.dcmread(job.output_dir / out["file"])
     assert out["sop_uid"] == ds.SOPInstanceUID and ds.StudyInstanceUID == study["study_uid"]
-    assert sorted(data["other_files"]) == ["env.txt", "input-files.txt"]
+    assert sorted(data["other_files"]) == ["env.txt", "input-files.txt", "limits.txt"]
+    # the stream's limits, as the container's cgroup shows them
+    quota, period, memory = (job.output_dir / "limits.txt").read_text().split()
+    assert int(quota) / int(period) == 0.5 and int(memory) == 256 * 1024 * 1024
     run = data["run"]
     assert run["executor"] == "docker" and run["image"] == engine.image
     assert run["image_id"] and run["exit_code"] == 0

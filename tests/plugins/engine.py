@@ -49,6 +49,12 @@ ok)
     echo "model: starting job $DTS_JOB"
     find /input -type f | sort > /output/input-files.txt
     env | sort > /output/env.txt
+    if [ -f /sys/fs/cgroup/cpu.max ]; then  # cgroup v2: "quota period", bytes
+        cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/memory.max > /output/limits.txt 2>&1
+    else
+        cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us \
+            /sys/fs/cgroup/memory/memory.limit_in_bytes > /output/limits.txt 2>&1
+    fi
     emit
     echo "model: done" ;;
 fail)
