@@ -181,19 +181,23 @@ def process(station: Station, claim: Claim, *,
 
     try:
         result = executor.run(task, cancel=cancel, started=started)
-    except TemporaryFailure as exc:
-        return _temporary(station, claim, str(exc))
-    except Cancelled:
+    except (TemporaryFailure, Cancelled, JobFailed) as exc:
+        error: Exception | None = exc
+    else:
+        error = None
+    finally:
+        shutil.rmtree(view, ignore_errors=True)  # before the job moves on
+    if isinstance(error, TemporaryFailure):
+        return _temporary(station, claim, str(error))
+    if isinstance(error, Cancelled):
         _forget_running(job)
         station.journal.emit(Stage.RUN, "interrupted", Status.WARNING,
                              "stopped because the station is shutting down; job put back",
                              job=job)
         claim.move(Queue.RUN)
         return Outcome.SKIPPED  # not the job's fault: no attempt counted
-    except JobFailed as exc:
-        return _fail(station, claim, "setup", str(exc))
-    finally:
-        shutil.rmtree(view, ignore_errors=True)
+    if error is not None:
+        return _fail(station, claim, "setup", str(error))
     return _finish(station, claim, stream, result, started_at)
 
 

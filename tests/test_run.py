@@ -211,6 +211,7 @@ def test_nonzero_exit_fails_with_reason_and_log_tail(tmp_path: Path) -> None:
     assert "RuntimeError: out of luck" in data["error"]
     assert "out of luck" in data["failure"]["log_tail"]
     assert data["run"]["exit_code"] == 3
+    assert not (spool / "failed" / job_path.name / "view").exists()
     [ev] = [e for e in Job(spool / "failed" / job_path.name).events() if e["event"] == "failed"]
     assert ev["status"] == "error" and ev["reason"] == "exit-code"
     assert produced(spool) == []
@@ -389,6 +390,7 @@ def test_sigterm_puts_the_running_job_back(tmp_path: Path) -> None:
     assert where(spool, job_path.name) == "run/new"
     data = Job(spool / "run" / "new" / job_path.name).read()
     assert data.get("attempts") == 0 and "running" not in data
+    assert not (spool / "run" / "new" / job_path.name / "view").exists()
     wait_for(lambda: not _alive(child_pid), timeout=10, what="the model to be stopped")
 
 

@@ -187,6 +187,7 @@ def test_engine_down_is_temporary_until_attempts_run_out(tmp_path: Path) -> None
         job = Job(tmp_path / "spool" / "run" / "new" / job_id)
         assert job.read()["attempts"] == attempt
         assert "unreachable" in job.read()["last_error"]
+        assert not (job.path / "view").exists()
     proc = run_dts("--config", str(config), "run", "--once", env=down)
     assert proc.returncode == 1
     data = Job(tmp_path / "spool" / "failed" / job_id).read()
