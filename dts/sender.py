@@ -509,7 +509,7 @@ def _send_one(assoc: Association, item: Item, accepted: Accepted, fast: _Sender 
     ts = UID(item.transfer_syntax)
     if ts.is_compressed:
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # the same object, decoded
         except Exception as exc:  # noqa: BLE001 - any codec error means "cannot convert"
             return None, (NO_CONTEXT, (f"the peer accepts {_class_name(item.sop_class)} only "
                                        f"uncompressed and {ts.name} could not be "
