@@ -190,12 +190,26 @@ class RuleSet:
             out.append((present, text(v)))
         return tuple(out)
 
+    def outcomes(self, facts: "Facts") -> tuple[bool, ...]:
+        """Every clause's result on one image (clauses on ClassifyType aside)."""
+        return tuple(c.holds(facts, ()) for e in self.entries for c in e.clauses
+                     if c.tag.kind != "classify" and
+                     (c.value_ref is None or c.value_ref.kind != "classify"))
+
     def distinct(self, images: Sequence["Facts"]) -> list["Facts"]:
-        """One image per signature: all that ``classify`` needs to look at."""
-        seen: dict[tuple[tuple[bool, str], ...], Facts] = {}
+        """One image per class of images the rules cannot tell apart: all that
+        ``classify`` needs to look at. Equal signatures first (cheap), then equal clause
+        outcomes (so a tag that differs per image but flips no clause, such as a slice
+        position a rule only bounds, does not split a series)."""
+        by_signature: dict[tuple[tuple[bool, str], ...], Facts] = {}
         for f in images:
-            seen.setdefault(self.signature(f), f)
-        return list(seen.values())
+            by_signature.setdefault(self.signature(f), f)
+        if len(by_signature) == 1:
+            return list(by_signature.values())
+        by_outcome: dict[tuple[bool, ...], Facts] = {}
+        for f in by_signature.values():
+            by_outcome.setdefault(self.outcomes(f), f)
+        return list(by_outcome.values())
 
 
 # -- values ------------------------------------------------------------------

@@ -15,8 +15,9 @@ well under a second. So:
 - per series a spread sample of headers is read (first, last and evenly between them,
   ``ceil(sqrt(n))`` of them, at least 3), and each sampled image's *signature* is taken:
   the values of every tag any classification rule reads;
-- if the sampled signatures differ (a tri-plane localizer, a series mixing original and
-  derived images), every header of that series is read, and the rules see all images.
+- if the sampled images differ in a way the rules can tell apart (signatures differ and
+  so do the clause results: a tri-plane localizer, a series mixing original and derived
+  images), every header of that series is read, and the rules see all images.
 
 Trade-off: a series whose sample is uniform is assumed uniform. An image that differs
 in a rule-relevant tag from an otherwise uniform series and that the sample missed does

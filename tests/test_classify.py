@@ -446,3 +446,20 @@ def test_dicom_file_without_preamble_is_read(station: Station, cfg: Path) -> Non
     assert classifier.serve(station, once=True).done == [jid]
     doc = json.loads((spool.dir(Queue.DONE) / jid / "study.json").read_text())
     assert doc["series"][0]["SeriesDescription"] == "vibe_pre"
+
+
+def test_per_image_tag_that_flips_no_clause_keeps_the_sample(tmp_path: Path) -> None:
+    rules_path = tmp_path / "rules.json"
+    rules_path.write_text(json.dumps([
+        {"type": "upper", "rules": [{"tag": ["InstanceNumber"], "operator": ">",
+                                     "value": "1000"}]},
+        {"type": "numbered", "rules": [{"tag": ["InstanceNumber"], "operator": "exist"}]}]))
+    rules = load_rules(rules_path)
+    inp = tmp_path / "input"
+    for i in range(40):
+        make_instance(inp / "1.2.5" / f"1.2.5.{i}.dcm", study_uid="1.2", series_uid="1.2.5",
+                      sop_uid=f"1.2.5.{i}", instance_number=i + 1)
+    study = build_study(inp, {}, rules)
+    # InstanceNumber differs in every image, but no clause result does: 7 of 40 read
+    assert study.doc["series"][0]["ClassifyType"] == ["numbered"]
+    assert study.headers_read == 7
