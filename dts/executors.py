@@ -308,6 +308,9 @@ class DockerExecutor:
         except (TemporaryFailure, JobFailed, Cancelled):
             raise
         except docker.errors.APIError as exc:
+            if not _alive(client):
+                raise TemporaryFailure(f"lost the container engine at {engine_address()}: "
+                                       f"{_short(exc)}") from None
             raise JobFailed(f"container engine error: {_short(exc)}") from None
         except Exception as exc:  # connection lost mid-run and the like
             if not _alive(client):
@@ -348,12 +351,12 @@ class DockerExecutor:
         while status is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                container.kill()
+                _kill(container)
                 reason = "timeout"
                 status = container.wait(timeout=60)
                 break
             if cancel is not None and cancel.is_set():
-                container.kill()
+                _kill(container)
                 raise Cancelled()
             try:
                 status = container.wait(timeout=max(1, min(remaining, _SLICE)))
@@ -384,6 +387,13 @@ class DockerExecutor:
         for name, out, err in ((STDOUT_LOG, True, False), (STDERR_LOG, False, True)):
             with open(logs_dir / name, "wb") as fh:
                 fh.writelines(container.logs(stdout=out, stderr=err, stream=True, follow=False))
+
+
+def _kill(container: Any) -> None:
+    try:
+        container.kill()
+    except _docker().errors.APIError:
+        pass  # it ended by itself meanwhile; wait() tells how
 
 
 def _alive(client: Any) -> bool:
