@@ -312,11 +312,14 @@ class Facts:
         found = self._elements.get(tag)
         if found is not None:
             return found
-        elem = self.ds[tag] if tag in self._keys else None
+        try:
+            elem = self.ds[tag] if tag in self._keys else None
+            value = elem.value if elem is not None else None
+        except (ValueError, TypeError, KeyError, OverflowError, UnicodeError):
+            elem = None  # a value pydicom cannot convert counts as missing, never a crash
         if elem is None:
             found = (False, None)
         else:
-            value = elem.value
             if isinstance(value, bytes):
                 value = value.decode("latin-1").strip("\x00 ")
             found = (True, value)
@@ -494,7 +497,9 @@ def _clause(r: _Reader, where: str, raw: dict[str, Any]) -> Clause:
     except ValueError as exc:
         raise r.fail(f"{where}.tag", str(exc)) from None
     op = raw.get("operator", "regexp")
-    op = _OPERATOR_ALIASES.get(op, op) if isinstance(op, str) else op
+    if isinstance(op, str):
+        op = op.strip().lower()
+        op = _OPERATOR_ALIASES.get(op, op)
     if op not in OPERATORS:
         raise r.fail(f"{where}.operator",
                      f"unknown operator {raw.get('operator')!r} (one of {', '.join(OPERATORS)})")

@@ -110,8 +110,11 @@ def jsonable(value: Any) -> Any:
 def _attrs(ds: Dataset, keys: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in keys:
-        elem = ds.get(_TAGS[key])
-        out[key] = jsonable(elem.value) if elem is not None else None
+        try:
+            elem = ds.get(_TAGS[key])
+            out[key] = jsonable(elem.value) if elem is not None else None
+        except (ValueError, TypeError, KeyError, OverflowError, UnicodeError):
+            out[key] = None  # a malformed value: left out rather than failing the study
     return out
 
 
