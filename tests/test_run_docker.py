@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,38 @@ def test_gpu_requests() -> None:
     [ids] = device_requests("device=0,2")
     assert ids["DeviceIDs"] == ["0", "2"]
     assert device_requests(None) == []
+
+
+def test_engine_lost_while_a_model_runs(tmp_path: Path, engine: Engine,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API service dies mid-run: temporary failure, job back in run/new with the
+    attempt counted; the next attempt (engine back) removes the leftover container."""
+    job_id, study = new_job(tmp_path)
+    sock = tmp_path / "second.sock"
+    service = engine.start_service(sock, tmp_path / "second.log")
+    try:
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{sock}")
+        config = write_config(tmp_path, engine, "sleep")
+        station = Station.open(config)
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(runner.serve(station, once=True)))
+        t.start()
+        try:
+            def running() -> Any:
+                found = engine.job_containers(job_id)
+                return found and found[0].status == "running" and found[0]
+            container = wait_for(running, timeout=60, what="the model's container to run")
+        finally:
+            stop_process(service, signal.SIGKILL)
+            t.join(60)
+    finally:
+        stop_process(service, signal.SIGKILL)
+    assert not t.is_alive() and result[0].retry == [job_id]
+    job = Job(tmp_path / "spool" / "run" / "new" / job_id)
+    assert job.read()["attempts"] == 1 and "lost the container engine" in job.read()["last_error"]
+    assert [c.id for c in engine.job_containers(job_id)] == [container.id]  # still running
+
+    monkeypatch.setenv("DOCKER_HOST", engine.docker_host)
+    write_config(tmp_path, engine, "ok", payload=payload(tmp_path, study))
+    assert runner.serve(Station.open(config), once=True).done == [job_id]
+    assert engine.job_containers(job_id) == []

@@ -92,6 +92,18 @@ class Engine:
     image: str
     env: dict[str, str]        # DOCKER_HOST for a dts subprocess
     podman: list[str]          # podman argv prefix bound to this engine's storage
+    podman_env: dict[str, str] | None = None  # environment for that podman (CONTAINERS_CONF)
+
+    def start_service(self, sock: Path, log: Path) -> subprocess.Popen[bytes]:
+        """Another API service on the same storage (to kill it in a test); the caller
+        stops it by its PID."""
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(self.podman + ["system", "service", "--time=0",
+                                                   f"unix://{sock}"],
+                                    stdout=out, stderr=subprocess.STDOUT, env=self.podman_env)
+        wait_for(lambda: _answers(f"unix://{sock}", proc, log), timeout=30, interval=0.1,
+                 what="a second podman API service")
+        return proc
 
     def client(self) -> Any:
         import docker
@@ -138,6 +150,21 @@ def _rootfs_tar() -> bytes:
     return buf.getvalue()
 
 
+def _answers(docker_host: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"podman system service exited {proc.returncode}: "
+                             f"{log.read_text()[-2000:]}")
+    import docker
+    try:
+        client = docker.DockerClient(base_url=docker_host, timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """podman's Docker API service with a locally built test image; stopped by PID."""
@@ -163,22 +190,10 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     try:
         docker_host = f"unix://{sock}"
 
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"podman system service exited {proc.returncode}: "
-                                     f"{(base / 'service.log').read_text()[-2000:]}")
-            import docker
-            try:
-                client = docker.DockerClient(base_url=docker_host, timeout=5)
-                try:
-                    return bool(client.ping())
-                finally:
-                    client.close()
-            except Exception:
-                return False
-        wait_for(answers, timeout=30, interval=0.1, what="podman API service")
+        wait_for(lambda: _answers(docker_host, proc, base / "service.log"), timeout=30,
+                 interval=0.1, what="podman API service")
         yield Engine(docker_host=docker_host, image=TEST_IMAGE,
-                     env={"DOCKER_HOST": docker_host}, podman=podman)
+                     env={"DOCKER_HOST": docker_host}, podman=podman, podman_env=env)
     finally:
         proc.terminate()
         try:
