@@ -48,8 +48,18 @@ from .errors import UsageError
 from .journal import Stage, Status
 from .provenance import produced_by
 from .rules import load_rules_for_config
-from .spool import Claim, Job, Location, Queue, Spool, State, dump_json, isotime, \
-    valid_job_id, write_file_durably
+from .spool import (
+    Claim,
+    Job,
+    Location,
+    Queue,
+    Spool,
+    State,
+    dump_json,
+    isotime,
+    valid_job_id,
+    write_file_durably,
+)
 from .station import Station
 from .studydoc import Study, StudyError, build_study
 

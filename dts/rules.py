@@ -52,9 +52,10 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -118,7 +119,7 @@ class Clause:
     approx_level: float = 1e-4
     pattern: re.Pattern[str] | None = None
 
-    def holds(self, facts: "Facts", types: Sequence[str]) -> bool:
+    def holds(self, facts: Facts, types: Sequence[str]) -> bool:
         present, v = facts.lookup(self.tag, types)
         op = self.operator
         if op == "exist":
@@ -153,7 +154,7 @@ class RuleEntry:
     series_level: bool
     clauses: tuple[Clause, ...]
 
-    def matches(self, facts: "Facts", types: Sequence[str]) -> bool:
+    def matches(self, facts: Facts, types: Sequence[str]) -> bool:
         return all(c.holds(facts, types) for c in self.clauses)
 
 
@@ -168,7 +169,7 @@ class RuleSet:
     def types(self) -> list[str]:
         return list(dict.fromkeys(e.type for e in self.entries))
 
-    def classify(self, images: Sequence["Facts"]) -> list[str]:
+    def classify(self, images: Sequence[Facts]) -> list[str]:
         """The types of one series, from the facts of the images looked at."""
         types: list[str] = []
         if not images:
@@ -181,7 +182,7 @@ class RuleSet:
                 types.append(entry.type)
         return types
 
-    def signature(self, facts: "Facts") -> tuple[tuple[bool, str], ...]:
+    def signature(self, facts: Facts) -> tuple[tuple[bool, str], ...]:
         """What the rules can see of one image (ClassifyType aside): images with equal
         signatures classify alike."""
         out = []
@@ -190,13 +191,13 @@ class RuleSet:
             out.append((present, text(v)))
         return tuple(out)
 
-    def outcomes(self, facts: "Facts") -> tuple[bool, ...]:
+    def outcomes(self, facts: Facts) -> tuple[bool, ...]:
         """Every clause's result on one image (clauses on ClassifyType aside)."""
         return tuple(c.holds(facts, ()) for e in self.entries for c in e.clauses
                      if c.tag.kind != "classify" and
                      (c.value_ref is None or c.value_ref.kind != "classify"))
 
-    def distinct(self, images: Sequence["Facts"]) -> list["Facts"]:
+    def distinct(self, images: Sequence[Facts]) -> list[Facts]:
         """One image per class of images the rules cannot tell apart: all that
         ``classify`` needs to look at. Equal signatures first (cheap), then equal clause
         outcomes (so a tag that differs per image but flips no clause, such as a slice
@@ -422,7 +423,7 @@ def _hex(item: Any) -> int:
     if not isinstance(item, str):
         raise ValueError(f"expected a hex string like '0x0008', got {item!r}")
     s = item.strip().lower()
-    s = s[2:] if s.startswith("0x") else s
+    s = s.removeprefix("0x")
     if not s or len(s) > 4 or not all(c in "0123456789abcdef" for c in s):
         raise ValueError(f"not a hex group/element: {item!r}")
     return int(s, 16)
@@ -648,7 +649,7 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
     return rules
 
 
-def load_rules_for_config(config: "Config") -> RuleSet:
+def load_rules_for_config(config: Config) -> RuleSet:
     """The station's rules; refused with file, entry and reason when bad."""
     path = config.station.classify_rules
     if not path.exists():

@@ -43,7 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DSfloat, IS, PersonName
+from pydicom.valuerep import IS, DSfloat, PersonName
 
 from .rules import Facts, RuleSet
 
@@ -75,7 +75,7 @@ class SeriesInput:
 
     @property
     def sop_uids(self) -> list[str]:
-        return [f.name[:-4] if f.name.endswith(".dcm") else f.name for f in self.files]
+        return [f.name.removesuffix(".dcm") for f in self.files]
 
 
 @dataclass

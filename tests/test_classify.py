@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
 
-from dts import classifier, config as config_mod
+from dts import classifier
+from dts import config as config_mod
 from dts.provenance import register_produced
+from dts.rules import load_rules
 from dts.spool import Job, Queue, Spool, State
 from dts.station import Station
 from dts.studydoc import build_study
-from dts.rules import load_rules
-from pydicom.uid import generate_uid
-
 from tests.helpers import make_instance, run_dts, start_dts, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,7 +155,7 @@ def test_fan_out_to_several_streams_with_hard_links(station: Station, cfg: Path)
 def test_unmatched_with_reasons_and_reclassify_after_config_change(
         station: Station, cfg: Path, tmp_path: Path) -> None:
     spool = station.spool
-    jid, study = queue_job(spool, calling_ae="MODALITY", called_ae="DTS",
+    jid, _study = queue_job(spool, calling_ae="MODALITY", called_ae="DTS",
                            descriptions=("vibe_pre",))
     proc = run_dts("classify", "--once", config=cfg)
     assert proc.returncode == 0, proc.stderr
@@ -191,7 +191,7 @@ def test_unmatched_with_reasons_and_reclassify_after_config_change(
 
 def test_explain_text_and_json_moves_nothing(station: Station, cfg: Path) -> None:
     spool = station.spool
-    jid, study = queue_job(spool, descriptions=("vibe_pre", "other"))
+    jid, _study = queue_job(spool, descriptions=("vibe_pre", "other"))
     proc = run_dts("classify", "--explain", jid, config=cfg)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -243,8 +243,8 @@ DOC = {"calling_ae": "PACS", "called_ae": "DTS", "PatientSex": None,
     ("select.a = \"length(series)\"", False, None, "yields 2, which is not a series"),
     ("select.a = \"series[].Modality\"", False, None, 'yields "MR", which is not a series'),
     ("select.a = \"abs(series)\"", False, None, "select.a `abs(series)` failed"),
-    ("select.a = \"series[?contains(ClassifyType, 'A')]\"\n"
-     "select.b = \"series[?contains(ClassifyType, 'B')]\"", False, None,
+    (("select.a = \"series[?contains(ClassifyType, 'A')]\"\n"
+      "select.b = \"series[?contains(ClassifyType, 'B')]\""), False, None,
      "select.b `series[?contains(ClassifyType, 'B')]` selected no series"),
     ("called_ae = \"^DTS$\"\ncalling_ae = \"^PAC\"", True, {"study": ["1.2.3", "1.2.4"]}, None),
     ("enabled = false", False, None, "stream is disabled"),
