@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 WHOLE_STUDY = "study"
 # job.json keys a run job inherits from the job it was classified from
 IDENTITY_KEYS = ("study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer",
-                 "received_at", "source")
+                 "peer_port", "received_at", "completed_at", "source")
 
 
 @dataclass
@@ -255,7 +255,8 @@ def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: S
     write_file_durably(child.path / "study.json", study_bytes)
     child_data = {k: data[k] for k in IDENTITY_KEYS if k in data}
     child_data.update(stream=decision.stream, parent=claim.id, selection=decision.selection,
-                      instances=count, attempts=0, error=None, created_at=isotime())
+                      instances=count, series={u: len(study.series[u].files) for u in uids},
+                      attempts=0, error=None, created_at=isotime())
     child.write(child_data)
     station.journal.emit(Stage.CLASSIFY, "queued", Status.INFO,
                          f"run job for stream {decision.stream} from {claim.id}: "

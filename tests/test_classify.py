@@ -121,7 +121,7 @@ def test_fan_out_to_several_streams_with_hard_links(station: Station, cfg: Path)
         for sop in study["series"][uid]:
             a, b = vibe / "input" / uid / f"{sop}.dcm", parent / "input" / uid / f"{sop}.dcm"
             assert os.stat(a).st_ino == os.stat(b).st_ino and os.stat(a).st_nlink == 3
-    assert vdata["instances"] == 6
+    assert vdata["instances"] == 6 and sorted(vdata["series"].values()) == [3, 3]
     whole = spool.dir(Queue.RUN, State.NEW) / f"{jid}.whole"
     wdata = json.loads((whole / "job.json").read_text())
     assert wdata["selection"] == {"study": sorted(study["series"],
