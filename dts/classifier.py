@@ -156,6 +156,9 @@ _OPTIONS = jmespath.Options(custom_functions=_Functions())
 def _search(expr: Any, doc: dict[str, Any]) -> tuple[Any, str | None]:
     try:
         return expr.search(doc, options=_OPTIONS), None
+    except jmespath.exceptions.JMESPathTypeError as exc:
+        return None, (f"{type(exc).__name__}: {exc} (an attribute that is null in some "
+                      "series? write e.g. `SeriesDescription || ''`)")
     except (jmespath.exceptions.JMESPathError, TypeError, ValueError, KeyError,
             AttributeError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
