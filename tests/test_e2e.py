@@ -1,0 +1,181 @@
+"""End to end with real programs: storescu -> dts watch -> example module -> Orthanc.
+
+dts runs as a subprocess (`dts watch` on a free port) with a configuration written here:
+the example module `dts.examples.series_statistics` as the stream and an Orthanc as its
+destination. What arrived is checked through Orthanc's REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from dts.journal import EventFilter, read_events
+from dts.spool import Queue, Spool, State
+from tests.helpers import (REPO, STORESCU, free_port, make_study, run_dts, start_dts,
+                           stop_process, wait_for)
+from tests.plugins.peers import Orthanc
+
+pytestmark = pytest.mark.slow
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+STREAM = "series-statistics"
+
+
+def e2e_config(tmp_path: Path, pacs: Orthanc, *, port: int, command: list[str] | None = None,
+               stable: float = 1) -> Path:
+    rules = REPO / "configuration" / "classifyRules.json"
+    command = command or ["{python}", "-m", "dts.examples.series_statistics", "{input}",
+                          "{output}"]
+    path = tmp_path / "dts.toml"
+    path.write_text(f"""
+[station]
+ae_title = "DTS"
+host = "127.0.0.1"
+port = {port}
+spool = "{tmp_path / 'spool'}"
+stable_seconds = {stable}
+min_free_mb = 0
+classify_rules = "{rules}"
+rescan_seconds = 5
+
+[[destination]]
+name = "pacs"
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.port}
+
+[[stream]]
+name = "{STREAM}"
+command = {json.dumps(command)}
+parameters = {{ threshold = "300" }}
+timeout = "2m"
+destinations = ["pacs"]
+""")
+    return path
+
+
+def storescu(port: int, folder: Path) -> None:
+    proc = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "DTS", "+sd", "+r",
+                           "127.0.0.1", str(port), str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+class WatchProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        n = len(self.procs)
+        proc = start_dts("watch", config=self.config, log=self.log.with_suffix(f".{n}.log"))
+        self.procs.append(proc)
+        spool = Spool(json.loads(run_dts("status", "--json", config=self.config,
+                                         check=True).stdout)["spool"])
+
+        def started() -> bool:
+            assert proc.poll() is None, self.log.with_suffix(f".{n}.log").read_text()
+            return any(e["event"] == "receiver-started" and e.get("pid") == proc.pid
+                       for e in read_events(spool, EventFilter(stage="receive")))
+        wait_for(started, 30, what="dts watch to listen")
+        return proc
+
+
+@pytest.fixture
+def watch_process(tmp_path: Path) -> Iterator[Callable[[Path], WatchProcess]]:
+    made: list[WatchProcess] = []
+
+    def make(config: Path) -> WatchProcess:
+        w = WatchProcess(config, tmp_path / "watch")
+        made.append(w)
+        return w
+    yield make
+    for w in made:
+        for p in w.procs:
+            stop_process(p, signal.SIGKILL)
+
+
+def _srs(pacs: Orthanc) -> dict[str, dict[str, Any]]:
+    return {uid: tags for uid, tags in pacs.instances().items()
+            if tags.get("SOPClassUID") == COMPREHENSIVE_SR}
+
+
+def test_storescu_to_orthanc_through_the_example_module(
+        tmp_path: Path, orthanc: Orthanc,
+        watch_process: Callable[[Path], WatchProcess]) -> None:
+    port = free_port()
+    config = e2e_config(tmp_path, orthanc, port=port)
+    w = watch_process(config)
+    proc = w.start()
+    study = make_study(tmp_path / "study", n_series=2, per_series=4, accession="E2E-1",
+                       patient_id="PAT-E2E")
+    storescu(port, tmp_path / "study")
+    orthanc.wait_for_instances(1, timeout=60)
+    srs = _srs(orthanc)
+    assert len(srs) == 1 and orthanc.instance_count() == 1
+    (sr,) = srs.values()
+    assert sr["StudyInstanceUID"] == study["study_uid"]  # the right study ...
+    assert sr["PatientID"] == "PAT-E2E"                   # ... of the right patient
+    assert sr["Modality"] == "SR"
+    assert sr["SeriesInstanceUID"] not in study["series"]  # a new series of its own
+    # the radiologist's question, in one command: every stage with times and outcomes
+    log = run_dts("log", "--accession", "E2E-1", config=config, check=True).stdout
+    lines = log.splitlines()
+    for stage, event in (("receive", "received"), ("classify", "matched"), ("run", "finished"),
+                         ("send", "sent")):
+        assert any(line.split()[1:4:2] == [stage, event] for line in lines), (stage, log)
+    assert stop_process(proc, signal.SIGTERM) == 0
+
+
+def test_kill_9_mid_run_then_restart_finishes_everything_once(
+        tmp_path: Path, orthanc: Orthanc,
+        watch_process: Callable[[Path], WatchProcess]) -> None:
+    port = free_port()
+    # the example module, 2 s slower, so that a run is surely going on when dts is killed
+    slow = ("import runpy, sys, time; time.sleep(2); "
+            "runpy.run_module('dts.examples.series_statistics', run_name='__main__')")
+    config = e2e_config(tmp_path, orthanc, port=port,
+                        command=["{python}", "-c", slow, "{input}", "{output}"])
+    spool = Spool(tmp_path / "spool")
+    w = watch_process(config)
+    first = w.start()
+    studies = []
+    for i in range(3):
+        studies.append(make_study(tmp_path / f"study{i}", n_series=1, per_series=3,
+                                  accession=f"K-{i}", patient_id=f"PAT-K{i}"))
+        storescu(port, tmp_path / f"study{i}")
+    wait_for(lambda: spool.list(Queue.RUN, State.CUR), 60, what="a run in progress")
+    running = spool.list(Queue.RUN, State.CUR)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert spool.list(Queue.RUN, State.CUR) == running  # left behind, lock released
+
+    w.start()
+    wait_for(lambda: len(spool.list(Queue.DONE)) == 6, 120, what="every job done after restart")
+    assert spool.list(Queue.FAILED) == [] and spool.list(Queue.UNMATCHED) == []
+    for q in (Queue.CLASSIFY, Queue.RUN, Queue.SEND):
+        assert spool.list(q, State.NEW) == [] and spool.list(q, State.CUR) == []
+    assert list(spool.incoming.iterdir()) == []
+    srs = _srs(orthanc)
+    assert orthanc.instance_count() == 3
+    assert sorted(t["StudyInstanceUID"] for t in srs.values()) == \
+        sorted(s["study_uid"] for s in studies)  # one result per study: none lost, none twice
+    assert {t["PatientID"] for t in srs.values()} == {"PAT-K0", "PAT-K1", "PAT-K2"}
+    recovered = [e["job"] for e in read_events(spool, EventFilter(event="recovered"))]
+    assert sorted(recovered) == sorted(running)
+    for s in studies:
+        sent = list(read_events(spool, EventFilter(study=s["study_uid"], event="sent")))
+        assert len(sent) == 1
+    # every instance that storescu was told was stored reached a job
+    received = sum(json.loads((spool.dir(Queue.DONE) / j / "job.json").read_text())
+                   .get("instances", 0) for j in spool.list(Queue.DONE)
+                   if not j.endswith(STREAM))
+    assert received == 9
+    for p in w.procs[1:]:
+        assert stop_process(p, signal.SIGTERM) == 0
