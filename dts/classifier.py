@@ -44,10 +44,10 @@ from jmespath import functions as jp_functions
 
 from . import worker
 from .config import Config, Stream
-from .errors import UsageError
+from .errors import ConfigError, UsageError
 from .journal import Stage, Status
 from .provenance import produced_by
-from .rules import load_rules_for_config
+from .rules import RuleSet, load_rules_for_config
 from .spool import (
     Claim,
     Job,
@@ -290,11 +290,29 @@ def _fan_out(station: Station, claim: Claim, data: dict[str, Any], study: Study,
     return [plan[d.stream] for d in matched]
 
 
+_REPORTED: set[str] = set()
+
+
+def _rules(station: Station) -> RuleSet | None:
+    """The rules, re-read when the file changed; None (reported once) while it is broken:
+    a long-running classifier then lets jobs wait instead of failing them."""
+    try:
+        return load_rules_for_config(station.config)
+    except ConfigError as exc:
+        if str(exc) not in _REPORTED:
+            _REPORTED.add(str(exc))
+            station.journal.emit(Stage.CLASSIFY, "rules-error", Status.ERROR,
+                                 f"classification rules unusable, jobs wait: {exc}")
+        return None
+
+
 def process(station: Station, claim: Claim) -> worker.Outcome:
     """Classify one claimed job and move it on (run jobs + done/, unmatched/ or failed/)."""
     t0 = time.perf_counter()
     data = claim.job.read()
-    rules = load_rules_for_config(station.config)
+    rules = _rules(station)
+    if rules is None:
+        return worker.Outcome.RETRY  # the claim puts it back into classify/new
     try:
         study = build_study(claim.job.input_dir, data, rules)
     except StudyError as exc:

@@ -625,19 +625,20 @@ def parse_rules(path: Path, data: Any) -> RuleSet:
     return RuleSet(path=path, sha256=digest, entries=tuple(entries), specs=tuple(specs))
 
 
-_CACHE: dict[Path, tuple[int, int, RuleSet]] = {}
+_CACHE: dict[Path, tuple[tuple[int, int, int], RuleSet]] = {}
 
 
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:
-    """Read, check and resolve a rule file (cached per path, size and mtime)."""
+    """Read, check and resolve a rule file (cached per path, mtime, size and inode)."""
     p = Path(path).resolve()
     try:
         st = p.stat()
     except FileNotFoundError:
         raise ConfigError(str(p), "", "no such rule file") from None
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
     cached = _CACHE.get(p)
-    if cached and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
-        return cached[2]
+    if cached and cached[0] == stamp:
+        return cached[1]
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -645,7 +646,7 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
     except OSError as exc:
         raise ConfigError(str(p), "", exc.strerror or str(exc)) from None
     rules = parse_rules(p, data)
-    _CACHE[p] = (st.st_mtime_ns, st.st_size, rules)
+    _CACHE[p] = (stamp, rules)
     return rules
 
 

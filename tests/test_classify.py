@@ -467,3 +467,21 @@ def test_per_image_tag_that_flips_no_clause_keeps_the_sample(tmp_path: Path) -> 
     # InstanceNumber differs in every image, but no clause result does: 7 of 40 read
     assert study.doc["series"][0]["ClassifyType"] == ["numbered"]
     assert study.headers_read == 7
+
+
+def test_rules_broken_while_serving_jobs_wait(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"type": "a", "rules": [{"tag": ["Rows"], "value": "1"}]}]))
+    station = Station.open(write_config(tmp_path, rules=rules))
+    spool = station.spool
+    jid, _study = queue_job(spool, descriptions=("vibe_pre",))
+    rules.write_text(json.dumps([{"type": "a", "rules": [{"tag": ["Rows"], "value": "("}]}]))
+    for _ in range(2):
+        tally = classifier.serve(station, once=True)
+        assert tally.retry == [jid] and spool.list(Queue.CLASSIFY, State.NEW) == [jid]
+    errors = [e for e in events(spool) if e["event"] == "rules-error"]
+    assert len(errors) == 1 and "invalid regular expression" in errors[0]["message"]
+    rules.write_text(json.dumps([{"type": "a", "rules": [{"tag": ["Rows"], "value": "16"}]}]))
+    assert classifier.serve(station, once=True).done == [jid]
+    doc = json.loads((spool.dir(Queue.DONE) / jid / "study.json").read_text())
+    assert doc["series"][0]["ClassifyType"] == ["a"]
