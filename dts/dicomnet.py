@@ -18,14 +18,18 @@ never joins fragments; the store handler finds it at ``event.dataset_path``.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
+import secrets
 import socket
 import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pynetdicom
 from pynetdicom import AE, _config, association, dimse_messages, dul, transport
@@ -160,6 +164,33 @@ def tune() -> bool:
         return True
 
 
+class ReceiveFile:
+    """What pynetdicom writes a received data set into (it expects a NamedTemporaryFile:
+    ``write``, ``file.flush()``, ``name``, ``close()``), made cheaper: an unbuffered file
+    with a short unique name and no wrapper (pynetdicom writes whole PDU fragments)."""
+
+    _counter = itertools.count()
+    _prefix = f".rx-{os.getpid()}-{secrets.token_hex(3)}-"
+
+    def __init__(self, folder: str) -> None:
+        self.name = os.path.join(folder, f"{self._prefix}{next(self._counter)}.dcm")
+        self.file = open(self.name, "xb", buffering=0)  # noqa: SIM115 (closed by pynetdicom)
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data) or 0
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.file.close()
+
+
 def set_receive_directory(path: Path | None) -> None:
     """Have pynetdicom write received C-STORE data sets into files under ``path``
     (the spool's ``tmp/``: same filesystem, so the handler can rename them into
@@ -168,9 +199,13 @@ def set_receive_directory(path: Path | None) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = False
         dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore
         return
+    folder = str(path)
+
+    def factory(*args: Any, **kwargs: Any) -> ReceiveFile:
+        return ReceiveFile(folder)
+
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore
-        tempfile.NamedTemporaryFile, dir=str(path), prefix=".rx-")
+    dimse_messages.NamedTemporaryFile = factory  # type: ignore
 
 
 def make_ae(ae_title: str, *, max_pdu: int = DEFAULT_MAX_PDU, acse_timeout: float = 30.0,

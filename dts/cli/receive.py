@@ -1,11 +1,58 @@
-"""Placeholder until this command lands (see the open issue)."""
+"""``dts receive``: serve DICOM C-STORE/C-ECHO until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
 
 import click
 
-from ..errors import UsageError
+from ..errors import TemporaryFailure
+from ..receiver import Receiver
+from ..status import hold_service
+from . import StationContext, pass_ctx
 
 
 @click.command(name="receive")
-def command() -> None:
-    """Not available yet."""
-    raise UsageError("this command is not available yet")
+@click.option("--host", help="Address to listen on (default: [station] host).")
+@click.option("--port", type=click.IntRange(0, 65535),
+              help="Port to listen on (default: [station] port; 0 picks a free one).")
+@pass_ctx
+def command(ctx: StationContext, host: str | None, port: int | None) -> None:
+    """Receive studies over DICOM into the spool until stopped.
+
+    Every instance is on disk before success is answered; a study that was
+    quiet for [station] stable_seconds, with no open association carrying it,
+    becomes a job in classify/new/. Studies still arriving when the receiver
+    stops are published after the next start.
+
+    \b
+    Example:
+      dts receive --port 11112 &
+      storescu -aet PACS -aec DTS +sd +r localhost 11112 /data/exam
+    """
+    station = ctx.station
+    cfg = station.config.station
+    receiver = Receiver(station, host=host, port=port)
+    lock = hold_service(station.spool, "receiver", port=receiver.port, ae_title=cfg.ae_title,
+                        host=receiver.host)
+    if lock is None:
+        raise TemporaryFailure(f"another receiver is already running on spool {station.spool.root}")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        receiver.start()
+        click.echo(f"dts receive: {cfg.ae_title} listening on {receiver.host}:{receiver.port}",
+                   err=True)
+        while not stop.wait(1.0):
+            pass
+        click.echo("dts receive: stopping", err=True)
+        receiver.stop()
+    finally:
+        lock.release()

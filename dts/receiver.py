@@ -1,0 +1,666 @@
+"""Owns ``dts receive``: the DICOM C-STORE/C-ECHO service and ``incoming/``.
+
+Each instance arrives as a file under ``tmp/`` (pynetdicom writes the fragments
+there as they come, see ``dicomnet.set_receive_directory``), is fsynced, and is
+renamed to ``incoming/<Study>/<Series>/<SOP>.dcm``; only then is success
+answered. The study's connection metadata is written once, durably, to
+``incoming/<Study>/.study.json`` before its first instance is acknowledged.
+
+A study is published when no instance arrived for ``stable_seconds`` and no
+open association carried it. Publishing is a chain of renames that a restart
+completes wherever a crash cut it:
+
+1. ``tmp/<job>/`` is created with a ``.receiving`` marker naming the study;
+2. ``incoming/<Study>`` is renamed to ``tmp/<job>/input`` (the files move, no copy);
+3. ``job.json`` and the ``received`` event are written;
+4. ``tmp/<job>`` is renamed into ``classify/new/``.
+
+``recover()`` (run by ``start()``) finishes every marked job in ``tmp/`` from the
+step it reached, then adopts the studies left in ``incoming/``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
+from pynetdicom import evt
+
+from . import dicomnet
+from .errors import TemporaryFailure
+from .journal import Stage, Status
+from .spool import (
+    LOCK_NAME,
+    Job,
+    Queue,
+    dump_json,
+    fsync_dir,
+    isotime,
+    new_job_id,
+    write_file_durably,
+)
+from .station import Station
+
+LOGGER = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STUDY_META = ".study.json"
+MARKER = ".receiving"
+
+# DIMSE statuses of the Storage Service Class
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+_TAGS = {
+    0x00080018: "sop_uid",
+    0x00080050: "accession",
+    0x00100020: "patient_id",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+}
+_TAG_LIST: list[BaseTag | int] = [BaseTag(t) for t in _TAGS]
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_RE.match(value))
+
+
+def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > 0x0020000E
+
+
+def read_header(path: Path) -> dict[str, str | None]:
+    """The UIDs, patient id and accession of a DICOM file, reading no further than the
+    Series Instance UID (pixel data is never touched). ValueError if it is not DICOM."""
+    try:
+        with open(path, "rb") as fh:
+            ds = read_partial(fh, stop_when=_past_series_uid,  # type: ignore[arg-type]
+                              specific_tags=_TAG_LIST)
+    except Exception as exc:  # noqa: BLE001 (pydicom raises many kinds on garbage)
+        raise ValueError(f"not a DICOM file: {exc}") from None
+    out: dict[str, str | None] = {}
+    for tag, key in _TAGS.items():
+        elem = ds.get(tag)
+        value = None if elem is None or elem.value is None else str(elem.value).strip("\0 ")
+        out[key] = value or None
+    return out
+
+
+def check_uids(header: dict[str, str | None]) -> str | None:
+    """Why these UIDs cannot become path components, or None when they are fine."""
+    for key, name in (("study_uid", "Study Instance UID"), ("series_uid", "Series Instance UID"),
+                      ("sop_uid", "SOP Instance UID")):
+        value = header.get(key)
+        if not value:
+            return f"{name} is missing"
+        if not valid_uid(value):
+            return f"{name} {_show(value)} is not a valid UID (digits and dots, at most 64)"
+    return None
+
+
+def _show(value: str) -> str:
+    return repr(value if len(value) <= 70 else value[:67] + "...")
+
+
+@dataclass(frozen=True)
+class Connection:
+    calling_ae: str
+    called_ae: str
+    peer: str
+    peer_port: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"calling_ae": self.calling_ae, "called_ae": self.called_ae, "peer": self.peer,
+                "peer_port": self.peer_port}
+
+
+@dataclass
+class _Study:
+    uid: str
+    meta: dict[str, Any]
+    last: float = field(default_factory=time.monotonic)
+    active: int = 0  # instances being stored right now
+    assocs: set[int] = field(default_factory=set)  # open associations that carried it
+    series: set[str] = field(default_factory=set)  # series folders known to exist
+    sops: set[str] = field(default_factory=set)
+    duplicates: int = 0
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
+             duplicates: int = 0) -> dict[str, Any]:
+    """job.json of a freshly received (or imported) study."""
+    series: dict[str, int] = {}
+    for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
+        if entry.is_dir():
+            series[entry.name] = sum(1 for f in os.scandir(entry.path)
+                                     if f.name.endswith(".dcm") and not f.name.startswith("."))
+    data: dict[str, Any] = {
+        "study_uid": study_uid,
+        "patient_id": meta.get("patient_id"),
+        "accession": meta.get("accession"),
+        "calling_ae": meta.get("calling_ae"),
+        "called_ae": meta.get("called_ae"),
+        "peer": meta.get("peer"),
+        "peer_port": meta.get("peer_port"),
+        "received_at": meta.get("received_at"),
+        "completed_at": isotime(),
+        "instances": sum(series.values()),
+        "series": series,
+        "source": meta.get("source", "dicom"),
+        "stream": None,
+        "attempts": 0,
+        "error": None,
+    }
+    if meta.get("sources") and len(meta["sources"]) > 1:
+        data["sources"] = meta["sources"]
+    if duplicates:
+        data["duplicates"] = duplicates
+    return data
+
+
+class Receiver:
+    """The C-STORE/C-ECHO service of one station (see the module docstring)."""
+
+    def __init__(self, station: Station, *, host: str | None = None,
+                 port: int | None = None) -> None:
+        self.station = station
+        self.spool = station.spool
+        self.cfg = station.config.station
+        self.host = host if host is not None else self.cfg.host
+        self.port = port if port is not None else self.cfg.port
+        self._lock = threading.Lock()
+        self._studies: dict[str, _Study] = {}
+        self._moving: dict[str, threading.Event] = {}  # studies being renamed away
+        self._conns: dict[int, Connection] = {}  # id(assoc) -> who it is
+        self._carried: dict[int, set[str]] = {}  # id(assoc) -> studies it carried
+        self._publish_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server: Any = None
+        self._checker: threading.Thread | None = None
+        self._free_checked = 0.0
+        self._free_ok = True
+
+    # -- life cycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Recover, then serve in background threads (returns at once)."""
+        self.recover()
+        dicomnet.tune()
+        dicomnet.set_receive_directory(self.spool.tmp)
+        ae = dicomnet.make_ae(self.cfg.ae_title, max_pdu=self.cfg.max_pdu,
+                              dimse_timeout=self.cfg.dimse_timeout,
+                              network_timeout=self.cfg.network_timeout,
+                              max_associations=self.cfg.max_associations or 16)
+        dicomnet.add_scp_contexts(ae)
+        ssl_context = None
+        if self.cfg.tls is not None:
+            tls = self.cfg.tls
+            ssl_context = dicomnet.server_ssl_context(tls.certificate, tls.private_key,
+                                                      tls.ca_certificates,
+                                                      tls.require_client_certificate)
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False,
+                                           evt_handlers=handlers, ssl_context=ssl_context)
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot listen on {self.host}:{self.port}: "
+                                   f"{exc.strerror or exc}") from None
+        self.port = int(self._server.server_address[1])
+        self._checker = threading.Thread(target=self._check_loop, name="dts-stable",
+                                         daemon=True)
+        self._checker.start()
+        self.station.journal.emit(Stage.RECEIVE, "receiver-started", Status.INFO,
+                                  f"listening on {self.host}:{self.port} as {self.cfg.ae_title}",
+                                  port=self.port, ae_title=self.cfg.ae_title)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, let open associations finish (up to ``timeout``, then abort
+        them), publish what is stable; studies still arriving stay in incoming/."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        # socketserver's shutdown stops accepting; pynetdicom's would not wait for
+        # open associations, so we wait for them ourselves.
+        socketserver.BaseServer.shutdown(server)
+        socketserver.TCPServer.server_close(server)
+        deadline = time.monotonic() + (timeout if timeout is not None
+                                       else self.cfg.network_timeout)
+        # Established associations may finish; connections that never associated are cut.
+        while time.monotonic() < deadline and any(a.is_established
+                                                  for a in server.active_associations):
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            assoc.abort()
+        try:
+            server.ae._servers.remove(server)
+        except (ValueError, AttributeError):
+            pass
+        self._stop.set()
+        if self._checker is not None:
+            self._checker.join(10)
+        self.publish_stable()
+        self.station.journal.emit(Stage.RECEIVE, "receiver-stopped", Status.INFO,
+                                  "receiver stopped", port=self.port)
+
+    def _check_loop(self) -> None:
+        interval = min(0.5, max(0.05, self.cfg.stable_seconds / 5))
+        while not self._stop.wait(interval):
+            try:
+                self.publish_stable()
+            except Exception:  # keep serving; the next round tries again
+                LOGGER.exception("publishing stable studies failed")
+
+    # -- association handling ----------------------------------------------------
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        prim = assoc.requestor.primitive
+        calling = _ae_text(prim.calling_ae_title)
+        called = _ae_text(prim.called_ae_title)
+        peer, peer_port = dicomnet.peer_of(assoc)
+        conn = Connection(calling, called, peer, peer_port)
+        reason, diagnostic = self._refusal(conn)
+        if reason is not None:
+            self.station.journal.emit(
+                Stage.RECEIVE, "association-refused", Status.WARNING,
+                f"refused association from {calling}@{peer} to {called}: {reason}",
+                **conn.as_dict(), reason=reason)
+            assoc.acse.send_reject(0x01, 0x01, diagnostic)
+            return
+        with self._lock:
+            self._conns[id(assoc)] = conn
+
+    def _refusal(self, conn: Connection) -> tuple[str | None, int]:
+        cfg = self.cfg
+        if cfg.allowed_hosts:
+            try:
+                addr = ipaddress.ip_address(conn.peer)
+                allowed = any(addr in ipaddress.ip_network(n, strict=False)
+                              for n in cfg.allowed_hosts)
+            except ValueError:
+                allowed = False
+            if not allowed:
+                return f"host {conn.peer} is not in allowed_hosts", 0x01
+        if cfg.allowed_calling_ae and conn.calling_ae not in cfg.allowed_calling_ae:
+            return f"calling AE {conn.calling_ae!r} is not in allowed_calling_ae", 0x03
+        if cfg.check_called_ae and conn.called_ae != cfg.ae_title and not any(
+                s.called_ae.search(conn.called_ae) for s in self.station.config.streams):
+            return (f"called AE {conn.called_ae!r} is neither {cfg.ae_title!r} nor a "
+                    "stream's called_ae"), 0x07
+        return None, 0
+
+    def _on_close(self, event: Any) -> None:
+        key = id(event.assoc)
+        now = time.monotonic()
+        with self._lock:
+            self._conns.pop(key, None)
+            for uid in self._carried.pop(key, ()):
+                st = self._studies.get(uid)
+                if st is not None:
+                    st.assocs.discard(key)
+                    st.last = max(st.last, now)
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    # -- storing -------------------------------------------------------------------
+    def _on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        conn = self._conns.get(id(assoc))
+        if conn is None:  # EVT_REQUESTED always runs first; be safe anyway
+            peer, port = dicomnet.peer_of(assoc)
+            conn = Connection(_ae_text(assoc.requestor.ae_title),
+                              _ae_text(assoc.acceptor.ae_title), peer, port)
+        req = event.request
+        own_tmp: Path | None = None
+        try:
+            path = Path(event.dataset_path)
+        except AttributeError:  # pynetdicom kept it in memory: write it ourselves
+            own_tmp = path = self.spool.tmp / f".rx-{os.getpid()}-{threading.get_ident()}.dcm"
+            try:
+                write_file_durably(path, event.encoded_dataset())
+            except OSError as exc:
+                return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", None)
+        try:
+            return self._store(conn, id(assoc), req, path, synced=own_tmp is not None)
+        finally:
+            if own_tmp is not None:
+                own_tmp.unlink(missing_ok=True)
+
+    def _store(self, conn: Connection, assoc_key: int, req: Any, path: Path,
+               *, synced: bool) -> int:
+        try:
+            header = read_header(path)
+        except ValueError as exc:
+            return self._refuse(conn, CANNOT_UNDERSTAND, str(exc), None)
+        command_sop = str(req.AffectedSOPInstanceUID or "")
+        if not header.get("sop_uid"):
+            header["sop_uid"] = command_sop
+        why = check_uids(header)
+        if why is None and command_sop != header["sop_uid"]:
+            why = "the data set's SOP Instance UID differs from the request's"
+        if why is not None:
+            return self._refuse(conn, CANNOT_UNDERSTAND, why, header)
+        if not self._enough_space():
+            return self._refuse(conn, OUT_OF_RESOURCES,
+                                f"less than min_free_mb={self.cfg.min_free_mb} MB free "
+                                f"in {self.spool.root}", header)
+        study_uid = str(header["study_uid"])
+        series_uid = str(header["series_uid"])
+        sop_uid = str(header["sop_uid"])
+        try:
+            if not synced:
+                fh = getattr(req, "_dataset_file", None)
+                if fh is not None and not fh.closed:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                else:
+                    _fsync_path(path)
+            st = self._enter(study_uid, assoc_key, conn, header)
+        except OSError as exc:
+            return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
+        try:
+            study_dir = self.spool.incoming / study_uid
+            series_dir = study_dir / series_uid
+            if series_uid not in st.series:
+                series_dir.mkdir(exist_ok=True)
+                fsync_dir(study_dir)
+                st.series.add(series_uid)
+            if path.parent == self.spool.tmp:
+                os.rename(path, series_dir / f"{sop_uid}.dcm")
+            else:  # a receive folder elsewhere: copy through tmp/
+                tmp = self.spool.tmp / f".rx-copy-{sop_uid}"
+                shutil.copyfile(path, tmp)
+                _fsync_path(tmp)
+                os.rename(tmp, series_dir / f"{sop_uid}.dcm")
+            fsync_dir(series_dir)
+        except OSError as exc:
+            self._leave(st, None)
+            return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
+        self._leave(st, sop_uid)
+        return SUCCESS
+
+    def _enough_space(self) -> bool:
+        if self.cfg.min_free_mb <= 0:
+            return True
+        now = time.monotonic()
+        if now - self._free_checked > 0.2:  # statvfs at most 5 times a second
+            self._free_ok = self.spool.free_mb() >= self.cfg.min_free_mb
+            self._free_checked = now
+        return self._free_ok
+
+    def _refuse(self, conn: Connection, status: int, reason: str,
+                header: dict[str, str | None] | None) -> int:
+        study = (header or {}).get("study_uid")
+        sop = (header or {}).get("sop_uid")
+        self.station.journal.emit(
+            Stage.RECEIVE, "instance-refused",
+            Status.ERROR if status == OUT_OF_RESOURCES else Status.WARNING,
+            f"refused an instance from {conn.calling_ae}@{conn.peer} with 0x{status:04X}: "
+            f"{reason}",
+            study_uid=study if valid_uid(study) else None,
+            sop_uid=sop if valid_uid(sop) else None,
+            dimse_status=f"0x{status:04X}", reason=reason, **conn.as_dict())
+        return status
+
+    def _enter(self, study_uid: str, assoc_key: int, conn: Connection,
+               header: dict[str, str | None]) -> _Study:
+        """Register an instance in flight for ``study_uid``, creating the study (folder and
+        durable metadata) on its first instance."""
+        while True:
+            with self._lock:
+                moving = self._moving.get(study_uid)
+                if moving is None:
+                    st = self._studies.get(study_uid)
+                    if st is not None:
+                        st.active += 1
+                        st.assocs.add(assoc_key)
+                        self._carried.setdefault(assoc_key, set()).add(study_uid)
+                        if conn.as_dict() not in st.sources:
+                            st.sources.append(conn.as_dict())
+                            st.meta["sources"] = st.sources
+                        return st
+                    st = _Study(study_uid, meta={}, active=1, assocs={assoc_key})
+                    self._studies[study_uid] = st
+                    self._carried.setdefault(assoc_key, set()).add(study_uid)
+                    # Others wait while the folder and metadata are made.
+                    self._moving[study_uid] = created = threading.Event()
+                    break
+            moving.wait()
+        try:
+            study_dir = self.spool.incoming / study_uid
+            meta = {**conn.as_dict(), "study_uid": study_uid,
+                    "patient_id": header.get("patient_id"),
+                    "accession": header.get("accession"), "received_at": isotime(),
+                    "source": "dicom", "sources": [conn.as_dict()]}
+            if study_dir.is_dir():  # adopted after a restart: keep the first metadata
+                try:
+                    meta = {**meta, **json.loads((study_dir / STUDY_META).read_bytes())}
+                except (OSError, ValueError):
+                    pass
+            else:
+                study_dir.mkdir()
+                fsync_dir(self.spool.incoming)
+            write_file_durably(study_dir / STUDY_META, dump_json(meta))
+            st.meta = meta
+            st.sources = list(meta.get("sources") or [conn.as_dict()])
+            return st
+        except BaseException:
+            with self._lock:
+                st.active -= 1
+                if st.active == 0 and not st.series:
+                    self._studies.pop(study_uid, None)
+            raise
+        finally:
+            with self._lock:
+                self._moving.pop(study_uid, None)
+            created.set()
+
+    def _leave(self, st: _Study, sop_uid: str | None) -> None:
+        with self._lock:
+            st.active -= 1
+            st.last = time.monotonic()
+            if sop_uid is not None:
+                if sop_uid in st.sops:
+                    st.duplicates += 1
+                st.sops.add(sop_uid)
+
+    # -- publishing ------------------------------------------------------------------
+    def publish_stable(self, *, force: bool = False) -> list[str]:
+        """Publish every study that is complete (quiet for stable_seconds, no open
+        association carried it, nothing in flight); ``force`` ignores the quiet time
+        (nothing may be arriving). Returns the new job ids."""
+        with self._publish_lock:
+            now = time.monotonic()
+            ready: list[_Study] = []
+            with self._lock:
+                for uid, st in list(self._studies.items()):
+                    if st.active or st.assocs or uid in self._moving:
+                        continue
+                    if not force and now - st.last < self.cfg.stable_seconds:
+                        continue
+                    del self._studies[uid]
+                    self._moving[uid] = threading.Event()
+                    ready.append(st)
+            jobs = []
+            for st in ready:
+                try:
+                    job_id = self._publish(st)
+                    if job_id:
+                        jobs.append(job_id)
+                except Exception as exc:
+                    LOGGER.exception("cannot publish study %s", st.uid)
+                    self.station.journal.emit(Stage.RECEIVE, "publish-failed", Status.ERROR,
+                                              f"cannot publish study {st.uid}: {exc}; it stays "
+                                              "in incoming/ and is tried again",
+                                              study_uid=st.uid)
+                    with self._lock:  # try again later
+                        st.last = time.monotonic()
+                        self._studies.setdefault(st.uid, st)
+                finally:
+                    with self._lock:
+                        done = self._moving.pop(st.uid, None)
+                    if done is not None:
+                        done.set()
+            return jobs
+
+    def _publish(self, st: _Study) -> str | None:
+        spool = self.spool
+        study_dir = spool.incoming / st.uid
+        if not study_dir.is_dir():
+            return None
+        job = spool.create_tmp_job()
+        fd = _hold(job.path)
+        try:
+            write_file_durably(job.path / MARKER, dump_json({"study_uid": st.uid,
+                                                             "duplicates": st.duplicates}))
+            fsync_dir(spool.tmp)
+            os.rename(study_dir, job.input_dir)  # step 2: the files move with their folder
+            fsync_dir(spool.incoming)
+            fsync_dir(job.path)
+            return self._finish(job, st.uid, st.duplicates)
+        finally:
+            _release(fd)
+
+    def _finish(self, job: Job, study_uid: str, duplicates: int) -> str:
+        """Steps 3 and 4 of a publication whose input/ is in place (idempotent)."""
+        meta_file = job.input_dir / STUDY_META
+        try:
+            meta = json.loads(meta_file.read_bytes())
+        except (OSError, ValueError):
+            meta = {}
+        data = job_data(study_uid, meta, job.input_dir, duplicates=duplicates)
+        job.write(data)
+        if not any(e.get("event") == "received" for e in job.events()):
+            srcs = data.get("sources") or [meta]
+            who = ", ".join(f"{s.get('calling_ae')}@{s.get('peer')}" for s in srcs)
+            self.station.journal.emit(
+                Stage.RECEIVE, "received", Status.OK,
+                f"study {study_uid}: {data['instances']} instance(s) in "
+                f"{len(data['series'])} series from {who}",
+                job=job, job_data=data, instances=data["instances"],
+                calling_ae=data["calling_ae"], called_ae=data["called_ae"], peer=data["peer"])
+        meta_file.unlink(missing_ok=True)
+        (job.path / MARKER).unlink(missing_ok=True)
+        self.spool.publish(job, Queue.CLASSIFY)
+        return job.id
+
+    # -- recovery ---------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Finish publications a crash interrupted and adopt studies left in incoming/.
+        Returns the ids of jobs published now."""
+        spool = self.spool
+        published: list[str] = []
+        for entry in sorted(os.scandir(spool.tmp), key=lambda e: e.name):
+            if entry.name.startswith(".rx-") and entry.is_file():
+                try:  # half-received instances of a dead receiver: never acknowledged
+                    if time.time() - entry.stat().st_mtime > 60:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+                continue
+            path = Path(entry.path)
+            if not entry.is_dir() or not (path / MARKER).exists():
+                continue
+            fd = _hold(path, wait=False)
+            if fd is None:
+                continue  # someone alive is publishing it
+            try:
+                if not (path / MARKER).exists():
+                    continue
+                try:
+                    marker = json.loads((path / MARKER).read_bytes())
+                except ValueError:
+                    marker = {}
+                study_uid = str(marker.get("study_uid") or "")
+                job = Job(path)
+                if not job.input_dir.is_dir():
+                    study_dir = spool.incoming / study_uid
+                    if valid_uid(study_uid) and study_dir.is_dir():
+                        os.rename(study_dir, job.input_dir)
+                        fsync_dir(spool.incoming)
+                        fsync_dir(path)
+                    else:  # crashed before step 2: nothing moved yet
+                        shutil.rmtree(path, ignore_errors=True)
+                        continue
+                published.append(self._finish(job, study_uid, int(marker.get("duplicates") or 0)))
+            finally:
+                _release(fd)
+        now = time.monotonic()
+        with self._lock:
+            for entry in os.scandir(spool.incoming):
+                if not entry.is_dir() or entry.name in self._studies:
+                    continue
+                study_dir = Path(entry.path)
+                if not valid_uid(entry.name):
+                    continue  # not ours: leave it be
+                if not any(e.is_dir() for e in os.scandir(study_dir)):
+                    shutil.rmtree(study_dir, ignore_errors=True)  # nothing acknowledged in it
+                    continue
+                try:
+                    meta = json.loads((study_dir / STUDY_META).read_bytes())
+                except (OSError, ValueError):
+                    meta = {}
+                st = _Study(entry.name, meta=meta, last=now,
+                            series={e.name for e in os.scandir(study_dir) if e.is_dir()},
+                            sources=list(meta.get("sources") or []))
+                self._studies[entry.name] = st
+        return published
+
+    def pending(self) -> list[str]:
+        """Study UIDs in incoming/ known to this receiver (not yet published)."""
+        with self._lock:
+            return sorted(self._studies)
+
+
+def _ae_text(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hold(job_path: Path, wait: bool = True) -> int | None:
+    fd = os.open(job_path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+__all__ = ["Receiver", "check_uids", "job_data", "new_job_id", "read_header", "valid_uid"]

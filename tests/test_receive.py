@@ -1,0 +1,459 @@
+"""``dts receive`` against real DICOM senders (dcmtk storescu/echoscu, pynetdicom SCU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dts import receiver as receiver_mod
+from dts.spool import Job, Queue, State
+from dts.station import Station
+from tests.helpers import (
+    ECHOSCU,
+    REPO,
+    STORESCU,
+    free_port,
+    make_instance,
+    make_study,
+    run_dts,
+    start_dts,
+    stop_process,
+    wait_for,
+    wait_port,
+)
+
+RULES = REPO / "configuration" / "classifyRules.json"
+
+
+@dataclass
+class RunningReceiver:
+    proc: subprocess.Popen[bytes]
+    port: int
+    config: Path
+    spool: Path
+    log: Path
+
+    def jobs(self) -> list[Job]:
+        folder = self.spool / "classify" / "new"
+        return [Job(folder / n) for n in sorted(os.listdir(folder))] if folder.is_dir() else []
+
+    def wait_jobs(self, n: int, timeout: float = 20) -> list[Job]:
+        return wait_for(lambda: len(self.jobs()) >= n and self.jobs(), timeout,
+                        what=f"{n} published job(s)")
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for f in sorted((self.spool / "log").glob("*.jsonl")):
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                if event is None or rec["event"] == event:
+                    out.append(rec)
+        return out
+
+    def storescu(self, *paths: Path, aet: str = "PACS", aec: str = "DTS",
+                 extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([STORESCU, "-aet", aet, "-aec", aec, *extra, "+sd", "+r",
+                               "127.0.0.1", str(self.port), *map(str, paths)],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+
+def write_station_config(tmp_path: Path, port: int, extra: str = "", station: str = "") -> Path:
+    """A station of the test's own; ``station`` adds or overrides [station] keys."""
+    defaults = {"stable_seconds": "1", "min_free_mb": "0"}
+    given = {line.split("=")[0].strip() for line in station.splitlines() if "=" in line}
+    lines = [f"{k} = {v}" for k, v in defaults.items() if k not in given]
+    config = tmp_path / "dts.toml"
+    config.write_text(f"""
+[station]
+ae_title = "DTS"
+host = "127.0.0.1"
+port = {port}
+spool = "{tmp_path / 'spool'}"
+classify_rules = "{RULES}"
+{chr(10).join(lines)}
+{station}
+{extra}
+""")
+    return config
+
+
+@pytest.fixture
+def start_receiver(tmp_path: Path) -> Iterator[Callable[..., RunningReceiver]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(station: str = "", extra: str = "", port: int | None = None) -> RunningReceiver:
+        port = port or free_port()
+        config = write_station_config(tmp_path, port, extra, station)
+        log = tmp_path / f"receiver-{len(procs)}.log"
+        proc = start_dts("receive", config=config, log=log)
+        procs.append(proc)
+        wait_for(lambda: proc.poll() is not None or _listening(port), 30,
+                 what="receiver listening")
+        assert proc.poll() is None, log.read_text()
+        return RunningReceiver(proc, port, config, tmp_path / "spool", log)
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+def _listening(port: int) -> bool:
+    try:
+        wait_port(port, timeout=0.1)
+        return True
+    except AssertionError:
+        return False
+
+
+def _scu(port: int, aet: str = "PACS", aec: str = "DTS") -> Any:
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    assert assoc.is_established
+    return assoc
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The data set of a DICOM file without preamble and file meta information."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM"
+    assert raw[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) group length
+    group_len = int.from_bytes(raw[140:144], "little")
+    return raw[144 + group_len:]
+
+
+def _input_sops(job: Job) -> dict[str, set[str]]:
+    return {d.name: {f.name[:-4] for f in d.iterdir()} for d in job.input_dir.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------
+
+def test_multi_series_study_becomes_one_job(start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver()
+    status = json.loads(run_dts("status", "--json", config=rx.config).stdout)
+    assert status["receiver"]["running"] is True
+    study = make_study(tmp_path / "exam", n_series=3, per_series=4, accession="ACC42",
+                       patient_id="PID42")
+    done = rx.storescu(study["folder"])
+    assert done.returncode == 0, done.stderr
+    (job,) = rx.wait_jobs(1)
+    data = job.read()
+    for key in ("id", "study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer",
+                "received_at", "instances", "stream", "attempts", "error"):
+        assert key in data, key
+    assert data["id"] == job.id
+    assert data["study_uid"] == study["study_uid"]
+    assert (data["patient_id"], data["accession"]) == ("PID42", "ACC42")
+    assert (data["calling_ae"], data["called_ae"], data["peer"]) == ("PACS", "DTS", "127.0.0.1")
+    assert data["instances"] == 12
+    assert (data["stream"], data["attempts"], data["error"]) == (None, 0, None)
+    assert _input_sops(job) == {k: set(v) for k, v in study["series"].items()}
+    # one `received` event per study, in the job and in the station journal, no names
+    events = [e for e in job.events() if e["event"] == "received"]
+    assert len(events) == 1 and events[0]["stage"] == "receive"
+    assert len(rx.events("received")) == 1
+    assert "Doe" not in (rx.spool / "log").joinpath(os.listdir(rx.spool / "log")[0]).read_text()
+    assert not list((rx.spool / "incoming").iterdir())
+    assert not [p for p in (rx.spool / "tmp").iterdir() if p.name != ".run"]
+    assert stop_process(rx.proc) == 0
+    status = json.loads(run_dts("status", "--json", config=rx.config).stdout)
+    assert status["receiver"]["running"] is False
+
+
+def test_open_association_and_interleaved_studies(start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver()
+    a = make_study(tmp_path / "a", n_series=2, per_series=2)
+    b = make_study(tmp_path / "b", n_series=1, per_series=3)
+    held = make_instance(tmp_path / "held" / "x.dcm", study_uid=a["study_uid"],
+                         series_uid=generate_uid(), instance_number=9)
+    late = make_instance(tmp_path / "held" / "y.dcm", study_uid=a["study_uid"],
+                         series_uid=pydicom.dcmread(held).SeriesInstanceUID, instance_number=10)
+    assoc = _scu(rx.port)
+    try:
+        assert assoc.send_c_store(held).Status == 0
+        # study a's first series and b interleaved on a second association, a's second
+        # series on a third
+        a1, a2 = list(a["series"])
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        for i, f in enumerate(sorted((a["folder"] / a1).iterdir())):
+            shutil.copy(f, mixed / f"{i}a.dcm")
+        for i, f in enumerate(sorted(next((b["folder"]).iterdir()).iterdir())):
+            shutil.copy(f, mixed / f"{i}b.dcm")
+        assert rx.storescu(mixed).returncode == 0
+        assert rx.storescu(a["folder"] / a2).returncode == 0
+        quiet_from = time.monotonic()
+        (job_b,) = rx.wait_jobs(1)
+        assert job_b.read()["study_uid"] == b["study_uid"]
+        # a is still carried by the open association: not published, however quiet.
+        # (A deliberate negative check: three times stable_seconds of quiet.)
+        wait_for(lambda: time.monotonic() - quiet_from > 3, 10, what="quiet time")
+        assert len(rx.jobs()) == 1
+        assert assoc.send_c_store(late).Status == 0
+    finally:
+        assoc.release()
+    jobs = rx.wait_jobs(2)
+    job_a = next(j for j in jobs if j.read()["study_uid"] == a["study_uid"])
+    assert job_a.read()["instances"] == 6
+    sops = _input_sops(job_a)
+    assert sops[a1] == set(a["series"][a1]) and sops[a2] == set(a["series"][a2])
+    assert len(sops) == 3
+    assert len(rx.jobs()) == 2
+
+
+@pytest.mark.parametrize("field,value", [
+    ("StudyInstanceUID", "../../etc/x"),
+    ("SeriesInstanceUID", "1.2;touch /tmp/p"),
+    ("StudyInstanceUID", "1." + "2" * 70),
+    ("SeriesInstanceUID", None),
+])
+def test_invalid_uids_are_refused(start_receiver: Any, tmp_path: Path, field: str,
+                                  value: str | None) -> None:
+    rx = start_receiver()
+    path = make_instance(tmp_path / "bad.dcm", study_uid=generate_uid(), series_uid=generate_uid())
+    ds = pydicom.dcmread(path)
+    if value is None:
+        delattr(ds, field)
+    else:
+        setattr(ds, field, value)
+    assoc = _scu(rx.port)
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert 0xC000 <= status.Status <= 0xCFFF
+    refused = wait_for(lambda: rx.events("instance-refused"), 5)
+    assert refused[0]["dimse_status"].upper().startswith("0XC")
+    assert refused[0]["calling_ae"] == "PACS" and refused[0]["peer"] == "127.0.0.1"
+    assert not list((rx.spool / "incoming").iterdir())
+    outside = {p.name for p in tmp_path.iterdir()}
+    assert outside <= {"spool", "dts.toml", "bad.dcm", "receiver-0.log"}, outside
+    assert not Path("/tmp/p").exists() or Path("/tmp/p").stat().st_mtime < rx.log.stat().st_ctime
+
+
+def test_invalid_uid_with_storescu(start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver()
+    path = make_instance(tmp_path / "data" / "bad.dcm", study_uid="../../etc/x",
+                         series_uid=generate_uid())
+    done = rx.storescu(path.parent, extra=("-v",))
+    assert done.returncode != 0
+    assert "Received Store Response (Error: CannotUnderstand)" in done.stdout + done.stderr
+    assert rx.events("instance-refused")
+    assert not list((rx.spool / "incoming").iterdir())
+
+
+def test_low_disk_is_out_of_resources(start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver(station="min_free_mb = 1000000000")
+    path = make_instance(tmp_path / "x.dcm", study_uid=generate_uid(), series_uid=generate_uid())
+    assoc = _scu(rx.port)
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA700
+    ev = wait_for(lambda: rx.events("instance-refused"), 5)
+    assert ev[0]["status"] == "error" and "min_free_mb" in ev[0]["message"]
+    assert not list((rx.spool / "incoming").iterdir())
+
+
+def test_duplicate_instance_stored_once_later_wins(start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver()
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    first = make_instance(tmp_path / "1.dcm", study_uid=study, series_uid=series, sop_uid=sop,
+                          instance_number=1)
+    second = make_instance(tmp_path / "2.dcm", study_uid=study, series_uid=series, sop_uid=sop,
+                           instance_number=2)
+    other = make_instance(tmp_path / "3.dcm", study_uid=study, series_uid=series,
+                          instance_number=3)
+    assoc = _scu(rx.port)
+    try:
+        for p in (first, other, second):
+            assert assoc.send_c_store(p).Status == 0
+    finally:
+        assoc.release()
+    (job,) = rx.wait_jobs(1)
+    data = job.read()
+    assert data["instances"] == 2 and data["duplicates"] == 1
+    stored = job.input_dir / series / f"{sop}.dcm"
+    assert pydicom.dcmread(stored).InstanceNumber == 2
+
+
+STREAM = """
+[[stream]]
+name = "ai"
+called_ae = "^AICORE1$"
+command = ["true"]
+"""
+
+
+def test_called_ae_and_allow_lists_refuse_with_event(start_receiver: Any) -> None:
+    rx = start_receiver(station='check_called_ae = true\nallowed_calling_ae = ["PACS", "MOD"]',
+                        extra=STREAM)
+
+    def echo(aet: str, aec: str) -> int:
+        return subprocess.run([ECHOSCU, "-aet", aet, "-aec", aec, "127.0.0.1", str(rx.port)],
+                              capture_output=True, timeout=30, check=False).returncode
+
+    assert echo("PACS", "DTS") == 0
+    assert echo("MOD", "AICORE1") == 0
+    assert echo("PACS", "WRONG") != 0
+    assert echo("STRANGER", "DTS") != 0
+    refused = rx.events("association-refused")
+    assert len(refused) == 2
+    assert {(e["calling_ae"], e["called_ae"]) for e in refused} == {("PACS", "WRONG"),
+                                                                   ("STRANGER", "DTS")}
+    assert all(e["peer"] == "127.0.0.1" and e["stage"] == "receive" for e in refused)
+
+
+def test_allowed_hosts_refuses_other_addresses(start_receiver: Any) -> None:
+    rx = start_receiver(station='allowed_hosts = ["10.0.0.0/8"]')
+    done = subprocess.run([ECHOSCU, "-aec", "DTS", "127.0.0.1", str(rx.port)],
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0
+    (ev,) = rx.events("association-refused")
+    assert ev["peer"] == "127.0.0.1" and "allowed_hosts" in ev["message"]
+
+
+def test_kill_9_mid_transfer_loses_nothing_acknowledged(start_receiver: Any,
+                                                        tmp_path: Path) -> None:
+    rx = start_receiver(station="stable_seconds = 2")
+    study = make_study(tmp_path / "exam", n_series=1, per_series=150, rows=128, cols=128)
+    sender = subprocess.Popen([STORESCU, "-v", "-aet", "PACS", "-aec", "DTS", "+sd", "+r",
+                               "127.0.0.1", str(rx.port), str(study["folder"])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    acked = threading.Event()
+
+    def read() -> None:
+        assert sender.stdout is not None
+        for line in sender.stdout:
+            lines.append(line)
+            if sum("Received Store Response (Success)" in x for x in lines) >= 20:
+                acked.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(acked.is_set, 30, what="20 acknowledged instances")
+        rx.proc.send_signal(signal.SIGKILL)
+        rx.proc.wait(10)
+        sender.wait(30)
+    finally:
+        stop_process(sender)
+    reader.join(10)
+    acked_sops, current = set(), None
+    for line in lines:
+        m = re.search(r"Sending file: (\S+)", line)
+        if m:
+            current = Path(m.group(1)).stem
+        elif "Received Store Response (Success)" in line and current:
+            acked_sops.add(current)
+    assert len(acked_sops) >= 20
+    assert len(acked_sops) < 150, "the transfer ended before the kill"
+    assert not rx.jobs()
+    rx2 = start_receiver(station="stable_seconds = 2")
+    (job,) = rx2.wait_jobs(1)
+    received = set().union(*_input_sops(job).values())
+    assert acked_sops <= received
+    for f in job.input_dir.rglob("*.dcm"):  # whole files only
+        assert pydicom.dcmread(f).SOPInstanceUID == f.stem
+
+
+def test_compressed_transfer_syntaxes_stored_unchanged(start_receiver: Any,
+                                                       tmp_path: Path) -> None:
+    rx = start_receiver()
+    folder = tmp_path / "compressed"
+    folder.mkdir()
+    files = {"JPEG2000.dcm": "-xw", "SC_rgb_jpeg_dcmtk.dcm": "-xy", "MR_small_RLE.dcm": "-xr"}
+    originals = {}
+    for name, propose in files.items():
+        src = Path(get_testdata_file(name))  # type: ignore[arg-type]
+        shutil.copy(src, folder / name)
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        originals[str(ds.SOPInstanceUID)] = (folder / name, str(ds.file_meta.TransferSyntaxUID))
+        # storescu proposes the file's own (compressed) transfer syntax only when told
+        done = rx.storescu(folder / name, extra=(propose,))
+        assert done.returncode == 0, done.stdout + done.stderr
+    jobs = rx.wait_jobs(3)  # three studies
+    stored = {f.stem: f for j in jobs for f in j.input_dir.rglob("*.dcm")}
+    assert set(stored) == set(originals)
+    for sop, (src, ts) in originals.items():
+        got = pydicom.dcmread(stored[sop])
+        assert str(got.file_meta.TransferSyntaxUID) == ts
+        # the compressed fragments exactly as sent (storescu may re-encode other elements)
+        assert got.PixelData == pydicom.dcmread(src).PixelData
+        assert _dataset_bytes(stored[sop]).endswith(got.PixelData) or \
+            got.PixelData in _dataset_bytes(stored[sop])
+
+
+# -- core: publication steps cut by a crash are completed, never duplicated --------------
+
+def _station(tmp_path: Path) -> Station:
+    return Station.open(write_station_config(tmp_path, 0), None)
+
+
+def _incoming_study(station: Station, tmp_path: Path, n: int = 3) -> str:
+    study = make_study(tmp_path / "src", n_series=1, per_series=n)
+    dest = station.spool.incoming / study["study_uid"]
+    shutil.copytree(study["folder"], dest)
+    (dest / receiver_mod.STUDY_META).write_text(json.dumps(
+        {"calling_ae": "PACS", "called_ae": "DTS", "peer": "10.1.2.3", "peer_port": 1234,
+         "received_at": "2026-11-26T10:00:00.000000Z", "patient_id": "P", "accession": "A"}))
+    return str(study["study_uid"])
+
+
+@pytest.mark.parametrize("cut", ["after-marker", "after-move", "after-event"])
+def test_restart_completes_interrupted_publication(tmp_path: Path, cut: str) -> None:
+    station = _station(tmp_path)
+    study = _incoming_study(station, tmp_path)
+    job = station.spool.create_tmp_job()
+    (job.path / receiver_mod.MARKER).write_text(json.dumps({"study_uid": study}))
+    if cut != "after-marker":
+        os.rename(station.spool.incoming / study, job.input_dir)
+    if cut == "after-event":
+        rx0 = receiver_mod.Receiver(station)
+        station.journal.emit("receive", "received", "ok", "x", job=job, job_data={})
+        assert rx0 is not None
+    rx = receiver_mod.Receiver(station)
+    published = rx.recover()
+    assert published == [job.id]
+    assert station.spool.list(Queue.CLASSIFY, State.NEW) == [job.id]
+    final = Job(station.spool.dir(Queue.CLASSIFY, State.NEW) / job.id)
+    data = final.read()
+    assert data["instances"] == 3 and data["calling_ae"] == "PACS" and data["peer"] == "10.1.2.3"
+    assert [e["event"] for e in final.events()].count("received") == 1
+    assert not (final.path / receiver_mod.MARKER).exists()
+    assert not list(station.spool.incoming.iterdir())
+    assert receiver_mod.Receiver(station).recover() == []  # nothing left to do twice
+
+
+def test_restart_adopts_incoming_and_publishes_when_stable(tmp_path: Path) -> None:
+    station = _station(tmp_path)
+    study = _incoming_study(station, tmp_path, n=2)
+    (station.spool.incoming / "1.2.3").mkdir()  # created, nothing acknowledged in it
+    rx = receiver_mod.Receiver(station)
+    assert rx.recover() == []
+    assert rx.pending() == [study]
+    assert not (station.spool.incoming / "1.2.3").exists()
+    assert rx.publish_stable(force=True)
+    (job_id,) = station.spool.list(Queue.CLASSIFY, State.NEW)
+    data = Job(station.spool.dir(Queue.CLASSIFY, State.NEW) / job_id).read()
+    assert data["study_uid"] == study and data["instances"] == 2
+    assert data["received_at"] == "2026-11-26T10:00:00.000000Z"
