@@ -22,10 +22,11 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .config import Config
 from .errors import TemporaryFailure, UsageError
@@ -212,7 +213,7 @@ def row_to_event(row: dict[str, Any]) -> dict[str, Any]:
     for key in EVENT_KEYS:
         value = row.get(key)
         if key == "time" and isinstance(value, datetime):
-            value = isotime(value.astimezone(timezone.utc))
+            value = isotime(value.astimezone(UTC))
         rec[key] = value
     details = row.get("details")
     if isinstance(details, str):  # drivers without JSON support

@@ -26,9 +26,10 @@ import fcntl
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .journal import Stage, Status
 from .spool import EVENTS_FILE, JOB_FILE, LOCK_NAME, Job, Queue, Spool

@@ -10,15 +10,24 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from dts.journal import EventFilter, read_events
 from dts.spool import Queue, Spool, State
-from tests.helpers import (REPO, STORESCU, free_port, make_study, run_dts, start_dts,
-                           stop_process, wait_for)
+from tests.helpers import (
+    REPO,
+    STORESCU,
+    free_port,
+    make_study,
+    run_dts,
+    start_dts,
+    stop_process,
+    wait_for,
+)
 from tests.plugins.peers import Orthanc
 
 pytestmark = pytest.mark.slow

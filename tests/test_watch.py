@@ -9,15 +9,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from dts.journal import EventFilter, read_events
 from dts.spool import Queue, Spool, State, isotime
-from tests.helpers import (REPO, STORESCU, free_port, make_study, run_dts, start_dts,
-                           stop_process, wait_for)
+from tests.helpers import (
+    REPO,
+    STORESCU,
+    free_port,
+    make_study,
+    run_dts,
+    start_dts,
+    stop_process,
+    wait_for,
+)
 from tests.plugins.database import PostgresServer
 from tests.test_cron import queue_study, station_config
 
@@ -68,7 +77,7 @@ def test_study_goes_through_every_stage_and_sigterm_exits_0(watch: Station,
                                                              tmp_path: Path) -> None:
     watch.start()
     port = json.loads(run_dts("status", "--json", config=watch.config).stdout)["receiver"]["port"]
-    study = make_study(tmp_path / "study", n_series=2, per_series=3, accession="W-1")
+    make_study(tmp_path / "study", n_series=2, per_series=3, accession="W-1")
     proc = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "DTS", "+sd", "+r",
                            "127.0.0.1", str(port), str(tmp_path / "study")],
                           capture_output=True, text=True, timeout=60)
