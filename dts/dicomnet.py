@@ -268,7 +268,7 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
     ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
                  network_timeout=timeout, connection_timeout=timeout)
     ae.add_requested_context(pynetdicom.sop_class.Verification)  # type: ignore[attr-defined]
-    tls_args = (tls, "") if tls is not None else None
+    tls_args = (tls, host) if tls is not None else None
     assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if assoc.is_rejected:
         raise NetworkError(f"{called_ae} at {host}:{port} rejected the association")

@@ -457,3 +457,16 @@ def test_restart_adopts_incoming_and_publishes_when_stable(tmp_path: Path) -> No
     data = Job(station.spool.dir(Queue.CLASSIFY, State.NEW) / job_id).read()
     assert data["study_uid"] == study and data["instances"] == 2
     assert data["received_at"] == "2026-11-26T10:00:00.000000Z"
+
+
+def test_tls_station_answers_tls_echo_only(start_receiver: Any, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    rx = start_receiver(extra=f'[station.tls]\ncertificate = "{cert}"\nprivate_key = "{key}"\n')
+    done = run_dts("echo", config=rx.config)  # the station's own TLS settings are used
+    assert done.returncode == 0, done.stderr
+    plain = subprocess.run([ECHOSCU, "-aec", "DTS", "127.0.0.1", str(rx.port)],
+                           capture_output=True, timeout=30, check=False)
+    assert plain.returncode != 0
