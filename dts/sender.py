@@ -21,16 +21,15 @@ import logging
 import os
 import random
 import secrets
-import select
 import shutil
-import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -38,11 +37,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.association import Association
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.transport import AssociationSocket
 
 from . import dicomnet, worker
 from .config import Config, Destination, StationConfig, valid_ae_title
@@ -182,7 +180,7 @@ class NetSettings:
     connect_timeout: float = 10.0
 
     @classmethod
-    def of(cls, station: StationConfig) -> "NetSettings":
+    def of(cls, station: StationConfig) -> NetSettings:
         return cls(acse_timeout=min(station.network_timeout, 30.0),
                    dimse_timeout=station.dimse_timeout, network_timeout=station.network_timeout,
                    connect_timeout=min(station.network_timeout, 10.0))
@@ -254,42 +252,37 @@ _PDV_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF: type, reserved, length; PDV
 _SEND_CHUNK = 1 << 20
 
 
-class _WaitingSocket(AssociationSocket):
-    """An association socket whose ``ready`` waits up to 2 ms for data in ``select``
-    instead of answering at once. pynetdicom's DUL thread polls ``ready`` in a loop with
-    short sleeps; while a batch of C-STOREs is being written that loop would wake some
-    ten thousand times a second and take CPU and the GIL from the sender and the peer
-    on the same machine. Blocked in ``select`` it wakes exactly when a response comes.
-    """
+class _FileError(Exception):
+    """A result file could not be read (a fault of the job, not of the network)."""
+
+
+class _QuietSocket(AssociationSocket):
+    """The association's socket while ``_Sender`` reads the responses itself: pynetdicom's
+    DUL thread finds nothing to read (and naps 2 ms instead of polling) until the socket
+    is handed back. Primitives it is given to send (an abort) still go out."""
 
     @property
     def ready(self) -> bool:
-        sock = self.socket
-        if sock is None or self._is_connected is False:
-            return False
-        try:
-            found, _, _ = select.select([sock], [], [], 0.002)
-        except (OSError, ValueError):
-            self.event_queue.put("Evt17")  # transport connection closed
-            return False
-        if isinstance(sock, ssl.SSLSocket):
-            return bool(found) or bool(sock.pending())
-        return bool(found)
+        time.sleep(0.002)
+        return False
 
 
 class _Sender:
-    """Writes C-STORE requests straight to an established association's socket.
+    """C-STORE requests and responses straight over an established association's socket.
 
-    pynetdicom 3.0 hands every 16 KiB fragment of a data set as its own primitive
-    from the caller's thread to its DUL thread, through a queue and its state
-    machine; that costs more than the network. Sending a P-DATA-TF PDU does not
-    change the state of an established association, so the requests are encoded
-    here, whole messages at a time, and written with ``sendall`` while pynetdicom
-    keeps reading (the C-STORE responses arrive on its DIMSE queue as usual). The
-    association's own reactor is parked for the whole batch, so it cannot take a
-    response off that queue (pynetdicom 3.0.4 occasionally does so between two
-    ``send_c_store`` calls and then waits for the DIMSE timeout). Used only with the
-    pinned pynetdicom version (``dicomnet.version_ok()``); ``send_c_store`` otherwise.
+    pynetdicom 3.0 hands every 16 KiB fragment of a data set as its own primitive from
+    the caller's thread to its DUL thread, through a queue and its state machine, and
+    every response back the same way, decoded with pydicom; on a 2-core machine that
+    costs more than the network and the peer together. Exchanging P-DATA-TF PDUs does
+    not change the state of an established association, so for a batch of C-STOREs
+    this class takes the socket over: the association's reactor is parked at its
+    checkpoint (so it cannot take a response off the DIMSE queue either: pynetdicom
+    3.0.4 occasionally does that between two ``send_c_store`` calls and then waits for
+    the DIMSE timeout), the DUL thread is kept off the socket, each request is encoded
+    here as whole PDUs with the data set read from its file into place, and each
+    response is read and decoded here (a command set of a few elements). Everything
+    else (association, release, abort) stays pynetdicom's. Used only with the pinned
+    pynetdicom version (``dicomnet.version_ok()``); ``send_c_store`` otherwise.
     """
 
     def __init__(self, assoc: Association, timeout: float) -> None:
@@ -298,51 +291,53 @@ class _Sender:
         self.max_pdu = int(assoc.acceptor.maximum_length or 0)
         self.msg_id = 0
         self.timeout = timeout
-        self.parked = False
-        self._loop_delay = 0.001
+        self.held = False
         self._next: tuple[tuple[str, int], bytearray] | None = None
 
-    def __enter__(self) -> "_Sender":
-        self.park()
-        dul = self.assoc.dul
-        if self.usable and type(dul.socket) is AssociationSocket:
-            dul.socket.__class__ = _WaitingSocket
-            self._loop_delay = dul._run_loop_delay
-            dul._run_loop_delay = 0
-        if self.sock is not None:
-            self.sock.settimeout(self.timeout)
+    def __enter__(self) -> _Sender:
+        self.take()
         return self
 
-    def park(self) -> None:
-        """Stop the association's reactor at its checkpoint (and make sure it is there)."""
+    def __exit__(self, *exc: object) -> None:
+        self.give()
+
+    def take(self) -> None:
+        """Park the association's reactor and keep the DUL thread off the socket."""
         assoc = self.assoc
-        self.parked = False
         assoc._reactor_checkpoint.clear()
         deadline = time.monotonic() + 5
+        parked = False
         # Parked means blocked on the checkpoint: seen paused twice, a few polls apart.
         while time.monotonic() < deadline:
             if assoc._is_paused:
                 time.sleep(0.003)
                 if assoc._is_paused:
-                    self.parked = True
+                    parked = True
                     break
             time.sleep(0.0001)
+        wrapper = assoc.dul.socket
+        if not parked or self.sock is None or type(wrapper) is not AssociationSocket:
+            assoc._reactor_checkpoint.set()
+            return
+        wrapper.__class__ = _QuietSocket
+        self.sock.settimeout(self.timeout)
+        self.held = True
 
-    def __exit__(self, *exc: object) -> None:
-        dul = self.assoc.dul
-        if type(dul.socket) is _WaitingSocket:
-            dul.socket.__class__ = AssociationSocket  # type: ignore[assignment]
-            dul._run_loop_delay = self._loop_delay
+    def give(self) -> None:
+        """Hand the socket back to pynetdicom (between two complete exchanges)."""
+        if not self.held:
+            return
+        self.held = False
+        wrapper = self.assoc.dul.socket
+        if type(wrapper) is _QuietSocket:
+            wrapper.__class__ = AssociationSocket  # type: ignore[assignment]
         if self.sock is not None:
             try:
                 self.sock.settimeout(None)
             except OSError:
                 pass
+        self.assoc.dul._idle_timer.restart()  # it saw none of our traffic
         self.assoc._reactor_checkpoint.set()
-
-    @property
-    def usable(self) -> bool:
-        return self.parked and self.sock is not None
 
     def _message(self, item: Item, cx_id: int, msg_id: int) -> bytearray:
         """The whole C-STORE-RQ as P-DATA-TF PDUs: command, then the data set read
@@ -387,7 +382,10 @@ class _Sender:
         if self._next is not None and self._next[0] == (item.sop_uid, cx_id):
             buf = self._next[1]
         else:
-            buf = self._message(item, cx_id, msg_id)
+            try:
+                buf = self._message(item, cx_id, msg_id)
+            except OSError as exc:
+                raise _FileError(str(exc)) from None
         self._next = None
         view = memoryview(buf)
         for start in range(0, len(buf), _SEND_CHUNK):
@@ -399,18 +397,70 @@ class _Sender:
                 self._next = ((after[0].sop_uid, after[1]), nxt)
             except (OSError, ValueError, EOFError):
                 pass  # found again, and reported, when its turn comes
-        _cx, rsp = self.assoc.dimse.get_msg(block=True)
+        return self._response(msg_id)
+
+    def _read(self, n: int) -> bytearray:
+        assert self.sock is not None
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
+                raise ConnectionError("the peer closed the connection")
+            got += k
+        view.release()
+        return buf
+
+    def _response(self, msg_id: int) -> Dataset:
+        """Read PDUs up to the end of the C-STORE-RSP to ``msg_id``; its status elements.
+        Anything else from the peer (an A-ABORT, a release request) ends the batch."""
+        command = bytearray()
+        fields: dict[int, bytes] | None = None
+        while True:
+            head = self._read(6)
+            body = self._read(struct.unpack_from(">I", head, 2)[0])
+            if head[0] != 0x04:
+                what = {0x05: "a release request", 0x07: "an A-ABORT"}.get(head[0], "a PDU "
+                                                                             f"0x{head[0]:02X}")
+                raise ConnectionError(f"the peer sent {what} instead of a C-STORE response")
+            pos, finished = 0, False
+            while pos + 6 <= len(body):
+                length, flags = struct.unpack_from(">I", body, pos)[0], body[pos + 5]
+                if flags & 0x01:
+                    command += body[pos + 6:pos + 4 + length]
+                    if flags & 0x02:
+                        fields = _command_fields(bytes(command))
+                        finished = fields.get(0x0800) == b"\x01\x01"  # no data set follows
+                elif flags & 0x02:
+                    finished = True  # the last fragment of a data set we do not need
+                pos += 4 + length
+            if finished and fields is not None:
+                break
         status = Dataset()
-        if (isinstance(rsp, C_STORE) and rsp.is_valid_response
-                and rsp.MessageIDBeingRespondedTo == msg_id):
-            status.Status = rsp.Status
-            for keyword in rsp.STATUS_OPTIONAL_KEYWORDS:
-                if getattr(rsp, keyword, None) is not None:
-                    setattr(status, keyword, getattr(rsp, keyword))
-        elif rsp is not None:
-            log.warning("unexpected answer to C-STORE %d: %r; aborting", msg_id, rsp)
-            self.assoc.abort()
-        return status
+        if (_u16(fields, 0x0100) == 0x8001 and _u16(fields, 0x0120) == msg_id
+                and 0x0900 in fields):
+            status.Status = _u16(fields, 0x0900)
+            if fields.get(0x0902):
+                status.ErrorComment = fields[0x0902].decode("ascii", "replace").strip(" \0")
+            return status
+        raise ConnectionError(f"the peer answered C-STORE {msg_id} with something else")
+
+
+def _command_fields(command: bytes) -> dict[int, bytes]:
+    """Element number -> value of a command set (group 0000, implicit VR little endian)."""
+    fields: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(command):
+        _group, elem, length = struct.unpack_from("<HHI", command, pos)
+        fields[elem] = command[pos + 8:pos + 8 + length]
+        pos += 8 + length
+    return fields
+
+
+def _u16(fields: dict[int, bytes], elem: int) -> int | None:
+    value = fields.get(elem)
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
 
 
 def _element(elem: int, value: bytes) -> bytes:
@@ -518,11 +568,13 @@ def _send_one(assoc: Association, item: Item, accepted: Accepted, fast: _Sender 
         if not hasattr(ds, "file_meta"):
             ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = UID(item.transfer_syntax)
+    if fast is not None:
+        fast.give()  # pynetdicom sends this one and reads its response itself
     try:
         return assoc.send_c_store(ds), None
     finally:
         if fast is not None:
-            fast.park()  # send_c_store lets the association's reactor run again
+            fast.take()
 
 
 def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
@@ -533,11 +585,14 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
     for cx in assoc.accepted_contexts:
         accepted.setdefault(str(cx.abstract_syntax), {}).setdefault(
             str(cx.transfer_syntax[0]), int(cx.context_id or 0))
+    missing: list[Item] = []
+    why_missing: str | None = None
     with _Sender(assoc, net.dimse_timeout) as sender:
-        fast = sender if sender.usable and dicomnet.version_ok() else None
+        fast = sender if sender.held and dicomnet.version_ok() else None
         for i, item in enumerate(items):
             if not assoc.is_established:
-                return items[i:], f"{peer} dropped the association"
+                missing, why_missing = items[i:], f"{peer} dropped the association"
+                break
             if item.sop_class not in accepted:
                 out.failed[item.sop_uid] = NO_CONTEXT
                 out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
@@ -548,14 +603,15 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
             try:
                 after = items[i + 1] if i + 1 < len(items) else None
                 status, why = _send_one(assoc, item, accepted, fast, after)
-            except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+            except (_FileError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
                 status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
-            except FileNotFoundError as exc:
-                status, why = None, ("unreadable", f"cannot be read: {exc}")
+            except TimeoutError:
+                missing, why_missing = items[i:], (f"{peer}: no C-STORE response within "
+                                                   f"{net.dimse_timeout:g}s")
+                break
             except (OSError, RuntimeError) as exc:  # the connection went away
-                if assoc.is_established:
-                    assoc.abort()
-                return items[i:], f"{peer}: connection lost: {exc}"
+                missing, why_missing = items[i:], f"{peer}: connection lost: {exc}"
+                break
             if why is not None:
                 out.failed[item.sop_uid] = why[0]
                 out.reasons[item.sop_uid] = f"{item.sop_uid} ({item.path.name}): {why[1]}"
@@ -565,10 +621,10 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
             assert status is not None
             if "Status" not in status:
                 # No answer within the DIMSE timeout, or the association dropped.
-                if assoc.is_established:
-                    assoc.abort()
-                return items[i:], (f"{peer}: no C-STORE response for {item.sop_uid} "
-                                   "(association aborted or DIMSE timeout)")
+                missing, why_missing = items[i:], (f"{peer}: no C-STORE response for "
+                                                   f"{item.sop_uid} (association aborted or "
+                                                   "DIMSE timeout)")
+                break
             code = int(status.Status)
             if code == 0x0000:
                 out.sent.append(item.sop_uid)
@@ -590,7 +646,9 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
                     f"status {_status_text(code)}" + (f": {comment}" if comment else ""))
                 if on_result:
                     on_result(item, "failed", code)
-    return [], None
+    if missing and assoc.is_established:
+        assoc.abort()  # whatever state the peer is in, this association is done
+    return missing, why_missing
 
 
 def store(peer: Peer, items: list[Item], net: NetSettings | None = None,
@@ -897,7 +955,7 @@ def _decide(station: Station, claim: Claim, data: dict[str, Any]) -> worker.Outc
                      next_attempt_at=data["next_attempt_at"])
         claim.move(Queue.SEND)
         return worker.Outcome.RETRY
-    for name, s in waiting.items():
+    for s in waiting.values():
         s["status"] = "failed"
         s["error"] = f"gave up after {attempts} tries: {s.get('error')}"
     failed = {n: s for n, s in states.items() if s.get("status") == "failed"}

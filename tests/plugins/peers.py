@@ -46,7 +46,8 @@ output folder, and returns when its port accepts connections. Options:
 A ``StoreSCP`` has ``aet``, ``host``, ``port``, ``out_dir``, ``log``, ``proc``, and methods
 ``files()`` (received files, sorted), ``sop_uids()`` (their SOP Instance UIDs, read from the
 file meta), ``wait_for_files(n, timeout=30)``, ``stop()``, ``kill()`` (SIGKILL, e.g. to drop
-an association halfway) and ``restart(out_dir=None)`` (same port, same options).
+an association halfway) and ``restart(out_dir=None, args=None)`` (same port; same options
+unless new extra ``args`` are given).
 
 ``orthanc`` and ``storescp`` are one ready-made peer each, for tests that need only one.
 """
@@ -60,9 +61,10 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -77,6 +79,16 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every process first (Orthanc takes seconds to stop), then wait for each
+    (SIGKILL after a deadline)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        stop_process(proc)
 
 
 def _fail_if_exited(proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
@@ -204,8 +216,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
         return peer
 
     yield start
-    for peer in started:
-        stop_process(peer.proc)
+    _stop_all([peer.proc for peer in started])
 
 
 @pytest.fixture
@@ -224,6 +235,7 @@ class StoreSCP:
     argv: list[str]
     env: dict[str, str]
     proc: subprocess.Popen[bytes]
+    fixed: int = 0  # argv[:fixed]: program, AE title, output folder, association config
     host: str = HOST
     history: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -254,13 +266,17 @@ class StoreSCP:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
-    def restart(self, out_dir: Path | None = None, timeout: float = 20.0) -> "StoreSCP":
-        """Start again on the same port with the same options (after stop() or kill())."""
+    def restart(self, out_dir: Path | None = None, args: list[str] | None = None,
+                timeout: float = 20.0) -> StoreSCP:
+        """Start again on the same port (after stop() or kill()), with the same options
+        unless ``out_dir`` or ``args`` (the extra storescp options) are given."""
         self.stop()
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.out_dir = out_dir
             self.argv[self.argv.index("-od") + 1] = str(out_dir)
+        if args is not None:
+            self.argv = self.argv[:self.fixed] + list(args) + [str(self.port)]
         self.history.append(self.proc)
         self.proc = _spawn_storescp(self.argv, self.env, self.log)
         _wait_storescp(self, timeout)
@@ -318,21 +334,20 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
             cfg = storescp_association_config(folder / "association.cfg", sop_classes,
                                               transfer_syntaxes or _DEFAULT_SYNTAXES)
             argv += ["-xf", str(cfg), "Only"]
+        fixed = len(argv)
         argv += list(args) + [str(port)]
         env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         if nodelay:
             env["TCP_NODELAY"] = "1"
         log = folder / "storescp.log"
         peer = StoreSCP(aet=aet, port=port, out_dir=out, log=log, argv=argv, env=env,
-                        proc=_spawn_storescp(argv, env, log))
+                        proc=_spawn_storescp(argv, env, log), fixed=fixed)
         started.append(peer)
         _wait_storescp(peer, timeout)
         return peer
 
     yield start
-    for peer in started:
-        for proc in [*peer.history, peer.proc]:
-            stop_process(proc)
+    _stop_all([proc for peer in started for proc in [*peer.history, peer.proc]])
 
 
 @pytest.fixture
