@@ -95,6 +95,7 @@ def main() -> int:
                 for name in ("storescu", "dts send"):
                     shutil.rmtree(rx)
                     rx.mkdir()
+                    os.sync()  # start each run without the previous run's dirty pages
                     secs = run_storescu(port, data, env) if name == "storescu" else \
                         run_dts(port, data, config, tmp / "spool")
                     got = sum(1 for _ in rx.iterdir())
