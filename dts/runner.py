@@ -343,7 +343,7 @@ def serve(station: Station, *, once: bool = False, job_ids: list[str] | None = N
     stop = stop or threading.Event()
     parallel = station.config.station.max_parallel_runs
     if once:
-        return _in_threads(parallel, lambda: _drain(station, proc, stop, _Seen()))
+        return _in_threads(parallel, lambda: _drain(station, proc, stop, _Seen()), stop)
     not_before: dict[str, float] = {}
     backoff = min(600.0, station.config.station.rescan_seconds)
 
@@ -359,7 +359,7 @@ def serve(station: Station, *, once: bool = False, job_ids: list[str] | None = N
             tally.merge(_drain(station, proc_later, stop, _Seen(not_before)))
             stop.wait(1.0)
         return tally
-    return _in_threads(parallel, loop)
+    return _in_threads(parallel, loop, stop)
 
 
 class _Seen:
@@ -397,7 +397,8 @@ def _drain(station: Station, proc: Callable[[Station, Claim], Outcome],
     return tally
 
 
-def _in_threads(n: int, body: Callable[[], Tally]) -> Tally:
+def _in_threads(n: int, body: Callable[[], Tally], stop: threading.Event) -> Tally:
+    """``body`` in ``n`` threads, tallies merged; an error in one stops them all."""
     if n <= 1:
         return body()
     results: list[Tally] = []
@@ -406,8 +407,9 @@ def _in_threads(n: int, body: Callable[[], Tally]) -> Tally:
     def target() -> None:
         try:
             results.append(body())
-        except BaseException as exc:  # pragma: no cover - surfaced below
+        except BaseException as exc:  # surfaced below, once the others have stopped
             errors.append(exc)
+            stop.set()
     threads = [threading.Thread(target=target, name=f"dts-run-{i}", daemon=True)
                for i in range(n)]
     for t in threads:
