@@ -41,7 +41,7 @@ from .executors import (
 )
 from .journal import Stage, Status
 from .provenance import register_produced
-from .spool import Claim, Job, Queue, dump_json, isotime
+from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
 from .station import Station
 from .validate import InputFacts, InvalidOutput, check_output, valid_uid
 from .worker import Outcome, Tally
@@ -228,6 +228,7 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     if checked.empty and stream.expect_output:
         return _fail(station, claim, "no-output", "the processing wrote nothing to its output "
                      "(set expect_output = false in the stream if that can be right)", run=run)
+    _sync_tree(job.output_dir)  # the processing wrote without fsync; the sender relies on it
     # Registered before the results can leave, so that our own objects coming back from
     # a PACS are always recognised.
     register_produced(station.spool, [o.sop_uid for o in checked.dicom], job.id)
@@ -244,6 +245,17 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     claim.move(Queue.SEND)
     log.info("%s: done, %d DICOM object(s) to send", job.id, len(checked.dicom))
     return Outcome.DONE
+
+
+def _sync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _forget_running(job: Job) -> None:
