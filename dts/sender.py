@@ -229,10 +229,6 @@ class Delivery:
     temporary: str | None = None   # why the rest is still missing (retry later)
     refused: str | None = None     # the peer refused the association for good
 
-    @property
-    def complete(self) -> bool:
-        return self.temporary is None and self.refused is None
-
 
 OnResult = Callable[[Item, str, int | None], None]  # item, "sent"|"warning"|"failed", status
 
@@ -946,12 +942,13 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     journal.emit(Stage.SEND, "send-started", Status.INFO,
                  f"try {attempts}: {len(items)} objects to {', '.join(names)}",
                  job=job, job_data=data)
-    handled: set[str] = set()
+    handled: set[str] = set()  # state keys of the stream's destinations as they are now
     for name in names:
         try:
             dest = resolve(station.config, name, data)
         except JobFailed as exc:
             states[name] = {"status": "failed", "sent": [], "failed": {}, "error": str(exc)}
+            handled.add(name)
             journal.emit(Stage.SEND, "destination-failed", Status.ERROR, str(exc), job=job,
                          job_data=data, destination=name)
             continue
@@ -968,12 +965,15 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         send = _send_folder if dest.is_folder else _send_dicom
         state["status"] = send(station, job, data, dest, state, items)
         job.write(data)
-    return _decide(station, claim, data)
+    return _decide(station, claim, data, handled)
 
 
-def _decide(station: Station, claim: Claim, data: dict[str, Any]) -> worker.Outcome:
+def _decide(station: Station, claim: Claim, data: dict[str, Any],
+            current: set[str]) -> worker.Outcome:
     job, journal, cfg = claim.job, station.journal, station.config.station
-    states: dict[str, dict[str, Any]] = data["destinations"]
+    # a destination no longer in the stream keeps its record but decides nothing
+    states: dict[str, dict[str, Any]] = {n: s for n, s in data["destinations"].items()
+                                         if n in current}
     waiting = {n: s for n, s in states.items() if s.get("status") == "retry"}
     attempts = int(data["attempts"])
     if waiting and attempts <= cfg.send_retries:

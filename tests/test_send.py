@@ -4,11 +4,12 @@ state, retries, refusals, folder destinations, and `dts send --to`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -16,7 +17,7 @@ from dts import sender
 from dts.config import StationConfig
 from dts.spool import Job, Queue, Spool, State, isotime, utcnow
 from dts.station import Station
-from tests.helpers import free_port, make_instance, run_dts, start_dts, stop_process
+from tests.helpers import free_port, make_instance, run_dts, start_dts, stop_process, wait_for
 from tests.plugins.peers import Orthanc, StoreSCP
 
 REPO = Path(__file__).resolve().parent.parent
@@ -443,3 +444,100 @@ def test_send_by_id_refuses_a_job_not_waiting(tmp_path: Path) -> None:
     proc = run_dts("send", job_id, config=cfg)
     assert proc.returncode == 2
     claim.move(Queue.SEND, State.NEW)
+
+
+# -- statuses, AE titles, serving ------------------------------------------------------------
+
+@pytest.fixture
+def status_scp() -> Iterator[Any]:
+    """A pynetdicom storage SCP answering chosen statuses per SOP Instance UID: Orthanc and
+    storescp cannot be made to answer a warning or a given failure code on demand."""
+    from types import SimpleNamespace
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    peer = SimpleNamespace(port=free_port(), aet="STATUS", statuses={}, received=[])
+
+    def handle(event: Any) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        peer.received.append(uid)
+        return int(peer.statuses.get(uid, 0x0000))
+
+    ae = AE("STATUS")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", peer.port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, handle)])
+    yield peer
+    server.shutdown()
+
+
+def test_warning_counts_as_delivered_and_failure_status_fails_the_instance(
+        tmp_path: Path, status_scp: Any) -> None:
+    spool = Spool(tmp_path / "spool")
+    cfg = write_config(tmp_path, dicom_destination("odd", (status_scp.aet, status_scp.port)),
+                       ["odd"])
+    job_id, uids, _ = queue_send_job(spool, n=3)
+    status_scp.statuses.update({uids[0]: 0xB000, uids[1]: 0xA900})
+    proc = run_dts("send", "--once", config=cfg)
+    assert proc.returncode == 1, proc.stderr
+    assert where(spool, job_id) == "failed"
+    assert status_scp.received == uids
+    state = job_data(spool, job_id)["destinations"]["odd"]
+    assert sorted(state["sent"]) == sorted([uids[0], uids[2]])
+    assert state["failed"] == {uids[1]: "0xA900"}
+    evs = events(spool, job_id)
+    warning = [e for e in evs if e["event"] == "store-warning"]
+    assert [(e["sop_uid"], e["dimse_status"], e["status"]) for e in warning] == [
+        (uids[0], "0xB000", "warning")]
+    failed = [e for e in evs if e["event"] == "store-failed"]
+    assert [(e["sop_uid"], e["dimse_status"]) for e in failed] == [(uids[1], "0xA900")]
+    assert "0xA900" in failed[0]["message"]
+
+
+def test_calling_ae_title_of_the_destination(tmp_path: Path,
+                                             orthanc_factory: Callable[..., Orthanc]) -> None:
+    pacs = orthanc_factory("PACS", modalities={"seg": ("DTS-SEG", "127.0.0.1", 104)},
+                           only_known_modalities=True)
+    known = dicom_destination("pacs", pacs) + 'calling_ae = "DTS-SEG"\n'
+    plain = dicom_destination("pacs-as-station", pacs)
+    spool = Spool(tmp_path / "spool")
+    cfg = write_config(tmp_path, known + plain, ["pacs"])
+    job_id, uids, _ = queue_send_job(spool, n=2)
+    assert run_dts("send", "--once", config=cfg).returncode == 0
+    assert pacs.sop_uids() == set(uids)
+    other = tmp_path / "other.dcm"
+    make_instance(other, study_uid="1.2.3", series_uid="1.2.3.4")
+    refused = run_dts("send", "--to", "pacs-as-station", str(other), config=cfg)
+    # Orthanc accepts the association of an unknown AE title, then aborts on its C-STORE
+    assert refused.returncode == 75, refused.stderr
+    assert "pacs-as-station" in refused.stderr and "A-ABORT" in refused.stderr
+    assert pacs.instance_count() == 2
+
+
+def test_send_to_folder_destination(tmp_path: Path) -> None:
+    out = tmp_path / "drop"
+    cfg = write_config(tmp_path, f'[[destination]]\nname = "drop"\nfolder = "{out}"\n', [])
+    src = make_instance(tmp_path / "in" / "a.dcm", study_uid="1.2.3", series_uid="1.2.3.4")
+    proc = run_dts("send", "--to", "drop", "--json", str(src.parent), config=cfg)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(json.loads(proc.stdout)["folder"])
+    assert folder.parent == out and [p.name for p in out.iterdir()] == [folder.name]
+    assert (folder / "a.dcm").read_bytes() == src.read_bytes()
+
+
+def test_serves_the_queue_until_stopped(tmp_path: Path, storescp: StoreSCP) -> None:
+    import signal as signals
+
+    spool = Spool(tmp_path / "spool")
+    cfg = write_config(tmp_path, dicom_destination("archive", storescp), ["archive"])
+    proc = start_dts("send", config=cfg, log=tmp_path / "serve.log")
+    try:
+        job_id, uids, _ = queue_send_job(spool, n=2)  # arrives while it is serving
+        wait_for(lambda: spool.locate(job_id) and where(spool, job_id) == "done", 30,
+                 what="the job to be sent")
+        assert storescp.sop_uids() == set(uids)
+        proc.send_signal(signals.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        stop_process(proc)
