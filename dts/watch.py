@@ -177,7 +177,15 @@ class Watch:
         for q in (Queue.CLASSIFY, Queue.SEND):
             for job_id in worker.recover(self.station, q):
                 self._say(f"recovered {q}/{job_id}")
-        for job_id in worker.recover(self.station, Queue.RUN, runner.on_recovered):
+        def stop_orphans(job: Job) -> None:
+            before = len(job.read().get("orphans_stopped") or [])
+            runner.on_recovered(job)
+            stopped = (job.read().get("orphans_stopped") or [])[before:]
+            if stopped:
+                self.station.journal.emit(Stage.RUN, "orphan-stopped", Status.WARNING,
+                                          f"stopped {', '.join(stopped)} left by a dts that "
+                                          "died", job=job)
+        for job_id in worker.recover(self.station, Queue.RUN, stop_orphans):
             self._say(f"recovered run/{job_id}")
 
     def _start_workers(self) -> None:

@@ -189,6 +189,8 @@ def test_kill_9_mid_run_then_restart_finishes_everything_once(
     assert {t["PatientID"] for t in srs.values()} == {"PAT-K0", "PAT-K1", "PAT-K2"}
     recovered = [e["job"] for e in read_events(spool, EventFilter(event="recovered"))]
     assert set(running) <= set(recovered)
+    stopped = [e["job"] for e in read_events(spool, EventFilter(event="orphan-stopped"))]
+    assert sorted(stopped) == sorted(running)
     for j in running:  # the killed run's process was stopped, not left to write its result
         assert json.loads((spool.dir(Queue.DONE) / j / "job.json").read_text())[
             "orphans_stopped"]
