@@ -302,3 +302,25 @@ def test_live_status_line_on_a_terminal(tmp_path: Path) -> None:
         assert stop_process(proc, signal.SIGTERM) == 0
         os.close(main)
     assert b"done 0  failed 0  unmatched 0" in out
+
+
+def test_requeue_while_watch_runs_reprocesses_at_once(watch: Station, tmp_path: Path) -> None:
+    spool = watch.spool
+    watch.start("--no-receive")
+    study = make_study(tmp_path / "study", n_series=1, per_series=2, accession="RQ-1")
+    jid = queue_study(spool, tmp_path / "study", study, accession="RQ-1")
+    wait_for(lambda: _done(spool, jid), 60, what="the first pass")
+    child = f"{jid}.series-statistics"
+    report = tmp_path / "reports" / child / "statistics.json"
+    first = report.stat().st_ino
+    proc = run_dts("requeue", child, "--to", "run", config=watch.config,
+                   env={"SUDO_USER": "dr-who"})
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: len(watch.events(job=child, event="sent")) == 2, 60,
+             what="the requeued job to be run and sent again")
+    assert child in spool.list(Queue.DONE)
+    assert report.stat().st_ino != first  # delivered anew
+    events = [e["event"] for e in watch.events(job=child)]
+    assert events.index("requeued") < len(events) - events[::-1].index("finished") - 1
+    assert list((spool.dir(Queue.DONE) / child / "previous").iterdir())
+    assert watch.stop() == 0
