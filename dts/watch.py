@@ -120,7 +120,7 @@ class Watch:
         self.db_up: bool | None = None
         self.started_at = time.time()
         self._lock = threading.Lock()
-        self._not_before: dict[str, float] = {}  # run jobs that hit an engine outage
+        self._not_before: dict[str, float] = {}  # jobs paused after a temporary failure
         self._threads: list[threading.Thread] = []
         self._helpers: list[threading.Thread] = []
         self._locks: list[ServiceLock] = []
@@ -238,11 +238,13 @@ class Watch:
             due = next_due(self.station)
             if due is not None:
                 timeout = min(timeout, due + 0.01)
-        if name == "run" and self._not_before:
-            with self._lock:
-                soonest = min(self._not_before.values(), default=None)
-            if soonest is not None:
-                timeout = min(timeout, max(0.05, soonest - time.monotonic()))
+        now = time.monotonic()
+        with self._lock:
+            for job_id in [j for j, t in self._not_before.items() if t <= now]:
+                del self._not_before[job_id]  # paused long enough (or gone elsewhere)
+            soonest = min(self._not_before.values(), default=None)
+        if soonest is not None:  # wake when a paused job may be tried again
+            timeout = min(timeout, max(0.05, soonest - now))
         return max(0.01, timeout)
 
     def _worker(self, name: str, queue: Queue, process: worker.Process,
@@ -290,14 +292,17 @@ class Watch:
                            for j in spool.list(queue, State.NEW))
             seen.add(claim.id)
             outcome = self._process(state, claim, process)
-            if queue is Queue.RUN:
-                with self._lock:
-                    if outcome is Outcome.RETRY and not self.cancel.is_set():
-                        # the engine is down: give it time before trying again
-                        self._not_before[claim.id] = time.monotonic() + min(
-                            600.0, self.cfg.rescan_seconds)
-                    else:
-                        self._not_before.pop(claim.id, None)
+            with self._lock:
+                if outcome is Outcome.RETRY and not self.cancel.is_set():
+                    # Back in new/ for a temporary reason (engine down, rules unusable, an
+                    # unexpected error): its own move back must not wake us into a tight
+                    # loop. The sender's retries have their due time; this pause is shorter.
+                    pause = min(600.0, self.cfg.rescan_seconds)
+                    if queue is Queue.SEND:
+                        pause = min(pause, self.cfg.send_backoff / 2)
+                    self._not_before[claim.id] = time.monotonic() + pause
+                else:
+                    self._not_before.pop(claim.id, None)
         return False
 
     def _process(self, state: StageState, claim: Claim, process: worker.Process) -> Outcome:

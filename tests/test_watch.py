@@ -324,3 +324,46 @@ def test_requeue_while_watch_runs_reprocesses_at_once(watch: Station, tmp_path: 
     assert events.index("requeued") < len(events) - events[::-1].index("finished") - 1
     assert list((spool.dir(Queue.DONE) / child / "previous").iterdir())
     assert watch.stop() == 0
+
+
+def test_a_job_put_back_for_a_temporary_reason_is_not_retried_in_a_loop(tmp_path: Path) -> None:
+    """The classifier puts jobs back while its rule file is broken; watch must not take
+    them again at once (its own move back into new/ wakes it), only after a pause."""
+    from watchdog.observers import Observer
+
+    rules = tmp_path / "rules.json"
+    rules.write_text((REPO / "configuration" / "classifyRules.json").read_text())
+    config = station_config(tmp_path, port=free_port())
+    config.write_text(config.read_text().replace(
+        str(REPO / "configuration" / "classifyRules.json"), str(rules)))
+    st = Station(tmp_path, config)
+    spool = st.spool
+    moves: list[float] = []
+
+    class Count:
+        def dispatch(self, event: Any) -> None:
+            if event.event_type in ("created", "moved"):  # the job back in new/
+                moves.append(time.monotonic())
+    observer = Observer()
+    observer.schedule(Count(), str(spool.dir(Queue.CLASSIFY, State.NEW)))  # type: ignore
+    observer.start()
+    try:
+        st.start("--no-receive")
+        rules.write_text("{ broken")
+        study = make_study(tmp_path / "study", n_series=1, per_series=2)
+        jid = queue_study(spool, tmp_path / "study", study)
+        wait_for(lambda: st.events(event="rules-error"), 20, what="the rules error")
+        moves.clear()
+        wait_for(lambda: len(moves) >= 3, 20, what="the job taken and put back twice more")
+        # paused in between (rescan_seconds = 2), not retried in a tight loop
+        assert moves[2] - moves[1] > 1.0, [b - a for a, b in zip(moves, moves[1:])]
+        assert jid in spool.list(Queue.CLASSIFY, State.NEW) + spool.list(Queue.CLASSIFY,
+                                                                          State.CUR)
+        rules.write_text((REPO / "configuration" / "classifyRules.json").read_text())
+        wait_for(lambda: _done(spool, jid), 30, what="the job once the rules are fixed")
+        assert st.stop() == 0
+    finally:
+        observer.stop()
+        observer.join(5)
+        if st.proc is not None:
+            stop_process(st.proc, signal.SIGKILL)
