@@ -356,7 +356,7 @@ def test_a_job_put_back_for_a_temporary_reason_is_not_retried_in_a_loop(tmp_path
         moves.clear()
         wait_for(lambda: len(moves) >= 3, 20, what="the job taken and put back twice more")
         # paused in between (rescan_seconds = 2), not retried in a tight loop
-        assert moves[2] - moves[1] > 1.0, [b - a for a, b in zip(moves, moves[1:])]
+        assert moves[2] - moves[1] > 1.0, [moves[i + 1] - moves[i] for i in range(len(moves) - 1)]
         assert jid in spool.list(Queue.CLASSIFY, State.NEW) + spool.list(Queue.CLASSIFY,
                                                                           State.CUR)
         rules.write_text((REPO / "configuration" / "classifyRules.json").read_text())
