@@ -236,11 +236,14 @@ def read_db_events(config: Config, flt: EventFilter) -> Iterable[dict[str, Any]]
         raise UsageError(f"{config.path}: no [journal] url configured; 'dts log' without "
                          "--db reads the spool's journal")
     db = JournalDB(url)
+    return _stream(db, flt)
+
+
+def _stream(db: JournalDB, flt: EventFilter) -> Iterator[dict[str, Any]]:
     sa = _sqlalchemy()
     try:
-        # materialize, so that a database going away surfaces here as exit 75
-        return list(db.select(flt))
-    except sa.exc.OperationalError as exc:
+        yield from db.select(flt)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
         raise TemporaryFailure(f"journal database {redact(db.url)} unreachable: "
                                f"{_short(exc)}") from None
     finally:
@@ -339,6 +342,13 @@ class Shipper:
         for name, path in present.items():
             if stop is not None and stop():
                 break
+            c = files.get(name)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if c is not None and c["ino"] == st.st_ino and c["offset"] == st.st_size:
+                continue  # nothing new (the common case: every day but today)
             try:
                 fh = open(path, "rb")
             except FileNotFoundError:
