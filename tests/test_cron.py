@@ -83,7 +83,7 @@ destinations = {destinations}
 
 # -- cron ---------------------------------------------------------------------------------
 
-def parse_crontab(path: Path) -> tuple[dict[str, str], list[str]]:
+def parse_crontab(path: Path, user: str = "dts") -> tuple[dict[str, str], list[str]]:
     """Variables and the command part of every active /etc/cron.d-style line."""
     env: dict[str, str] = {}
     commands: list[str] = []
@@ -97,7 +97,7 @@ def parse_crontab(path: Path) -> tuple[dict[str, str], list[str]]:
             continue
         fields = line.split(None, 6)
         assert len(fields) == 7, f"not a cron.d line (5 time fields, user, command): {raw}"
-        assert fields[5] == "dts", raw
+        assert fields[5] == user, raw
         commands.append(fields[6])
     return env, commands
 
@@ -305,3 +305,46 @@ def _tools() -> None:
     for tool in ("/usr/bin/flock", "/usr/sbin/logrotate"):
         assert os.path.exists(tool), f"{tool} is missing: make system-deps installs it"
     wait_for(lambda: DTS_BIN.exists(), 1, what="the dts entry point of the venv")
+
+
+# -- bin/dts-install -----------------------------------------------------------------------
+
+def test_dts_install_fills_in_this_hosts_paths(tmp_path: Path) -> None:
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    root, spool_dir = tmp_path / "root", tmp_path / "srv" / "spool"
+    proc = subprocess.run([str(REPO / "bin" / "dts-install"), "--root", str(root), "--user", user,
+                           "--config", "/etc/dts/dts.toml", "--spool", str(spool_dir), "--cron"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "systemctl" in proc.stderr
+    units = root / "etc" / "systemd" / "system"
+    assert sorted(p.name for p in units.iterdir()) == sorted(p.name for p in SYSTEMD.iterdir())
+    watch = _sections((units / "dts-watch.service").read_text())["Service"]
+    assert watch["ExecStart"][0].startswith(f"{REPO}/.venv/bin/dts watch")
+    assert watch["User"] == [user] and watch["ReadWritePaths"] == [str(spool_dir.parent)]
+    assert f"DTS_SPOOL={spool_dir}" in watch["Environment"]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is not None:
+        names = sorted(p.name for p in units.iterdir())
+        check = subprocess.run([analyze, "verify", "--man=no", *names], cwd=units,
+                               capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0 and "Unknown key" not in check.stderr, check.stderr
+    assert f"{spool_dir}/log/*.jsonl" in (root / "etc" / "logrotate.d" / "dts").read_text()
+    # the configuration it wrote loads, with the spool given
+    config = root / "etc" / "dts" / "dts.toml"
+    st = json.loads(subprocess.run([str(DTS_BIN), "--config", str(config), "status", "--json"],
+                                   capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert st["spool"] == str(spool_dir)
+    # and its cron line moves a study through (only the configuration's place differs)
+    env, commands = parse_crontab(root / "etc" / "cron.d" / "dts", user)
+    env.update(DTS_CONFIG=str(config), HOME=str(tmp_path))
+    spool = Spool(spool_dir).ensure()
+    study = make_study(tmp_path / "study", n_series=1, per_series=2)
+    jid = queue_study(spool, tmp_path / "study", study)
+    line = next(c for c in commands if "classify --once" in c)
+    run = subprocess.run(["/bin/sh", "-c", line], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert f"{jid}.series-statistics" in spool.list(Queue.DONE)
