@@ -491,8 +491,14 @@ class Receiver:
         with self._publish_lock:
             now = time.monotonic()
             ready: list[_Study] = []
+            server = self._server
+            # An association whose close we somehow missed must not hold a study forever.
+            live = {id(a) for a in server.active_associations} if server is not None else set()
             with self._lock:
                 for uid, st in list(self._studies.items()):
+                    if st.assocs - live:
+                        st.assocs &= live
+                        st.last = max(st.last, now)
                     if st.active or st.assocs or uid in self._moving:
                         continue
                     if not force and now - st.last < self.cfg.stable_seconds:

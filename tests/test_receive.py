@@ -470,3 +470,16 @@ def test_tls_station_answers_tls_echo_only(start_receiver: Any, tmp_path: Path) 
     plain = subprocess.run([ECHOSCU, "-aec", "DTS", "127.0.0.1", str(rx.port)],
                            capture_output=True, timeout=30, check=False)
     assert plain.returncode != 0
+
+
+def test_aborted_association_keeps_what_was_acknowledged(start_receiver: Any,
+                                                          tmp_path: Path) -> None:
+    rx = start_receiver()
+    study = make_study(tmp_path / "exam", n_series=1, per_series=3)
+    files = sorted(next(study["folder"].iterdir()).iterdir())
+    assoc = _scu(rx.port)
+    for f in files[:2]:
+        assert assoc.send_c_store(f).Status == 0
+    assoc.abort()
+    (job,) = rx.wait_jobs(1)
+    assert set().union(*_input_sops(job).values()) == {f.stem for f in files[:2]}
