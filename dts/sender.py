@@ -22,6 +22,7 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -276,6 +277,9 @@ def _groups(items: list[Item]) -> list[list[Item]]:
     return [g for g in groups if g]
 
 
+# A peer that leaves Nagle's algorithm on (dcmtk by default) sends the end of a response
+# only once we acknowledge its start; acknowledge at once instead of ~40 ms later.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 _PDV_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF: type, reserved, length; PDV: length, id, flags
 _SEND_CHUNK = 1 << 20
 
@@ -433,6 +437,11 @@ class _Sender:
         view = memoryview(buf)
         got = 0
         while got < n:
+            if _QUICKACK is not None:  # not sticky: re-armed before every read
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                except OSError:
+                    pass
             k = self.sock.recv_into(view[got:], n - got)
             if not k:
                 raise ConnectionError("the peer closed the connection")
