@@ -335,6 +335,8 @@ class _Sender:
 
     def take(self) -> None:
         """Park the association's reactor and keep the DUL thread off the socket."""
+        if not dicomnet.version_ok():
+            return  # internals of another pynetdicom: leave everything to it
         assoc = self.assoc
         assoc._reactor_checkpoint.clear()
         deadline = time.monotonic() + 5
@@ -625,7 +627,7 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
     missing: list[Item] = []
     why_missing: str | None = None
     with _Sender(assoc, net.dimse_timeout) as sender:
-        fast = sender if sender.held and dicomnet.version_ok() else None
+        fast = sender if sender.held else None
         for i, item in enumerate(items):
             if not assoc.is_established:
                 missing, why_missing = items[i:], f"{peer} dropped the association"

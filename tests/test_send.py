@@ -541,3 +541,33 @@ def test_serves_the_queue_until_stopped(tmp_path: Path, storescp: StoreSCP) -> N
         assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
     finally:
         stop_process(proc)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_fast_path_and_pynetdicom_fallback_deliver_the_same(
+        tmp_path: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch,
+        pinned: bool) -> None:
+    """With the pinned pynetdicom the sender writes and reads PDUs itself; with any other
+    version it leaves the exchange to pynetdicom's send_c_store. Both must deliver."""
+    from dts import dicomnet
+
+    calls = {"fast": 0}
+    original = sender._Sender.store
+
+    def counting(self: Any, *args: Any) -> Any:
+        calls["fast"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(sender._Sender, "store", counting)
+    if not pinned:
+        monkeypatch.setattr(dicomnet, "version_ok", lambda: False)
+    folder = tmp_path / "in"
+    uids = {str(dcmread(make_instance(folder / f"{i}.dcm", study_uid="1.2.3",
+                                      series_uid="1.2.3.4", instance_number=i + 1,
+                                      rows=64, cols=64)).SOPInstanceUID) for i in range(20)}
+    items, _ = sender.scan([folder])
+    peer = sender.Peer("archive", storescp.aet, "127.0.0.1", storescp.port, "DTS")
+    result = sender.store(peer, items, sender.NetSettings(dimse_timeout=10))
+    assert result.temporary is None and result.refused is None and not result.failed
+    assert set(result.sent) == uids == storescp.sop_uids()
+    assert calls["fast"] == (20 if pinned else 0)
