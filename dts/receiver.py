@@ -83,7 +83,7 @@ def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag > 0x0020000E
 
 
-def read_header(path: Path) -> dict[str, str | None]:
+def read_header(path: Path | str) -> dict[str, str | None]:
     """The UIDs, patient id and accession of a DICOM file, reading no further than the
     Series Instance UID (pixel data is never touched). ValueError if it is not DICOM."""
     try:
@@ -193,6 +193,8 @@ class Receiver:
         self._server: Any = None
         self._checker: threading.Thread | None = None
         self._free_checked = 0.0
+        self._incoming = str(self.spool.incoming)
+        self._tmp = str(self.spool.tmp)
         self._free_ok = True
 
     # -- life cycle -----------------------------------------------------------
@@ -332,11 +334,12 @@ class Receiver:
         req = event.request
         own_tmp: Path | None = None
         try:
-            path = Path(event.dataset_path)
+            path = str(event.dataset_path)
         except AttributeError:  # pynetdicom kept it in memory: write it ourselves
-            own_tmp = path = self.spool.tmp / f".rx-{os.getpid()}-{threading.get_ident()}.dcm"
+            own_tmp = self.spool.tmp / f".rx-{os.getpid()}-{threading.get_ident()}.dcm"
+            path = str(own_tmp)
             try:
-                write_file_durably(path, event.encoded_dataset())
+                write_file_durably(own_tmp, event.encoded_dataset())
             except OSError as exc:
                 return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", None)
         try:
@@ -345,7 +348,7 @@ class Receiver:
             if own_tmp is not None:
                 own_tmp.unlink(missing_ok=True)
 
-    def _store(self, conn: Connection, assoc_key: int, req: Any, path: Path,
+    def _store(self, conn: Connection, assoc_key: int, req: Any, path: str,
                *, synced: bool) -> int:
         try:
             header = read_header(path)
@@ -373,25 +376,27 @@ class Receiver:
                     fh.flush()
                     os.fsync(fh.fileno())
                 else:
-                    _fsync_path(path)
+                    _fsync_path(Path(path))
             st = self._enter(study_uid, assoc_key, conn, header)
         except OSError as exc:
             return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
         try:
-            study_dir = self.spool.incoming / study_uid
-            series_dir = study_dir / series_uid
+            # plain strings: this runs once per instance, pathlib costs show up here
+            study_dir = os.path.join(self._incoming, study_uid)
+            series_dir = os.path.join(study_dir, series_uid)
             if series_uid not in st.series:
-                series_dir.mkdir(exist_ok=True)
-                fsync_dir(study_dir)
+                os.makedirs(series_dir, exist_ok=True)
+                _fsync_dir(study_dir)
                 st.series.add(series_uid)
-            if path.parent == self.spool.tmp:
-                os.rename(path, series_dir / f"{sop_uid}.dcm")
+            dest = os.path.join(series_dir, sop_uid + ".dcm")
+            if os.path.dirname(path) == self._tmp:
+                os.rename(path, dest)
             else:  # a receive folder elsewhere: copy through tmp/
-                tmp = self.spool.tmp / f".rx-copy-{sop_uid}"
+                tmp = os.path.join(self._tmp, f".rx-copy-{sop_uid}")
                 shutil.copyfile(path, tmp)
-                _fsync_path(tmp)
-                os.rename(tmp, series_dir / f"{sop_uid}.dcm")
-            fsync_dir(series_dir)
+                _fsync_path(Path(tmp))
+                os.rename(tmp, dest)
+            _fsync_dir(series_dir)
         except OSError as exc:
             self._leave(st, None)
             return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
@@ -641,6 +646,14 @@ def _ae_text(value: object) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value or "").strip()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_path(path: Path) -> None:
