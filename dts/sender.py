@@ -354,6 +354,9 @@ class _Sender:
             assoc._reactor_checkpoint.set()
             return
         wrapper.__class__ = _QuietSocket
+        # A DUL loop that looked at the socket just before the swap is done with it well
+        # within this pause; nothing is expected from the peer until we send.
+        time.sleep(0.005)
         self.sock.settimeout(self.timeout)
         self.held = True
 

@@ -1,10 +1,10 @@
 """Benchmark: ``dts send --to`` against dcmtk ``storescu``, both into the same dcmtk ``storescp``.
 
-One synthetic CT study (1,000 images of 512x512, 16 bit, ≈0.5 MB each by default) is sent
-to one storescp (writing files, ``-od``) over one association, alternately by
-``dts send --to`` and by ``/usr/bin/storescu``, ``--runs`` times each; the medians of
-images/s and their ratio are printed (target: dts ≥ 0.8 × storescu). Both dcmtk programs
-run with ``TCP_NODELAY=1`` in their environment (dcmtk leaves Nagle's algorithm on
+One synthetic CT study (``tests.bench.data``: 1,000 images of 512x512, 16 bit, ≈0.5 MB
+each by default) is sent to one storescp (writing files, ``-od``) over one association,
+alternately by ``dts send --to`` and by ``/usr/bin/storescu``, ``--runs`` times each, each
+timed as a whole command (start-up included); the medians of images/s and their ratio are
+printed (target: dts ≥ 0.8 × storescu). Both dcmtk programs run with ``TCP_NODELAY=1`` in their environment (dcmtk leaves Nagle's algorithm on
 otherwise, see PERFORMANCE.md); ``--no-nodelay`` measures the dcmtk defaults instead.
 Only 127.0.0.1 is used.
 
@@ -23,30 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import DTS, REPO, STORESCP, STORESCU, free_port, make_instance, wait_port
-
-
-def make_data(folder: Path, images: int, size: int) -> Path:
-    """The benchmark study: ``tests.bench.data`` when present, else made here."""
-    try:
-        from tests.bench import data as shared  # type: ignore[attr-defined]
-        maker = getattr(shared, "make_study", None) or getattr(shared, "make_ct_study", None)
-    except ImportError:
-        maker = None
-    if maker is not None:
-        try:
-            maker(folder, images=images, size=size)
-            if sum(1 for _ in folder.rglob("*.dcm")) >= images:
-                return folder
-        except TypeError:
-            shutil.rmtree(folder, ignore_errors=True)
-    from pydicom.uid import generate_uid
-
-    study, series = generate_uid(), generate_uid()
-    for i in range(images):
-        make_instance(folder / f"{i:05d}.dcm", study_uid=study, series_uid=series,
-                      instance_number=i + 1, rows=size, cols=size)
-    return folder
+from tests.bench.data import make_study
+from tests.helpers import DTS, REPO, STORESCP, STORESCU, free_port, wait_port
 
 
 def run_storescu(port: int, data: Path, env: dict[str, str]) -> float:
@@ -78,7 +56,9 @@ def main() -> int:
         env["TCP_NODELAY"] = "1"
     with tempfile.TemporaryDirectory(prefix="bench-send-") as tmp_text:
         tmp = Path(tmp_text)
-        data = make_data(tmp / "study", args.images, args.size)
+        # the study is kept between benchmark runs (make_study reuses it when unchanged)
+        data = make_study(Path(tempfile.gettempdir()) / f"dts-bench-study-{args.images}-"
+                          f"{args.size}", images=args.images, size=args.size)
         n = sum(1 for p in data.rglob("*") if p.is_file())
         rx = tmp / "received"
         rx.mkdir()
