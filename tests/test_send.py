@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from dts import sender
+from dts import cstore, sender
 from dts.config import StationConfig
 from dts.spool import Job, Queue, Spool, State, isotime, utcnow
 from dts.station import Station
@@ -324,11 +324,11 @@ def test_objects_go_as_encoded_or_converted_only_when_needed(
 
 
 def test_proposes_each_syntax_plus_an_uncompressed_fallback() -> None:
-    items = [sender.Item(Path("a"), "1.1", CT, ExplicitVRLittleEndian),
-             sender.Item(Path("b"), "1.2", CT, RLELossless),
-             sender.Item(Path("c"), "1.3", SC, ImplicitVRLittleEndian)]
+    items = [cstore.Item(Path("a"), "1.1", CT, ExplicitVRLittleEndian),
+             cstore.Item(Path("b"), "1.2", CT, RLELossless),
+             cstore.Item(Path("c"), "1.3", SC, ImplicitVRLittleEndian)]
     proposed = [(str(cx.abstract_syntax), [str(t) for t in cx.transfer_syntax])
-                for cx in sender.propose(items)]
+                for cx in cstore.propose(items)]
     assert proposed == [(CT, [ExplicitVRLittleEndian]), (CT, [RLELossless]),
                         (CT, [ImplicitVRLittleEndian]),
                         (SC, [ImplicitVRLittleEndian]), (SC, [ExplicitVRLittleEndian])]
@@ -344,7 +344,7 @@ def test_header_reading_agrees_with_pydicom() -> None:
             meta = read_file_meta_info(path)
         except Exception:  # noqa: BLE001 - pydicom's deliberately broken samples
             continue
-        item = sender.read_item(path)
+        item = cstore.read_item(path)
         if not meta.get("MediaStorageSOPInstanceUID") or item is None or not item.has_meta:
             continue
         assert (item.sop_uid, item.sop_class, item.transfer_syntax) == (
@@ -366,7 +366,7 @@ def test_command_set_matches_pynetdicom() -> None:
         req._dataset_path = (Path("x"), 0)
         msg = C_STORE_RQ()
         msg.primitive_to_message(req)
-        assert sender.c_store_command(513, CT, uid) == encode(msg.command_set, True, True)
+        assert cstore.c_store_command(513, CT, uid) == encode(msg.command_set, True, True)
 
 
 # -- backoff and due time -------------------------------------------------------------------------
@@ -552,22 +552,22 @@ def test_fast_path_and_pynetdicom_fallback_deliver_the_same(
     from dts import dicomnet
 
     calls = {"fast": 0}
-    original = sender._Sender.store
+    original = cstore._Sender.store
 
     def counting(self: Any, *args: Any) -> Any:
         calls["fast"] += 1
         return original(self, *args)
 
-    monkeypatch.setattr(sender._Sender, "store", counting)
+    monkeypatch.setattr(cstore._Sender, "store", counting)
     if not pinned:
         monkeypatch.setattr(dicomnet, "version_ok", lambda: False)
     folder = tmp_path / "in"
     uids = {str(dcmread(make_instance(folder / f"{i}.dcm", study_uid="1.2.3",
                                       series_uid="1.2.3.4", instance_number=i + 1,
                                       rows=64, cols=64)).SOPInstanceUID) for i in range(20)}
-    items, _ = sender.scan([folder])
-    peer = sender.Peer("archive", storescp.aet, "127.0.0.1", storescp.port, "DTS")
-    result = sender.store(peer, items, sender.NetSettings(dimse_timeout=10))
+    items, _ = cstore.scan([folder])
+    peer = cstore.Peer("archive", storescp.aet, "127.0.0.1", storescp.port, "DTS")
+    result = cstore.store(peer, items, cstore.NetSettings(dimse_timeout=10))
     assert result.temporary is None and result.refused is None and not result.failed
     assert set(result.sent) == uids == storescp.sop_uids()
     assert calls["fast"] == (20 if pinned else 0)

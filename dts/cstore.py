@@ -1,0 +1,695 @@
+"""Owns the C-STORE requestor: DICOM objects on disk delivered to a peer, fast.
+
+``store(peer, items)`` opens one association proposing exactly the presentation contexts
+the objects need (each object's own SOP class and transfer syntax, plus an uncompressed
+fallback per class), sends every object as encoded on disk (decoding only when the peer
+accepted nothing but another transfer syntax), and says per instance what happened:
+delivered, delivered with a warning, refused (with the status), or still missing because
+the association broke (why). A dropped association that had made progress is reopened a
+few times within one call. Retries over time, state and events are the send stage's
+(``dts.sender``).
+
+Speed: the exchange of C-STORE requests and responses on an established association is
+done here (``_Sender``), not by pynetdicom's per-fragment machinery; association,
+release and abort stay pynetdicom's (tuned by ``dts.dicomnet``). With a pynetdicom other
+than the pinned one, pynetdicom's ``send_c_store`` does it all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config
+from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.transport import AssociationSocket
+
+from . import dicomnet
+from .config import StationConfig
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128  # presentation contexts one association can propose (odd ids 1..255)
+NO_CONTEXT = "no-context"  # a failed instance's status when the peer accepted no context
+RECONNECTS = 3  # new associations within one try, as long as each one made progress
+# -- what is sent -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One DICOM object to deliver, as found on disk."""
+
+    path: Path
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    has_meta: bool = True  # file meta present: it can be streamed from disk as encoded
+
+
+def _meta_fields(path: Path) -> dict[int, str] | None:
+    """The file meta elements of a DICOM file, read without pydicom (it is the cost of
+    ``dts send --to`` over thousands of files); None if the file is not laid out as the
+    standard says (pydicom then looks)."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+        if len(head) < 144 or head[128:138] != b"DICM\x02\x00\x00\x00UL":
+            return None
+        meta = fh.read(struct.unpack_from("<I", head, 140)[0])
+    fields: dict[int, str] = {}
+    pos = 0
+    while pos + 8 <= len(meta):
+        group, elem = struct.unpack_from("<HH", meta, pos)
+        vr = meta[pos + 4:pos + 6]
+        if group != 0x0002:
+            return None
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length, pos = struct.unpack_from("<I", meta, pos + 8)[0], pos + 12
+        else:
+            length, pos = struct.unpack_from("<H", meta, pos + 6)[0], pos + 8
+        if vr == b"UI":
+            fields[elem] = meta[pos:pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos += length
+    return fields if pos == len(meta) else None
+
+
+def read_item(path: Path) -> Item | None:
+    """The identity of a DICOM file from its header; None for a file that is not DICOM."""
+    try:
+        fields = _meta_fields(path)
+        if fields and fields.get(0x0002) and fields.get(0x0003) and fields.get(0x0010):
+            return Item(path, fields[0x0003], fields[0x0002], fields[0x0010])
+    except (OSError, struct.error):
+        pass
+    try:
+        meta = read_file_meta_info(path)
+        uid, cls, ts = (meta.get("MediaStorageSOPInstanceUID"),
+                        meta.get("MediaStorageSOPClassUID"), meta.get("TransferSyntaxUID"))
+        if uid and cls and ts:
+            return Item(path, str(uid), str(cls), str(ts))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        pass
+    try:  # no (complete) file meta: a bare data set, read up to the pixels only
+        ds = dcmread(path, stop_before_pixels=True, force=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        uid, cls = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+        if not (uid and cls):
+            return None
+        implicit = ds.original_encoding[0]
+        ts = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
+        return Item(path, str(uid), str(cls), str(ts), has_meta=False)
+    except Exception:  # anything pydicom cannot make sense of is simply not DICOM
+        return None
+
+
+def collect_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files named, and files under folders named, in a stable order."""
+    for p in paths:
+        if p.is_dir():
+            for dirpath, dirnames, files in os.walk(p):
+                dirnames.sort()
+                for name in sorted(files):
+                    yield Path(dirpath) / name
+        elif p.is_file():
+            yield p
+        else:
+            raise UsageError(f"no such file or folder: {p}")
+
+
+def scan(paths: Iterable[Path]) -> tuple[list[Item], list[Path]]:
+    """DICOM objects (first file of each SOP Instance UID) and the other files."""
+    items: list[Item] = []
+    other: list[Path] = []
+    seen: set[str] = set()
+    for f in collect_files(paths):
+        item = read_item(f)
+        if item is None:
+            other.append(f)
+        elif item.sop_uid not in seen:
+            seen.add(item.sop_uid)
+            items.append(item)
+    return items, other
+
+
+# -- DICOM delivery ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM node to store to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def of(cls, station: StationConfig) -> NetSettings:
+        return cls(acse_timeout=min(station.network_timeout, 30.0),
+                   dimse_timeout=station.dimse_timeout, network_timeout=station.network_timeout,
+                   connect_timeout=min(station.network_timeout, 10.0))
+
+
+@dataclass
+class Delivery:
+    """What one try to deliver a set of objects to one DICOM peer achieved."""
+
+    sent: list[str] = field(default_factory=list)
+    warnings: dict[str, int] = field(default_factory=dict)   # delivered with a warning
+    failed: dict[str, str] = field(default_factory=dict)     # SOPInstanceUID -> status
+    reasons: dict[str, str] = field(default_factory=dict)    # SOPInstanceUID -> why
+    temporary: str | None = None   # why the rest is still missing (retry later)
+    refused: str | None = None     # the peer refused the association for good
+
+
+OnResult = Callable[[Item, str, int | None], None]  # item, "sent"|"warning"|"failed", status
+
+
+def tune() -> None:
+    """pynetdicom as dts wants it for sending (idempotent)."""
+    dicomnet.tune()  # short reactor polls, TCP_NODELAY and TCP_QUICKACK
+    # Stream files from disk as encoded instead of decoding and re-encoding them.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def propose(items: Iterable[Item]) -> list[PresentationContext]:
+    """Exactly the presentation contexts these objects need: one per SOP class and
+    transfer syntax they are in (so the peer can accept each as it is), plus one
+    uncompressed fallback per SOP class."""
+    syntaxes: dict[str, list[str]] = {}
+    for it in items:
+        ts = syntaxes.setdefault(it.sop_class, [])
+        if it.transfer_syntax not in ts:
+            ts.append(it.transfer_syntax)
+    contexts: list[PresentationContext] = []
+    for cls, tss in syntaxes.items():
+        for one in tss:
+            contexts.append(build_context(cls, one))
+        fallback: list[str | UID] = [ts for ts in UNCOMPRESSED if ts not in tss]
+        if fallback:
+            contexts.append(build_context(cls, fallback))
+    return contexts
+
+
+def _groups(items: list[Item]) -> list[list[Item]]:
+    """Items split by SOP class into groups whose contexts fit one association."""
+    by_class: dict[str, list[Item]] = {}
+    for it in items:
+        by_class.setdefault(it.sop_class, []).append(it)
+    groups: list[list[Item]] = [[]]
+    size = 0
+    for cls_items in by_class.values():
+        need = len(propose(cls_items))
+        if size and size + need > MAX_CONTEXTS:
+            groups.append([])
+            size = 0
+        groups[-1].extend(cls_items)
+        size += need
+    return [g for g in groups if g]
+
+
+# A peer that leaves Nagle's algorithm on (dcmtk by default) sends the end of a response
+# only once we acknowledge its start; acknowledge at once instead of ~40 ms later.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+_PDV_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF: type, reserved, length; PDV: length, id, flags
+_SEND_CHUNK = 1 << 20
+
+
+class _FileError(Exception):
+    """A result file could not be read (a fault of the job, not of the network)."""
+
+
+class _QuietSocket(AssociationSocket):
+    """The association's socket while ``_Sender`` reads the responses itself: pynetdicom's
+    DUL thread finds nothing to read (and naps 2 ms instead of polling) until the socket
+    is handed back. Primitives it is given to send (an abort) still go out."""
+
+    @property
+    def ready(self) -> bool:
+        time.sleep(0.002)
+        return False
+
+
+class _Sender:
+    """C-STORE requests and responses straight over an established association's socket.
+
+    pynetdicom 3.0 hands every 16 KiB fragment of a data set as its own primitive from
+    the caller's thread to its DUL thread, through a queue and its state machine, and
+    every response back the same way, decoded with pydicom; on a 2-core machine that
+    costs more than the network and the peer together. Exchanging P-DATA-TF PDUs does
+    not change the state of an established association, so for a batch of C-STOREs
+    this class takes the socket over: the association's reactor is parked at its
+    checkpoint (so it cannot take a response off the DIMSE queue either: pynetdicom
+    3.0.4 occasionally does that between two ``send_c_store`` calls and then waits for
+    the DIMSE timeout), the DUL thread is kept off the socket, each request is encoded
+    here as whole PDUs with the data set read from its file into place, and each
+    response is read and decoded here (a command set of a few elements). Everything
+    else (association, release, abort) stays pynetdicom's. Used only with the pinned
+    pynetdicom version (``dicomnet.version_ok()``); ``send_c_store`` otherwise.
+    """
+
+    def __init__(self, assoc: Association, timeout: float) -> None:
+        self.assoc = assoc
+        self.sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        self.max_pdu = int(assoc.acceptor.maximum_length or 0)
+        self.msg_id = 0
+        self.timeout = timeout
+        self.held = False
+        self._next: tuple[tuple[str, int], bytearray] | None = None
+
+    def __enter__(self) -> _Sender:
+        self.take()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.give()
+
+    def take(self) -> None:
+        """Park the association's reactor and keep the DUL thread off the socket."""
+        if not dicomnet.version_ok():
+            return  # internals of another pynetdicom: leave everything to it
+        assoc = self.assoc
+        assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 5
+        parked = False
+        # Parked means blocked on the checkpoint: seen paused twice, a few polls apart.
+        while time.monotonic() < deadline:
+            if assoc._is_paused:
+                time.sleep(0.003)
+                if assoc._is_paused:
+                    parked = True
+                    break
+            time.sleep(0.0001)
+        wrapper = assoc.dul.socket
+        if not parked or self.sock is None or type(wrapper) is not AssociationSocket:
+            assoc._reactor_checkpoint.set()
+            return
+        wrapper.__class__ = _QuietSocket
+        # A DUL loop that looked at the socket just before the swap is done with it well
+        # within this pause; nothing is expected from the peer until we send.
+        time.sleep(0.005)
+        self.sock.settimeout(self.timeout)
+        self.held = True
+
+    def give(self) -> None:
+        """Hand the socket back to pynetdicom (between two complete exchanges)."""
+        if not self.held:
+            return
+        self.held = False
+        wrapper = self.assoc.dul.socket
+        if type(wrapper) is _QuietSocket:
+            wrapper.__class__ = AssociationSocket  # type: ignore[assignment]
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(None)
+            except OSError:
+                pass
+        self.assoc.dul._idle_timer.restart()  # it saw none of our traffic
+        self.assoc._reactor_checkpoint.set()
+
+    def _message(self, item: Item, cx_id: int, msg_id: int) -> bytearray:
+        """The whole C-STORE-RQ as P-DATA-TF PDUs: command, then the data set read
+        from the file straight into place (no decoding, no extra copy)."""
+        with open(item.path, "rb") as fh:
+            offset = _dataset_offset(fh)
+            if offset is None:
+                offset = split_dataset(item.path)[1]
+            size = os.fstat(fh.fileno()).st_size - offset
+            command = c_store_command(msg_id, item.sop_class, item.sop_uid)
+            step = self.max_pdu - 6 if self.max_pdu > 6 else max(size, len(command), 1)
+            frags = max(1, -(-size // step))
+            buf = bytearray(-(-len(command) // step) * 12 + len(command) + frags * 12 + size)
+            view = memoryview(buf)
+            pos = 0
+            for start in range(0, len(command), step):
+                part = command[start:start + step]
+                flags = 0x03 if start + step >= len(command) else 0x01
+                _PDV_HEADER.pack_into(buf, pos, 0x04, 0, len(part) + 6, len(part) + 2, cx_id,
+                                      flags)
+                buf[pos + 12:pos + 12 + len(part)] = part
+                pos += 12 + len(part)
+            fh.seek(offset)
+            for k in range(frags):
+                part_len = min(step, size - k * step)
+                _PDV_HEADER.pack_into(buf, pos, 0x04, 0, part_len + 6, part_len + 2, cx_id,
+                                      0x02 if k == frags - 1 else 0x00)
+                pos += 12
+                if part_len and fh.readinto(view[pos:pos + part_len]) != part_len:
+                    raise OSError(f"{item.path} changed while being sent")
+                pos += part_len
+            view.release()
+        return buf
+
+    def store(self, item: Item, cx_id: int, after: tuple[Item, int] | None = None) -> Dataset:
+        """C-STORE ``item`` (its file as encoded) on context ``cx_id``; the response's
+        status elements, or an empty Dataset when none came (timeout, abort).
+        ``after``: the object that comes next, prepared while the peer works on this one."""
+        assert self.sock is not None
+        self.msg_id = self.msg_id % 65535 + 1
+        msg_id = self.msg_id
+        if self._next is not None and self._next[0] == (item.sop_uid, cx_id):
+            buf = self._next[1]
+        else:
+            try:
+                buf = self._message(item, cx_id, msg_id)
+            except OSError as exc:
+                raise _FileError(str(exc)) from None
+        self._next = None
+        view = memoryview(buf)
+        for start in range(0, len(buf), _SEND_CHUNK):
+            self.sock.sendall(view[start:start + _SEND_CHUNK])
+        view.release()
+        if after is not None:
+            try:
+                nxt = self._message(after[0], after[1], msg_id % 65535 + 1)
+                self._next = ((after[0].sop_uid, after[1]), nxt)
+            except (OSError, ValueError, EOFError):
+                pass  # found again, and reported, when its turn comes
+        return self._response(msg_id)
+
+    def _read(self, n: int) -> bytearray:
+        assert self.sock is not None
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            if _QUICKACK is not None:  # not sticky: re-armed before every read
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                except OSError:
+                    pass
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
+                raise ConnectionError("the peer closed the connection")
+            got += k
+        view.release()
+        return buf
+
+    def _response(self, msg_id: int) -> Dataset:
+        """Read PDUs up to the end of the C-STORE-RSP to ``msg_id``; its status elements.
+        Anything else from the peer (an A-ABORT, a release request) ends the batch."""
+        command = bytearray()
+        fields: dict[int, bytes] | None = None
+        while True:
+            head = self._read(6)
+            body = self._read(struct.unpack_from(">I", head, 2)[0])
+            if head[0] != 0x04:
+                what = {0x05: "a release request", 0x07: "an A-ABORT"}.get(head[0], "a PDU "
+                                                                             f"0x{head[0]:02X}")
+                raise ConnectionError(f"the peer sent {what} instead of a C-STORE response")
+            pos, finished = 0, False
+            while pos + 6 <= len(body):
+                length, flags = struct.unpack_from(">I", body, pos)[0], body[pos + 5]
+                if flags & 0x01:
+                    command += body[pos + 6:pos + 4 + length]
+                    if flags & 0x02:
+                        fields = _command_fields(bytes(command))
+                        finished = fields.get(0x0800) == b"\x01\x01"  # no data set follows
+                elif flags & 0x02:
+                    finished = True  # the last fragment of a data set we do not need
+                pos += 4 + length
+            if finished and fields is not None:
+                break
+        status = Dataset()
+        if (_u16(fields, 0x0100) == 0x8001 and _u16(fields, 0x0120) == msg_id
+                and 0x0900 in fields):
+            status.Status = _u16(fields, 0x0900)
+            if fields.get(0x0902):
+                status.ErrorComment = fields[0x0902].decode("ascii", "replace").strip(" \0")
+            return status
+        raise ConnectionError(f"the peer answered C-STORE {msg_id} with something else")
+
+
+def _command_fields(command: bytes) -> dict[int, bytes]:
+    """Element number -> value of a command set (group 0000, implicit VR little endian)."""
+    fields: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(command):
+        _group, elem, length = struct.unpack_from("<HHI", command, pos)
+        fields[elem] = command[pos + 8:pos + 8 + length]
+        pos += 8 + length
+    return fields
+
+
+def _u16(fields: dict[int, bytes], elem: int) -> int | None:
+    value = fields.get(elem)
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    """One command set element (group 0000, implicit VR little endian)."""
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _uid(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def c_store_command(msg_id: int, sop_class: str, sop_uid: str, priority: int = 2) -> bytes:
+    """The encoded command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1)."""
+    body = b"".join((
+        _element(0x0002, _uid(sop_class)),               # Affected SOP Class UID
+        _element(0x0100, struct.pack("<H", 0x0001)),     # Command Field: C-STORE-RQ
+        _element(0x0110, struct.pack("<H", msg_id)),     # Message ID
+        _element(0x0700, struct.pack("<H", priority)),   # Priority
+        _element(0x0800, struct.pack("<H", 0x0001)),     # Command Data Set Type: present
+        _element(0x1000, _uid(sop_uid)),                 # Affected SOP Instance UID
+    ))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _dataset_offset(fh: Any) -> int | None:
+    """Where the data set starts in a DICOM file whose meta starts with its group length
+    (as files written by pydicom, dcmtk and dts do); None to look the slow way."""
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    offset = 144 + struct.unpack_from("<I", head, 140)[0]
+    fh.seek(offset)
+    tag = fh.read(2)
+    if len(tag) == 2 and struct.unpack("<H", tag)[0] == 0x0002:
+        return None  # the group length does not cover the whole meta
+    return offset
+
+
+def _associate(peer: Peer, contexts: list[PresentationContext],
+               net: NetSettings) -> Association:
+    ae = dicomnet.make_ae(peer.calling_ae, acse_timeout=net.acse_timeout,
+                          dimse_timeout=net.dimse_timeout, network_timeout=net.network_timeout,
+                          connection_timeout=net.connect_timeout)
+    ae.requested_contexts = contexts
+    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+
+
+def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
+    """Why an association was not established, and whether that is for good."""
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        result = getattr(rsp, "result", None)
+        text = (f"{peer} rejected the association: {getattr(rsp, 'result_str', '?')}, "
+                f"{getattr(rsp, 'source_str', '?')}, {getattr(rsp, 'reason_str', '?')}")
+        return text, result == 0x01
+    if assoc.is_aborted and assoc.acceptor.primitive is not None:
+        return f"{peer} aborted the association during negotiation", False
+    return f"{peer} is not reachable (connection refused or no answer)", False
+
+
+def _class_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def status_text(code: int) -> str:
+    return f"0x{code:04X}"
+
+
+Accepted = dict[str, dict[str, int]]  # SOP class -> {transfer syntax: context id}
+
+
+def _as_is(item: Item, accepted: Accepted) -> int | None:
+    """The context to send ``item`` on as encoded on disk, if the peer accepted one."""
+    return accepted.get(item.sop_class, {}).get(item.transfer_syntax) if item.has_meta else None
+
+
+def _send_one(assoc: Association, item: Item, accepted: Accepted, fast: _Sender | None,
+              after: Item | None = None) -> tuple[Dataset | None, tuple[str, str] | None]:
+    """C-STORE one object: (status, None), or (None, (failed status, why)) when it
+    cannot be sent over this association."""
+    tss = accepted.get(item.sop_class, {})
+    cx_id = _as_is(item, accepted)
+    if cx_id is not None:
+        if fast is not None:
+            next_cx = _as_is(after, accepted) if after is not None else None
+            return fast.store(item, cx_id, (after, next_cx) if after and next_cx else None), None
+        return assoc.send_c_store(item.path), None
+    if not any(ts in UNCOMPRESSED for ts in tss) and item.transfer_syntax not in tss:
+        names = ", ".join(UID(t).name for t in tss) or "none"
+        return None, (NO_CONTEXT, (f"the peer accepted {_class_name(item.sop_class)} only in "
+                                   f"{names}, not in {UID(item.transfer_syntax).name}"))
+    # The peer accepted only another (uncompressed) transfer syntax: decode and re-encode.
+    ds = dcmread(item.path, force=True)
+    ts = UID(item.transfer_syntax)
+    if ts.is_compressed:
+        try:
+            ds.decompress(generate_instance_uid=False)  # the same object, decoded
+        except Exception as exc:  # noqa: BLE001 - any codec error means "cannot convert"
+            return None, (NO_CONTEXT, (f"the peer accepts {_class_name(item.sop_class)} only "
+                                       f"uncompressed and {ts.name} could not be "
+                                       f"decompressed: {exc}"))
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+        if not hasattr(ds, "file_meta"):
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(item.transfer_syntax)
+    if fast is not None:
+        fast.give()  # pynetdicom sends this one and reads its response itself
+    try:
+        return assoc.send_c_store(ds), None
+    finally:
+        if fast is not None:
+            fast.take()
+
+
+def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
+              net: NetSettings, on_result: OnResult | None) -> tuple[list[Item], str | None]:
+    """Send ``items`` over an established association; returns what is still missing
+    and why (None when nothing is)."""
+    accepted: Accepted = {}
+    for cx in assoc.accepted_contexts:
+        accepted.setdefault(str(cx.abstract_syntax), {}).setdefault(
+            str(cx.transfer_syntax[0]), int(cx.context_id or 0))
+    missing: list[Item] = []
+    why_missing: str | None = None
+    with _Sender(assoc, net.dimse_timeout) as sender:
+        fast = sender if sender.held else None
+        for i, item in enumerate(items):
+            if not assoc.is_established:
+                missing, why_missing = items[i:], f"{peer} dropped the association"
+                break
+            if item.sop_class not in accepted:
+                out.failed[item.sop_uid] = NO_CONTEXT
+                out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
+                                             f"{_class_name(item.sop_class)}")
+                if on_result:
+                    on_result(item, "failed", None)
+                continue
+            try:
+                after = items[i + 1] if i + 1 < len(items) else None
+                status, why = _send_one(assoc, item, accepted, fast, after)
+            except (_FileError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+                status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
+            except TimeoutError:
+                missing, why_missing = items[i:], (f"{peer}: no C-STORE response within "
+                                                   f"{net.dimse_timeout:g}s")
+                break
+            except (OSError, RuntimeError) as exc:  # the connection went away
+                missing, why_missing = items[i:], f"{peer}: connection lost: {exc}"
+                break
+            if why is not None:
+                out.failed[item.sop_uid] = why[0]
+                out.reasons[item.sop_uid] = f"{item.sop_uid} ({item.path.name}): {why[1]}"
+                if on_result:
+                    on_result(item, "failed", None)
+                continue
+            assert status is not None
+            if "Status" not in status:
+                # No answer within the DIMSE timeout, or the association dropped.
+                missing, why_missing = items[i:], (f"{peer}: no C-STORE response for "
+                                                   f"{item.sop_uid} (association aborted or "
+                                                   "DIMSE timeout)")
+                break
+            code = int(status.Status)
+            if code == 0x0000:
+                out.sent.append(item.sop_uid)
+                if on_result:
+                    on_result(item, "sent", code)
+            elif 0xB000 <= code <= 0xBFFF:
+                out.sent.append(item.sop_uid)
+                out.warnings[item.sop_uid] = code
+                if on_result:
+                    on_result(item, "warning", code)
+            elif 0xA700 <= code <= 0xA7FF:
+                # out of resources: the peer's disk is full or it is overloaded, for now
+                return items[i:], f"{peer}: out of resources ({status_text(code)})"
+            else:
+                out.failed[item.sop_uid] = status_text(code)
+                comment = status.get("ErrorComment")
+                out.reasons[item.sop_uid] = (
+                    f"{peer} refused {item.sop_uid} ({_class_name(item.sop_class)}) with "
+                    f"status {status_text(code)}" + (f": {comment}" if comment else ""))
+                if on_result:
+                    on_result(item, "failed", code)
+    if missing and assoc.is_established:
+        assoc.abort()  # whatever state the peer is in, this association is done
+    return missing, why_missing
+
+
+def store(peer: Peer, items: list[Item], net: NetSettings | None = None,
+          on_result: OnResult | None = None) -> Delivery:
+    """Deliver ``items`` to ``peer``: one association (more only if over 128 contexts are
+    needed, or to resume after a dropped association that had made progress)."""
+    tune()
+    net = net or NetSettings()
+    out = Delivery()
+    for group in _groups(items):
+        contexts = propose(group)
+        todo = group
+        reconnects = 0
+        while todo:
+            assoc = _associate(peer, contexts, net)
+            if not assoc.is_established:
+                if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+                    # answered, but accepted none of the contexts: refused for good
+                    for item in todo:
+                        out.failed[item.sop_uid] = NO_CONTEXT
+                        out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
+                                                     f"{_class_name(item.sop_class)}")
+                        if on_result:
+                            on_result(item, "failed", None)
+                    break
+                reason, for_good = _why_not(assoc, peer)
+                if for_good:
+                    out.refused = reason
+                else:
+                    out.temporary = reason
+                return out
+            before = len(out.sent) + len(out.failed)
+            try:
+                todo, why = _store_on(assoc, peer, todo, out, net, on_result)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+            if not todo:
+                break
+            progress = len(out.sent) + len(out.failed) - before
+            reconnects += 1
+            if progress == 0 or reconnects > RECONNECTS:
+                out.temporary = why
+                return out
+            log.info("%s; resuming %d missing objects on a new association", why, len(todo))
+    return out
