@@ -48,6 +48,8 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # presentation contexts one association can propose (odd ids 1..255)
 NO_CONTEXT = "no-context"  # a failed instance's status when the peer accepted no context
 RECONNECTS = 3  # new associations within one try, as long as each one made progress
+
+
 # -- what is sent -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
