@@ -27,7 +27,7 @@ SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 
 
 def write_config(tmp_path: Path, destinations: str, stream_destinations: list[str], *,
-                 retries: int = 3, backoff: str = "60s") -> Path:
+                 retries: int = 3, backoff: str = "60s", more: str = "") -> Path:
     path = tmp_path / "dts.toml"
     path.write_text(f"""
 [station]
@@ -44,6 +44,7 @@ network_timeout = 10
 name = "seg"
 command = ["true"]
 destinations = {json.dumps(stream_destinations)}
+{more}
 """)
     return path
 
@@ -57,7 +58,8 @@ def dicom_destination(name: str, peer: Orthanc | StoreSCP | tuple[str, int]) -> 
 def queue_send_job(spool: Spool, *, n: int = 3, sop_class: str = CT, extra: int = 0,
                    extra_class: str = SC, calling_ae: str = "MODALITY", listed: bool = True,
                    other_files: dict[str, str] | None = None, size: int = 16,
-                   state: dict[str, Any] | None = None) -> tuple[str, list[str], list[str]]:
+                   state: dict[str, Any] | None = None,
+                   stream: str = "seg") -> tuple[str, list[str], list[str]]:
     """A finished run job in send/new: ``n`` results of ``sop_class`` and ``extra`` of
     ``extra_class``; returns (job id, uids of the first kind, uids of the second)."""
     spool.ensure()
@@ -75,7 +77,7 @@ def queue_send_job(spool: Spool, *, n: int = 3, sop_class: str = CT, extra: int 
         (main if i < n else others).append(uid)
     for name, text in (other_files or {}).items():
         (job.output_dir / name).write_text(text)
-    data: dict[str, Any] = {"stream": "seg", "study_uid": study, "calling_ae": calling_ae,
+    data: dict[str, Any] = {"stream": stream, "study_uid": study, "calling_ae": calling_ae,
                             "called_ae": "DTS", "peer": "127.0.0.1"}
     if listed:
         data["outputs"] = outputs
@@ -146,8 +148,12 @@ def test_destination_down_then_up_sends_only_the_missing(
         tmp_path: Path, orthanc_factory: Callable[..., Orthanc]) -> None:
     port = free_port()
     spool = Spool(tmp_path / "spool")
-    cfg = write_config(tmp_path, dicom_destination("pacs", ("ORTHANC", port)), ["pacs"],
-                       retries=3, backoff="1h")
+    reports = tmp_path / "reports"
+    cfg = write_config(tmp_path, dicom_destination("pacs", ("ORTHANC", port))
+                       + f'[[destination]]\nname = "reports"\nfolder = "{reports}"\n', ["pacs"],
+                       retries=3, backoff="1h",
+                       more='[[stream]]\nname = "summary"\ncommand = ["true"]\n'
+                            'destinations = ["reports"]\n')
     # two of six were delivered by an earlier try: only the other four may be sent again
     job_id, uids, _ = queue_send_job(spool, n=6)
     data = job_data(spool, job_id)
@@ -168,8 +174,12 @@ def test_destination_down_then_up_sends_only_the_missing(
     assert any(e["event"] == "send-retry" and e["status"] == "warning"
                for e in events(spool, job_id))
 
-    # not due yet: a cron run leaves it alone (and other jobs keep flowing)
-    assert run_dts("send", "--once", config=cfg).returncode == 0
+    # not due yet: a cron run leaves it alone, and other jobs keep flowing
+    flowing, _, _ = queue_send_job(spool, n=1, stream="summary")
+    later = run_dts("send", "--once", config=cfg)
+    assert later.returncode == 0, later.stderr
+    assert later.stdout.split() == [flowing, "done"]
+    assert (reports / flowing).is_dir()
     assert where(spool, job_id) == "send/new"
     assert job_data(spool, job_id)["attempts"] == 1
 
