@@ -4,8 +4,9 @@ One synthetic CT study (``tests.bench.data``: 1,000 images of 512x512, 16 bit, �
 each by default) is sent to one storescp (writing files, ``-od``) over one association,
 alternately by ``dts send --to`` and by ``/usr/bin/storescu``, ``--runs`` times each, each
 timed as a whole command (start-up included); the medians of images/s and their ratio are
-printed (target: dts ≥ 0.8 × storescu). Both dcmtk programs run with ``TCP_NODELAY=1`` in their environment (dcmtk leaves Nagle's algorithm on
-otherwise, see PERFORMANCE.md); ``--no-nodelay`` measures the dcmtk defaults instead.
+printed (target: dts ≥ 0.8 × storescu). Both dcmtk programs run with ``TCP_NODELAY=1``
+in their environment (dcmtk leaves Nagle's algorithm on otherwise, see PERFORMANCE.md);
+``--no-nodelay`` measures the dcmtk defaults instead.
 Only 127.0.0.1 is used.
 
     .venv/bin/python -m tests.bench.bench_send [--images 1000] [--size 512] [--runs 3]
@@ -63,8 +64,9 @@ def main() -> int:
         rx = tmp / "received"
         rx.mkdir()
         config = tmp / "dts.toml"
+        rules = REPO / "configuration" / "classifyRules.json"
         config.write_text(f'[station]\nae_title = "DTS"\nspool = "{tmp / "spool"}"\n'
-                          f'min_free_mb = 0\nclassify_rules = "{REPO / "configuration" / "classifyRules.json"}"\n')
+                          f'min_free_mb = 0\nclassify_rules = "{rules}"\n')
         port = free_port()
         scp = subprocess.Popen([STORESCP, "-aet", "STORESCP", "-od", str(rx), "-dhl", str(port)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
