@@ -114,6 +114,7 @@ def test_delivers_to_two_destinations(tmp_path: Path, orthanc: Orthanc,
     assert where(spool, job_id) == "done"
     assert orthanc.sop_uids() == set(uids)
     assert orthanc.instance_count() == 4
+    assert {t["SOPClassUID"] for t in orthanc.instances().values()} == {CT}
     assert storescp.sop_uids() == set(uids)
     data = job_data(spool, job_id)
     assert data["attempts"] == 1
