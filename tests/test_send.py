@@ -262,6 +262,20 @@ def test_association_dropped_halfway_resumes_with_the_missing(
     assert scp.sop_uids() == set(uids) - set(state["sent"])  # only what was missing
 
 
+def test_association_rejected_for_good_fails_at_once(
+        tmp_path: Path, storescp_factory: Callable[..., StoreSCP]) -> None:
+    scp = storescp_factory("REFUSES", args=["--refuse"])  # rejected-permanent
+    spool = Spool(tmp_path / "spool")
+    cfg = write_config(tmp_path, dicom_destination("archive", scp), ["archive"], retries=5)
+    job_id, _, _ = queue_send_job(spool, n=1)
+    proc = run_dts("send", "--once", config=cfg)
+    assert proc.returncode == 1, proc.stderr
+    assert where(spool, job_id) == "failed"
+    data = job_data(spool, job_id)
+    assert data["attempts"] == 1
+    assert "rejected the association" in data["error"] and "Permanent" in data["error"]
+
+
 def test_peer_aborting_every_store_is_temporary(
         tmp_path: Path, storescp_factory: Callable[..., StoreSCP]) -> None:
     scp = storescp_factory("ABORTS", args=["--abort-after"])
