@@ -346,6 +346,18 @@ def test_objects_go_as_encoded_or_converted_only_when_needed(
                     for f in scp.files()}
         assert len(syntaxes) == 2
         assert syntaxes.get(rle_uid) == expect_rle, (rle_uid, syntaxes)
+    # sent as encoded: the data set storescp wrote (+B: as received) is the file's, byte
+    # for byte
+    rle_file = next(f for f in takes_rle.files() if str(dcmread(f).SOPInstanceUID) == rle_uid)
+    assert _data_set_bytes(rle_file) == _data_set_bytes(tmp_path / "in" / "rle.dcm")
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        offset = cstore._dataset_offset(fh)
+        assert offset is not None
+        fh.seek(offset)
+        return fh.read()
 
 
 def test_proposes_each_syntax_plus_an_uncompressed_fallback() -> None:
