@@ -99,7 +99,7 @@ class Engine:
         stops it by its PID."""
         with open(log, "wb") as out:
             proc = subprocess.Popen(self.podman + ["system", "service", "--time=0",
-                                                   f"unix://{sock}"],
+                                                   f"unix://{sock}"], cwd=sock.parent,
                                     stdout=out, stderr=subprocess.STDOUT, env=self.podman_env)
         wait_for(lambda: _answers(f"unix://{sock}", proc, log), timeout=30, interval=0.1,
                  what="a second podman API service")
@@ -185,7 +185,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
                    check=True, capture_output=True, env=env, timeout=120)
     sock = base / "podman.sock"
     log = open(base / "service.log", "wb")
-    proc = subprocess.Popen(podman + ["system", "service", "--time=0", f"unix://{sock}"],
+    # cwd: conmon leaves an "oom" marker file in its working directory after an OOM kill
+    proc = subprocess.Popen(podman + ["system", "service", "--time=0", f"unix://{sock}"], cwd=base,
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         docker_host = f"unix://{sock}"
