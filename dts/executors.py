@@ -186,6 +186,44 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+def stop_processes_of_job(job_id: str, skip_pgid: int | None = None) -> list[int]:
+    """Kill the process groups of every process that runs with ``DTS_JOB=<job_id>``.
+
+    This closes the window between starting a command and recording its pid in
+    job.json: a ``dts run`` killed inside it leaves a process that only its
+    environment identifies. Called under the job's lock, when no live worker can be
+    running that job, so every such process is an orphan.
+    """
+    marker = f"DTS_JOB={job_id}".encode()
+    killed: list[int] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if marker in env:
+            pid = int(entry)
+            try:
+                pgid = os.getpgid(pid)
+            except ProcessLookupError:
+                continue
+            if pgid == skip_pgid:
+                continue  # already killed as the recorded process group
+            if pgid != os.getpgid(0):
+                kill_group(pgid)
+            else:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+            killed.append(pid)
+    return killed
+
+
 def stop_orphaned_process(info: dict[str, Any]) -> bool:
     """Kill the process group a dead ``dts run`` left running; True if there was one."""
     pid = info.get("pid")

@@ -38,6 +38,7 @@ from .executors import (
     parameter_environment,
     stop_orphaned_container,
     stop_orphaned_process,
+    stop_processes_of_job,
 )
 from .journal import Stage, Status
 from .provenance import register_produced
@@ -311,15 +312,17 @@ def on_recovered(job: Job) -> None:
     """Stop what a dead ``dts run`` left running for ``job`` (called under its lock)."""
     data = job.read()
     info = data.get("running")
-    if not isinstance(info, dict):
-        return
     stopped: list[str] = []
-    if info.get("executor") == "command":
+    recorded_pgid: int | None = None
+    if isinstance(info, dict) and info.get("executor") == "command":
         if stop_orphaned_process(info):
-            stopped.append(f"process group {info.get('pid')}")
-    else:
+            recorded_pgid = int(info["pid"])
+            stopped.append(f"process group {recorded_pgid}")
+    # a command started just before its pid reached job.json is found by its environment
+    stopped += [f"process {pid}" for pid in stop_processes_of_job(job.id, recorded_pgid)]
+    if isinstance(info, dict) and info.get("executor") != "command":
         try:
-            stopped = [f"container {c}" for c in stop_orphaned_container(job.id)]
+            stopped += [f"container {c}" for c in stop_orphaned_container(job.id)]
         except TemporaryFailure:
             pass  # the next attempt removes it by its label before starting a new one
     data.pop("running", None)

@@ -435,3 +435,29 @@ def test_command_runs_as_the_streams_user(tmp_path: Path) -> None:
     assert runner.serve(station_for(config), once=True).done == [job_path.name]
     uid_file = Job(spool / "send" / "new" / job_path.name).output_dir / "uid.txt"
     assert uid_file.read_text().strip() == "65534" and uid_file.stat().st_uid == 65534
+
+
+def test_orphan_started_before_its_pid_was_recorded_is_stopped(tmp_path: Path) -> None:
+    """kill -9 of dts run between starting a command and writing its pid to job.json: the
+    orphan is found by DTS_JOB in its environment and killed before the job runs again."""
+    import subprocess
+
+    job = Job(tmp_path / "job-x")
+    job.path.mkdir()
+    job.write({"attempts": 1})  # no "running" record: the pid never reached job.json
+    env = dict(os.environ, DTS_JOB=job.id)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                              env=env, start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                 env=dict(os.environ, DTS_JOB=job.id + ".other"),
+                                 start_new_session=True)
+    try:
+        wait_for(lambda: f"DTS_JOB={job.id}".encode() in
+                 Path(f"/proc/{orphan.pid}/environ").read_bytes(), what="orphan started")
+        runner.on_recovered(job)
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert job.read()["orphans_stopped"] == [f"process {orphan.pid}"]
+    finally:
+        stop_process(orphan)
+        stop_process(bystander)
