@@ -483,3 +483,28 @@ def test_aborted_association_keeps_what_was_acknowledged(start_receiver: Any,
     assoc.abort()
     (job,) = rx.wait_jobs(1)
     assert set().union(*_input_sops(job).values()) == {f.stem for f in files[:2]}
+
+
+def test_header_scan_agrees_with_pydicom_on_its_test_files(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_files
+    from pydicom.filereader import read_partial
+
+    scanned = 0
+    for name in get_testdata_files("*.dcm"):
+        head = Path(name).read_bytes()[:65536]
+        fast = receiver_mod.scan_header(head)
+        if fast is None:
+            continue  # not little endian with file meta: pydicom reads those
+        with open(name, "rb") as fh:
+            ds = read_partial(fh, stop_when=receiver_mod._past_series_uid)  # type: ignore[arg-type]
+        for tag, key in receiver_mod._TAGS.items():
+            elem = ds.get(tag)
+            value = str(elem.value).strip("\0 ") if elem is not None and elem.value else None
+            assert fast[key] == (value or None), (name, key)
+        scanned += 1
+    assert scanned >= 20
+    # truncated input never yields a half answer
+    path = make_instance(tmp_path / "x.dcm", study_uid=generate_uid(), series_uid=generate_uid())
+    raw = path.read_bytes()
+    assert receiver_mod.scan_header(raw) is not None
+    assert receiver_mod.scan_header(raw[:300]) is None
