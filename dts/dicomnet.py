@@ -40,6 +40,10 @@ LOGGER = logging.getLogger(__name__)
 PINNED_VERSION = "3.0.4"
 # Polling delay of both reactor threads once tuned (pynetdicom's default: 1 ms).
 FAST_DELAY = 0.0001
+# How long an association counts as busy after its last activity, and how long an
+# idle reactor loop takes at most (a longer one did some work).
+LINGER = 0.5
+BUSY_LOOP = 0.0003
 # The read size of one recv() call; pynetdicom reads 4 KiB at a time.
 RECV_CHUNK = 1 << 20
 # What we advertise when configured with 0 (unlimited): peers then send large
@@ -82,16 +86,37 @@ def _quickack(sock: socket.socket) -> None:
 
 class _ShortSleepTime:
     """Stands in for the ``time`` module inside ``pynetdicom.association``: only the
-    reactor's 1 ms poll becomes ``FAST_DELAY``; every other sleep is left alone."""
+    reactor's 1 ms poll changes. It becomes ``FAST_DELAY`` while the association is
+    busy (a loop that took longer than an idle one did some work within ``LINGER``)
+    and stays 1 ms on an idle association, which would otherwise cost CPU for nothing."""
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
+        self._local = threading.local()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.delay if seconds == 0.001 else seconds)
+        if seconds != 0.001:
+            time.sleep(seconds)
+            return
+        local = self._local
+        now = time.monotonic()
+        if now - getattr(local, "woke", 0.0) > BUSY_LOOP:
+            local.busy_until = now + LINGER
+        time.sleep(self.delay if now < getattr(local, "busy_until", 0.0) else seconds)
+        local.woke = time.monotonic()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
+
+
+def _dul_delay(self: dul.DULServiceProvider) -> float:
+    """``DULServiceProvider._run_loop_delay``: short while PDUs arrive, 1 ms when idle."""
+    last = getattr(self.socket, "_dts_last_rx", 0.0)
+    return FAST_DELAY if time.monotonic() - last < LINGER else 0.001
+
+
+def _ignore_delay(self: dul.DULServiceProvider, value: float) -> None:
+    pass  # pynetdicom's __init__ assigns its 1 ms; the property decides
 
 
 def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
@@ -100,6 +125,7 @@ def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
     blocks until ``nr_bytes`` are read, returns less only when the peer closed."""
     sock = self.socket
     assert sock is not None
+    self._dts_last_rx = time.monotonic()  # type: ignore[attr-defined]
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     nr_read = 0
@@ -130,16 +156,6 @@ def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
-def _patch_dul_init(original: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(original)
-    def __init__(self: dul.DULServiceProvider, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self._run_loop_delay = FAST_DELAY
-
-    __init__._dts_tuned = True  # type: ignore[attr-defined]
-    return __init__
-
-
 def tune() -> bool:
     """Apply dts's changes to pynetdicom once per process; True when applied.
 
@@ -155,8 +171,8 @@ def tune() -> bool:
                            "without its network tuning", pynetdicom.__version__, PINNED_VERSION)
             return False
         association.time = _ShortSleepTime(FAST_DELAY)  # type: ignore[assignment]
-        dul.DULServiceProvider.__init__ = _patch_dul_init(  # type: ignore[method-assign]
-            dul.DULServiceProvider.__init__)
+        dul.DULServiceProvider._run_loop_delay = property(  # type: ignore[assignment]
+            _dul_delay, _ignore_delay)
         transport.AssociationSocket.__init__ = _patch_socket_init(  # type: ignore[method-assign]
             transport.AssociationSocket.__init__)
         transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]

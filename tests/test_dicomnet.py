@@ -17,7 +17,7 @@ from pynetdicom import association, dimse_messages, dul, evt, service_class, tra
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dts import dicomnet
-from tests.helpers import free_port, make_instance
+from tests.helpers import free_port, make_instance, wait_for
 
 
 def _original(fn: Any) -> Any:
@@ -48,9 +48,7 @@ def test_pinned_pynetdicom_still_has_what_tune_changes() -> None:
 def test_tune_is_idempotent() -> None:
     assert dicomnet.tune()
     assert dicomnet.tune()
-    init = dul.DULServiceProvider.__init__
-    assert getattr(init, "_dts_tuned", False)
-    assert not getattr(init.__wrapped__, "_dts_tuned", False), "wrapped twice"
+    assert isinstance(dul.DULServiceProvider.__dict__["_run_loop_delay"], property)
     sinit = transport.AssociationSocket.__init__
     assert not getattr(sinit.__wrapped__, "_dts_tuned", False), "wrapped twice"
     assert transport.AssociationSocket.recv is dicomnet._recv
@@ -108,7 +106,7 @@ def test_live_association_is_tuned_on_both_ends(scp: Any, tmp_path: Path) -> Non
     finally:
         assoc.release()
     assert seen["acceptor"]["nodelay"] == 1
-    assert seen["acceptor_delay"] == dicomnet.FAST_DELAY
+    assert seen["acceptor_delay"] == dicomnet.FAST_DELAY  # busy: short polls
     folder, data = seen["stored"][0]
     assert folder == rx, "received data set was not written into the receive folder"
     got = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
@@ -162,3 +160,20 @@ def test_echo_helper_reachable_and_closed_port(scp: Any) -> None:
     assert dicomnet.echo("127.0.0.1", port, called_ae="TESTSCP", calling_ae="X") == 0
     with pytest.raises(dicomnet.NetworkError):
         dicomnet.echo("127.0.0.1", free_port(), called_ae="NOBODY", timeout=2)
+
+
+def test_idle_association_polls_slowly_again(scp: Any) -> None:
+    port, _seen, _rx = scp
+    ae = dicomnet.make_ae("TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TESTSCP")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.dul._run_loop_delay == dicomnet.FAST_DELAY
+        # after LINGER without traffic the reactor is back to pynetdicom's 1 ms
+        wait_for(lambda: assoc.dul._run_loop_delay == 0.001, 5, what="idle polling")
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.dul._run_loop_delay == dicomnet.FAST_DELAY
+    finally:
+        assoc.release()
