@@ -9,9 +9,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
 # busybox-static (a root filesystem for test container images), logrotate (its dts file
 # is run by the tests).
-TEST_DEBS := dcmtk orthanc podman runc busybox-static postgresql logrotate
+TEST_DEBS := dcmtk orthanc podman runc busybox-static postgresql logrotate systemd
 TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
-             /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate
+             /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate \
+             /usr/bin/systemd-analyze
 
 .PHONY: run test venv system-deps lint typecheck bench clean-venv
 
@@ -30,10 +31,12 @@ run: venv
 system-deps:
 	@missing=0; for f in $(TEST_BINS) $$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -1 || echo /usr/lib/postgresql/none/bin/initdb); do \
 	  [ -e "$$f" ] || missing=1; done; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  echo "installing test peers: $(TEST_DEBS)"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_DEBS) >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(TEST_DEBS) \
+	    $$($(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv) >/dev/null; \
 	fi
 
 ## Install what the tests need (system packages too) and run them all.
@@ -49,7 +52,7 @@ typecheck: venv
 
 ## Benchmarks against dcmtk and Orthanc (prints ratios; never part of `make test`).
 bench: system-deps venv
-	$(BIN)/python -m tests.bench
+	for b in receive send classify run e2e; do $(BIN)/python -m tests.bench.bench_$$b || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -195,6 +195,9 @@ def stop_processes_of_job(job_id: str, skip_pgid: int | None = None) -> list[int
     running that job, so every such process is an orphan.
     """
     marker = f"DTS_JOB={job_id}".encode()
+    # a command on the host has its output folder in the job; a container sees /output
+    # and is the engine's to remove (by its dts.job label), not ours to kill
+    output_suffix = f"/{job_id}/output".encode()
     killed: list[int] = []
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -205,7 +208,8 @@ def stop_processes_of_job(job_id: str, skip_pgid: int | None = None) -> list[int
                 env = fh.read().split(b"\0")
         except OSError:
             continue  # gone, or not ours to read
-        if marker in env:
+        if marker in env and any(v.startswith(b"DTS_OUTPUT=") and v.endswith(output_suffix)
+                                 for v in env):
             pid = int(entry)
             try:
                 pgid = os.getpgid(pid)

@@ -439,17 +439,18 @@ def test_command_runs_as_the_streams_user(tmp_path: Path) -> None:
 
 def test_orphan_started_before_its_pid_was_recorded_is_stopped(tmp_path: Path) -> None:
     """kill -9 of dts run between starting a command and writing its pid to job.json: the
-    orphan is found by DTS_JOB in its environment and killed before the job runs again."""
+    orphan is found by DTS_JOB in its environment and killed before the job runs again; a
+    container's process (DTS_OUTPUT=/output) is left to the engine."""
     import subprocess
 
     job = Job(tmp_path / "job-x")
     job.path.mkdir()
     job.write({"attempts": 1})  # no "running" record: the pid never reached job.json
-    env = dict(os.environ, DTS_JOB=job.id)
+    env = dict(os.environ, DTS_JOB=job.id, DTS_OUTPUT=str(job.output_dir))
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
                               env=env, start_new_session=True)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                                 env=dict(os.environ, DTS_JOB=job.id + ".other"),
+                                 env=dict(os.environ, DTS_JOB=job.id, DTS_OUTPUT="/output"),
                                  start_new_session=True)
     try:
         wait_for(lambda: f"DTS_JOB={job.id}".encode() in
