@@ -17,6 +17,8 @@ TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orth
 .PHONY: run test venv system-deps lint typecheck bench clean-venv
 
 $(BIN)/dts: pyproject.toml
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "installing python3-venv"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
