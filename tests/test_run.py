@@ -60,8 +60,10 @@ elif mode == "fail":
 elif mode == "sleep":
     import subprocess
     child = subprocess.Popen(["sleep", "600"])
-    (out.parent / "child.pid").write_text(str(child.pid))
-    (out.parent / "model.pid").write_text(str(os.getpid()))
+    for name, pid in (("child.pid", child.pid), ("model.pid", os.getpid())):
+        # written whole, then renamed: the test never reads half a number
+        (out.parent / (name + ".tmp")).write_text(str(pid))
+        os.rename(out.parent / (name + ".tmp"), out.parent / name)
     time.sleep(600)
 elif mode == "empty":
     (out / "seen.json").unlink()
