@@ -167,8 +167,10 @@ class Watch:
                 _rewrite(lk, details)
             self._say(f"receiving as {self.cfg.ae_title} on "
                       f"{self.receiver.host}:{self.receiver.port}")
-        self._start_workers()
+        # The observer first: a job published before it watches is found by the workers'
+        # first scan, one published after wakes them; none falls in between.
         self._start_observer()
+        self._start_workers()
         self._start_helpers()
 
     def _recover(self) -> None:
