@@ -489,7 +489,7 @@ class Receiver:
             series_dir = os.path.join(study_dir, series_uid)
             if series_uid not in st.series:
                 os.makedirs(series_dir, exist_ok=True)
-                _fsync_dir(study_dir)
+                fsync_dir(study_dir)
                 st.series.add(series_uid)
             dest = os.path.join(series_dir, sop_uid + ".dcm")
             if os.path.dirname(path) == self._tmp:
@@ -499,7 +499,7 @@ class Receiver:
                 shutil.copyfile(path, tmp)
                 _fsync_path(Path(tmp))
                 os.rename(tmp, dest)
-            _fsync_dir(series_dir)
+            fsync_dir(series_dir)
         except OSError as exc:
             self._leave(st, None)
             return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
@@ -749,14 +749,6 @@ def _ae_text(value: object) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value or "").strip()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_path(path: Path) -> None:

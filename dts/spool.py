@@ -92,7 +92,7 @@ def valid_job_id(text: str) -> bool:
         and not text.startswith(".")
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
