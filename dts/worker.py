@@ -77,11 +77,40 @@ def run_one(station: Station, claim: Claim, process: Process) -> Outcome:
     with claim:
         try:
             return process(station, claim)
-        except Exception as exc:  # a bug must not lose the job: it goes back to new/
+        except Exception as exc:
             log.exception("%s: unexpected error while processing", claim.id)
-            station.journal.emit(STAGE_OF[claim.home.queue], "internal-error", Status.ERROR,
-                                 f"unexpected error, job put back: {exc!r}", job=claim.job)
-            return Outcome.RETRY
+            if not claim.held:  # the job had already moved on; nothing to put back
+                return Outcome.RETRY
+            return _unexpected_error(station, claim, exc)
+
+
+def _unexpected_error(station: Station, claim: Claim, exc: Exception) -> Outcome:
+    """Nothing is lost: the job goes back to new/ with the attempt counted, and to
+    failed/ once ``max_attempts`` are used up (or at once when its job.json cannot be
+    read), so an input that always trips the stage is never retried forever."""
+    stage = STAGE_OF[claim.home.queue]
+    try:
+        data = claim.job.read()
+    except Exception:
+        data = None
+    attempts = int((data or {}).get("attempts") or 0) + 1
+    if data is None or attempts >= station.config.station.max_attempts:
+        reason = f"unexpected error in the {stage.value} stage: {exc!r}"
+        if data is not None:
+            data.update(attempts=attempts, error=reason)
+            claim.job.write(data)
+        station.journal.emit(stage, "failed", Status.ERROR,
+                             f"{reason} (attempt {attempts}); moved to failed/",
+                             job=claim.job, job_data=data or {})
+        claim.move(Queue.FAILED)
+        return Outcome.FAILED
+    data["attempts"] = attempts
+    claim.job.write(data)
+    station.journal.emit(stage, "internal-error", Status.ERROR,
+                         f"unexpected error, job put back (attempt {attempts} of "
+                         f"{station.config.station.max_attempts}): {exc!r}",
+                         job=claim.job, job_data=data)
+    return Outcome.RETRY
 
 
 def drain(station: Station, queue: Queue, process: Process,
