@@ -46,4 +46,8 @@ def test_echo_unreachable_is_75_and_bad_argument_is_2(tmp_path: Path) -> None:
     done = run_dts("echo", f"127.0.0.1:{free_port()}", "--ae-title", "X", "--timeout", "3",
                    config=config)
     assert done.returncode == 75
+    # one clear line from dts; pynetdicom's trail of the same failure only with -v
+    assert "cannot reach X" in done.stderr and "pynetdicom" not in done.stderr, done.stderr
+    loud = run_dts("-v", "echo", f"127.0.0.1:{free_port()}", "--timeout", "3", config=config)
+    assert loud.returncode == 75 and "pynetdicom" in loud.stderr, loud.stderr
     assert run_dts("echo", "nosuchdest", config=config).returncode == 2

@@ -110,8 +110,12 @@ def cli(ctx: click.Context, config_path: str | None, spool_path: str | None, ver
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s dts[%(process)d] %(levelname)s %(name)s: %(message)s")
-    if level > logging.DEBUG:
-        logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))
+    # dts reports a peer's failure itself, once (message, event, exit status); pynetdicom's
+    # own trail of the same failure shows only with -v.
+    if verbose == 0:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    elif level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     ctx.obj = StationContext(config_path, spool_path, verbose)
 
 

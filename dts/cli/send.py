@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -46,8 +45,6 @@ def command(ctx: StationContext, once: bool, target: str | None, ae_title: str |
       dts send --to pacs /data/study/
       dts send --to 10.0.0.5:104 --ae-title PACS report.dcm
     """
-    if ctx.verbose == 0:  # dts says what went wrong itself, once, without pynetdicom's trail
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     if target is None:
         if ae_title or calling_ae:
             raise click.UsageError("--ae-title and --calling-ae go with --to")
