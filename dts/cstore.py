@@ -38,7 +38,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import AssociationSocket
 
-from . import dicomnet
+from . import dicomnet, dimse, scp
 from .config import StationConfig
 from .errors import UsageError
 
@@ -246,17 +246,6 @@ class _FileError(Exception):
     """A result file could not be read (a fault of the job, not of the network)."""
 
 
-class _QuietSocket(AssociationSocket):
-    """The association's socket while ``_Sender`` reads the responses itself: pynetdicom's
-    DUL thread finds nothing to read (and naps 2 ms instead of polling) until the socket
-    is handed back. Primitives it is given to send (an abort) still go out."""
-
-    @property
-    def ready(self) -> bool:
-        time.sleep(0.002)
-        return False
-
-
 class _Sender:
     """C-STORE requests and responses straight over an established association's socket.
 
@@ -311,7 +300,7 @@ class _Sender:
         if not parked or self.sock is None or type(wrapper) is not AssociationSocket:
             assoc._reactor_checkpoint.set()
             return
-        wrapper.__class__ = _QuietSocket
+        wrapper.__class__ = scp.QuietSocket
         # A DUL loop that looked at the socket just before the swap is done with it well
         # within this pause; nothing is expected from the peer until we send.
         time.sleep(0.005)
@@ -324,7 +313,7 @@ class _Sender:
             return
         self.held = False
         wrapper = self.assoc.dul.socket
-        if type(wrapper) is _QuietSocket:
+        if type(wrapper) is scp.QuietSocket:
             wrapper.__class__ = AssociationSocket  # type: ignore[assignment]
         if self.sock is not None:
             try:
@@ -342,7 +331,7 @@ class _Sender:
             if offset is None:
                 offset = split_dataset(item.path)[1]
             size = os.fstat(fh.fileno()).st_size - offset
-            command = c_store_command(msg_id, item.sop_class, item.sop_uid)
+            command = dimse.c_store_command(msg_id, item.sop_class, item.sop_uid)
             step = self.max_pdu - 6 if self.max_pdu > 6 else max(size, len(command), 1)
             frags = max(1, -(-size // step))
             buf = bytearray(-(-len(command) // step) * 12 + len(command) + frags * 12 + size)
@@ -430,7 +419,7 @@ class _Sender:
                 if flags & 0x01:
                     command += body[pos + 6:pos + 4 + length]
                     if flags & 0x02:
-                        fields = _command_fields(bytes(command))
+                        fields = dimse.command_fields(bytes(command))
                         finished = fields.get(0x0800) == b"\x01\x01"  # no data set follows
                 elif flags & 0x02:
                     finished = True  # the last fragment of a data set we do not need
@@ -438,52 +427,13 @@ class _Sender:
             if finished and fields is not None:
                 break
         status = Dataset()
-        if (_u16(fields, 0x0100) == 0x8001 and _u16(fields, 0x0120) == msg_id
+        if (dimse.u16(fields, 0x0100) == 0x8001 and dimse.u16(fields, 0x0120) == msg_id
                 and 0x0900 in fields):
-            status.Status = _u16(fields, 0x0900)
+            status.Status = dimse.u16(fields, 0x0900)
             if fields.get(0x0902):
                 status.ErrorComment = fields[0x0902].decode("ascii", "replace").strip(" \0")
             return status
         raise ConnectionError(f"the peer answered C-STORE {msg_id} with something else")
-
-
-def _command_fields(command: bytes) -> dict[int, bytes]:
-    """Element number -> value of a command set (group 0000, implicit VR little endian)."""
-    fields: dict[int, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(command):
-        _group, elem, length = struct.unpack_from("<HHI", command, pos)
-        fields[elem] = command[pos + 8:pos + 8 + length]
-        pos += 8 + length
-    return fields
-
-
-def _u16(fields: dict[int, bytes], elem: int) -> int | None:
-    value = fields.get(elem)
-    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
-
-
-def _element(elem: int, value: bytes) -> bytes:
-    """One command set element (group 0000, implicit VR little endian)."""
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def _uid(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def c_store_command(msg_id: int, sop_class: str, sop_uid: str, priority: int = 2) -> bytes:
-    """The encoded command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1)."""
-    body = b"".join((
-        _element(0x0002, _uid(sop_class)),               # Affected SOP Class UID
-        _element(0x0100, struct.pack("<H", 0x0001)),     # Command Field: C-STORE-RQ
-        _element(0x0110, struct.pack("<H", msg_id)),     # Message ID
-        _element(0x0700, struct.pack("<H", priority)),   # Priority
-        _element(0x0800, struct.pack("<H", 0x0001)),     # Command Data Set Type: present
-        _element(0x1000, _uid(sop_uid)),                 # Affected SOP Instance UID
-    ))
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def _dataset_offset(fh: Any) -> int | None:

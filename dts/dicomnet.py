@@ -176,6 +176,9 @@ def tune() -> bool:
         transport.AssociationSocket.__init__ = _patch_socket_init(  # type: ignore[method-assign]
             transport.AssociationSocket.__init__)
         transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        from . import scp
+
+        scp.install()
         _tuned = True
         return True
 

@@ -40,7 +40,7 @@ from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from pynetdicom import evt
 
-from . import dicomnet
+from . import dicomnet, scp
 from .errors import TemporaryFailure
 from .journal import Stage, Status
 from .spool import (
@@ -311,6 +311,7 @@ class Receiver:
                               network_timeout=self.cfg.network_timeout,
                               max_associations=self.cfg.max_associations or 16)
         dicomnet.add_scp_contexts(ae)
+        scp.enable(ae, self._fast_store, self._tmp)
         ssl_context = None
         if self.cfg.tls is not None:
             tls = self.cfg.tls
@@ -427,13 +428,21 @@ class Receiver:
         return SUCCESS
 
     # -- storing -------------------------------------------------------------------
-    def _on_store(self, event: Any) -> int:
-        assoc = event.assoc
+    def _connection(self, assoc: Any) -> Connection:
         conn = self._conns.get(id(assoc))
         if conn is None:  # EVT_REQUESTED always runs first; be safe anyway
             peer, port = dicomnet.peer_of(assoc)
             conn = Connection(_ae_text(assoc.requestor.ae_title),
                               _ae_text(assoc.acceptor.ae_title), peer, port)
+        return conn
+
+    def _fast_store(self, assoc: Any, req: scp.StoreRequest) -> int:
+        """A C-STORE from the fast path (``dts.scp``): the data set is in ``req.path``."""
+        return self._store(self._connection(assoc), id(assoc), req, req.path, synced=False)
+
+    def _on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        conn = self._connection(assoc)
         req = event.request
         own_tmp: Path | None = None
         try:

@@ -13,7 +13,7 @@ import pydicom
 import pynetdicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import association, dimse_messages, dul, evt, service_class, transport
+from pynetdicom import association, dimse, dimse_messages, dul, evt, service_class, transport
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dts import dicomnet
@@ -43,6 +43,25 @@ def test_pinned_pynetdicom_still_has_what_tune_changes() -> None:
     assert "_config.STORE_RECV_CHUNKED_DATASET" in decode
     store = inspect.getsource(service_class.StorageServiceClass.SCP)
     assert "os.unlink(req._dataset_file.name)" in store
+    # what the fast C-STORE path (dts.scp) relies on
+    serve = inspect.getsource(_original_of(association.Association, "_serve_request"))
+    assert "def _serve_request(self, msg" in serve
+    reactor = inspect.getsource(association.Association._run_reactor)
+    assert "self._serve_request(msg, cast(int, context_id))" in reactor
+    transport_event = inspect.getsource(_original_of(dul.DULServiceProvider,
+                                                     "_is_transport_event"))
+    assert "self.socket.ready" in transport_event and "self._read_pdu_data()" in transport_event
+    receive = inspect.getsource(dimse.DIMSEServiceProvider.receive_primitive)
+    assert "self.message = None" in receive and "self.msg_queue.put(" in receive
+
+
+def _original_of(cls: Any, name: str) -> Any:
+    """A pynetdicom method as pynetdicom wrote it, even after dts.scp.install()."""
+    from dts import scp
+
+    originals = {"_serve_request": scp._original_serve,
+                 "_is_transport_event": scp._original_transport_event}
+    return originals.get(name) or getattr(cls, name)
 
 
 def test_tune_is_idempotent() -> None:
@@ -53,6 +72,11 @@ def test_tune_is_idempotent() -> None:
     assert not getattr(sinit.__wrapped__, "_dts_tuned", False), "wrapped twice"
     assert transport.AssociationSocket.recv is dicomnet._recv
     assert isinstance(association.time, dicomnet._ShortSleepTime)
+    from dts import scp
+
+    assert association.Association._serve_request is scp._serve_request
+    assert dul.DULServiceProvider._is_transport_event is scp._is_transport_event
+    assert scp._original_serve is not scp._serve_request  # installed once, not wrapped twice
 
 
 def _opts(sock: socket.socket) -> dict[str, int]:

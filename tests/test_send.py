@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from dts import cstore, sender
+from dts import cstore, dimse, sender
 from dts.config import StationConfig
 from dts.spool import Job, Queue, Spool, State, isotime, utcnow
 from dts.station import Station
@@ -403,7 +403,7 @@ def test_command_set_matches_pynetdicom() -> None:
         req._dataset_path = (Path("x"), 0)
         msg = C_STORE_RQ()
         msg.primitive_to_message(req)
-        assert cstore.c_store_command(513, CT, uid) == encode(msg.command_set, True, True)
+        assert dimse.c_store_command(513, CT, uid) == encode(msg.command_set, True, True)
 
 
 # -- backoff and due time -------------------------------------------------------------------------
