@@ -22,8 +22,9 @@ For a job claimed from ``classify/new`` (or, by id, from ``unmatched/``, ``done/
 
 Re-classifying a job whose children exist already creates new children with a numeric
 suffix (``J.<stream>.2``); the old ones are left alone. The planned child ids are
-recorded in the parent's job.json before the first child is published, so a classifier
-that dies halfway adopts the children it already published instead of duplicating them.
+recorded in the parent's job.json before the first child is published and removed only
+once the parent is in ``done/``, so a classifier that dies anywhere in between adopts the
+children it already published instead of duplicating them.
 """
 
 from __future__ import annotations
@@ -356,7 +357,6 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
 
     data.pop("unmatched", None)
     children = _fan_out(station, claim, data, study, matched, study_bytes)
-    data.pop("fanout_pending", None)
     data["children"] = list(dict.fromkeys(list(data.get("children") or []) + children))
     data["streams"] = [d.stream for d in matched]
     claim.job.write(data)
@@ -367,7 +367,12 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
                              f"({', '.join(f'{k}: {len(v)} series' for k, v in d.selection.items())})",
                              job=claim.job, job_data=data, stream=d.stream, child=child,
                              selection=d.selection, seconds=seconds, **counts)
-    claim.move(Queue.DONE)
+    # The plan goes only once the job is out of classify/: a crash before that makes the
+    # next classification adopt these children, never publish a second set.
+    claim.move_keep(Queue.DONE)
+    data.pop("fanout_pending", None)
+    claim.job.write(data)
+    claim.release()
     return worker.Outcome.DONE
 
 
@@ -391,6 +396,14 @@ def _check_reclassifiable(spool: Spool, job_id: str) -> Location:
                      "or failed/ can be classified")
 
 
+def _forget_plan(claim: Claim) -> None:
+    """A classification asked for again makes new children: a plan left by a crash
+    between the move to done/ and its last write is not to be adopted."""
+    data = claim.job.read()
+    if data.pop("fanout_pending", None) is not None:
+        claim.job.write(data)
+
+
 def _claim(spool: Spool, job_id: str) -> Claim:
     loc = _check_reclassifiable(spool, job_id)
     if loc.queue is Queue.CLASSIFY:
@@ -400,6 +413,7 @@ def _claim(spool: Spool, job_id: str) -> Claim:
         if claim is not None:
             # visible as being classified; a crash from here on sends it to classify/new
             claim.move_keep(Queue.CLASSIFY, State.CUR)
+            _forget_plan(claim)
     if claim is None:
         raise UsageError(f"job {job_id} is being worked on by another process")
     return claim

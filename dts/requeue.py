@@ -88,6 +88,9 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
         now = isotime()
         for key in _RESET:
             data.pop(key, None)
+        if source.queue is not Queue.CLASSIFY:
+            # a plan left by a crash after the move to done/: new children this time
+            data.pop("fanout_pending", None)
         data["attempts"] = 0
         if target is Queue.RUN:
             _keep_previous(claim.job.path, now)

@@ -347,6 +347,33 @@ def test_crash_mid_fan_out_adopts_published_children(station: Station,
     assert data["children"] == [f"{jid}.vibe", f"{jid}.whole"] and "fanout_pending" not in data
 
 
+def test_crash_just_before_done_adopts_the_children_instead_of_doubling_them(
+        station: Station, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dts.spool import Claim
+
+    spool = station.spool
+    jid, _study = queue_job(spool)
+    real = Claim.move_keep
+
+    def dies_before_done(self: Claim, queue: Queue, state: State | None = None) -> Path:
+        if queue is Queue.DONE:
+            raise OSError("simulated crash: every child published, the job not yet moved")
+        return real(self, queue, state)
+
+    monkeypatch.setattr(Claim, "move_keep", dies_before_done)
+    assert classifier.serve(station, once=True).retry == [jid]
+    assert spool.list(Queue.RUN, State.NEW) == [f"{jid}.vibe", f"{jid}.whole"]
+    monkeypatch.setattr(Claim, "move_keep", real)
+    assert classifier.serve(station, once=True).done == [jid]
+    assert spool.list(Queue.RUN, State.NEW) == [f"{jid}.vibe", f"{jid}.whole"]  # no .2
+    data = Job(spool.dir(Queue.DONE) / jid).read()
+    assert data["children"] == [f"{jid}.vibe", f"{jid}.whole"] and "fanout_pending" not in data
+    # asked for again by hand, a classification makes children of its own
+    assert classifier.serve(station, job_ids=[jid]).done == [jid]
+    assert spool.list(Queue.RUN, State.NEW) == [f"{jid}.vibe", f"{jid}.vibe.2",
+                                                f"{jid}.whole", f"{jid}.whole.2"]
+
+
 def test_heterogeneous_series_is_read_in_full(tmp_path: Path) -> None:
     """A tri-plane localizer: a sample would see one orientation, all images are read."""
     rules_path = tmp_path / "rules.json"
