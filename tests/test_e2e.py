@@ -177,10 +177,25 @@ def test_kill_9_mid_run_then_restart_finishes_everything_once(
     assert spool.list(Queue.RUN, State.CUR) == running  # left behind, lock released
 
     w.start()
-    wait_for(lambda: len(spool.list(Queue.DONE)) == 6, 120, what="every job done after restart")
-    assert spool.list(Queue.FAILED) == [] and spool.list(Queue.UNMATCHED) == []
-    for q in (Queue.CLASSIFY, Queue.RUN, Queue.SEND):
-        assert spool.list(q, State.NEW) == [] and spool.list(q, State.CUR) == []
+
+    def queues() -> dict[str, list[str]]:
+        out = {f"{q}/{s}": spool.list(q, s) for q in (Queue.CLASSIFY, Queue.RUN, Queue.SEND)
+               for s in (State.NEW, State.CUR)}
+        for q in (Queue.DONE, Queue.FAILED, Queue.UNMATCHED):
+            out[str(q)] = spool.list(q)
+        return out
+
+    def settled() -> bool:
+        state = queues()
+        return len(state["done"]) >= 6 and not any(
+            v for k, v in state.items() if k not in ("done", "failed", "unmatched"))
+    try:
+        wait_for(settled, 120, what="every job done after restart")
+    finally:
+        print(json.dumps(queues(), indent=1))
+    state = queues()
+    assert len(state["done"]) == 6, state  # 3 studies, 3 run jobs: none twice
+    assert state["failed"] == [] and state["unmatched"] == []
     assert list(spool.incoming.iterdir()) == []
     srs = _srs(orthanc)
     assert orthanc.instance_count() == 3
