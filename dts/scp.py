@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import ssl
 import struct
@@ -53,7 +52,6 @@ HANDLER_FAILED = 0xC211  # what pynetdicom answers when its handler raised
 POLL = 0.5  # how often a wait for the next PDU looks whether the association was ended
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 @dataclass
@@ -215,26 +213,25 @@ class _Loop:
     # -- reading -------------------------------------------------------------------------
     def _next_is_p_data(self) -> bool:
         """Wait for the next PDU (within the network timeout); True if it is a P-DATA-TF.
-        Nothing is consumed: whatever else comes is pynetdicom's to read."""
+        Nothing is consumed: whatever else comes is pynetdicom's to read. The wait looks
+        every ``POLL`` seconds whether the association was ended meanwhile."""
         assoc, sock = self.assoc, self.sock
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            try:
-                head = sock.recv(1, _NOWAIT)
-            except BlockingIOError:
-                head = None
-            if head is not None:
-                if head and head[0] == P_DATA_TF:
-                    assoc.dul._idle_timer.restart()
-                    return True
+        sock.settimeout(POLL)  # between two timeouts: no system call, data is read at once
+        try:
+            while True:
+                try:
+                    head = sock.recv(1, socket.MSG_PEEK)
+                except TimeoutError:
+                    if assoc._kill or not assoc.is_established or not assoc.dul.is_alive():
+                        return False
+                    if deadline is not None and time.monotonic() > deadline:
+                        return False  # quiet for network_timeout: pynetdicom's timer says so
+                    continue
                 assoc.dul._idle_timer.restart()
-                return False  # another PDU, or the peer closed: pynetdicom's
-            if assoc._kill or not assoc.is_established or not assoc.dul.is_alive():
-                return False
-            wait = POLL if deadline is None else min(POLL, deadline - time.monotonic())
-            if wait <= 0:
-                return False  # quiet for network_timeout: pynetdicom's timer says so too
-            select.select([sock], [], [], wait)
+                return bool(head) and head[0] == P_DATA_TF  # else pynetdicom's (or closed)
+        finally:
+            sock.settimeout(self.timeout)
 
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)
