@@ -14,6 +14,11 @@ state folder ``tmp/.run`` and a study the receiver was publishing when it stoppe
 (``.receiving`` marker: acknowledged data it finishes at its next start) are never
 touched.
 
+``produced/`` entries (the feedback-loop guard, one small file per result sent) go
+once their job is no longer in the spool and they are older than both the job age
+asked for and ``PRODUCED_AGE`` (30 days): a result forwarded back to the station
+within a month is still recognised as its own, and the registry does not grow forever.
+
 Below the free-disk watermark (``[station] clean_below_free_mb``) the oldest
 finished jobs of ``done/`` and ``unmatched/`` go first, whatever their age, until
 the disk is above it again; ``failed/`` is left for a person to look at. Both say
@@ -37,6 +42,7 @@ from .station import Station
 
 DEFAULT_QUEUES = (Queue.DONE, Queue.UNMATCHED)
 TMP_AGE = 86400.0
+PRODUCED_AGE = 30 * 86400.0
 _KEEP_IN_TMP = (".run",)
 RECEIVING_MARKER = ".receiving"  # dts.receiver.MARKER (not imported: pynetdicom is heavy)
 
@@ -59,6 +65,7 @@ class CleanReport:
     removed: list[Removed] = field(default_factory=list)
     tmp_removed: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)  # old enough, but claimed by a worker
+    produced_removed: list[str] = field(default_factory=list)  # SOP Instance UIDs
     free_mb_before: float | None = None
     free_mb_after: float | None = None
 
@@ -69,6 +76,7 @@ class CleanReport:
     def as_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "removed": [r.as_dict() for r in self.removed],
                 "tmp_removed": self.tmp_removed, "busy": self.busy, "bytes": self.bytes,
+                "produced_removed": len(self.produced_removed),
                 "free_mb_before": _round(self.free_mb_before),
                 "free_mb_after": _round(self.free_mb_after)}
 
@@ -158,6 +166,8 @@ def clean(station: Station, older_than: float, *, queues: Iterable[Queue] = DEFA
         if age >= older_than:
             _remove(station, q, job_id, age, dry_run, report, f"older than {older_than:.0f}s")
     report.tmp_removed = clean_tmp(station.spool, tmp_age, dry_run=dry_run, now=now)
+    report.produced_removed = clean_produced(station.spool, max(older_than, PRODUCED_AGE),
+                                             dry_run=dry_run, now=now)
     if report.removed and not dry_run:
         station.journal.emit(Stage.CLEAN, "cleaned", Status.INFO,
                              f"removed {len(report.removed)} finished job(s), "
@@ -199,6 +209,38 @@ def clean_tmp(spool: Spool, max_age: float, *, dry_run: bool = False,
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+    return removed
+
+
+def clean_produced(spool: Spool, max_age: float, *, dry_run: bool = False,
+                   now: float | None = None) -> list[str]:
+    """Remove ``produced/`` entries older than ``max_age`` seconds whose job is gone."""
+    now = time.time() if now is None else now
+    try:
+        entries = list(os.scandir(spool.produced))
+    except FileNotFoundError:
+        return []
+    jobs: set[str] = set()
+    for loc in spool.locations():
+        jobs.update(spool.list(loc.queue, loc.state))
+    removed = []
+    for entry in sorted(entries, key=lambda e: e.name):
+        try:
+            if not entry.is_file(follow_symlinks=False) or \
+                    now - entry.stat(follow_symlinks=False).st_mtime < max_age:
+                continue
+            with open(entry.path, "rb") as fh:
+                job_id = fh.read(256).decode("ascii", "replace").strip()
+        except OSError:
+            continue
+        if job_id in jobs:
+            continue
+        removed.append(entry.name)
+        if not dry_run:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
     return removed
 
 

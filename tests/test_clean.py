@@ -159,3 +159,32 @@ def test_free_disk_watermark_removes_oldest_first(station: Station) -> None:
 def test_bad_duration_is_a_usage_error(base_config: Path, spool_dir: Path) -> None:
     proc = run_dts("clean", "--older-than", "soon", config=base_config, spool=spool_dir)
     assert proc.returncode == 2 and "--older-than" in proc.stderr
+
+
+def test_produced_registry_entries_go_with_their_job_after_30_days(
+        station: Station, base_config: Path, spool_dir: Path) -> None:
+    from dts.provenance import produced_by, register_produced
+
+    spool = station.spool
+    kept_job = make_job(spool, Queue.DONE, stream="s1")
+    register_produced(spool, ["1.2.3.1"], kept_job)        # its job is still there
+    register_produced(spool, ["1.2.3.2"], "20260101T000000.000000Z-0a0b0c0d.s1")  # job gone
+    register_produced(spool, ["1.2.3.3"], "20260101T000000.000000Z-0a0b0c0e.s1")  # gone, young
+    t = time.time()
+    for uid, days in (("1.2.3.1", 40), ("1.2.3.2", 40), ("1.2.3.3", 20)):
+        os.utime(spool.produced / uid, (t - days * DAY, t - days * DAY))
+
+    dry = run_dts("clean", "--older-than", "7d", "--dry-run", "--json", config=base_config,
+                  spool=spool_dir)
+    assert json.loads(dry.stdout)["produced_removed"] == 1
+    assert produced_by(spool, "1.2.3.2") is not None
+    proc = run_dts("clean", "--older-than", "7d", config=base_config, spool=spool_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 produced/ entries" in proc.stderr
+    assert produced_by(spool, "1.2.3.2") is None
+    assert produced_by(spool, "1.2.3.1") == kept_job
+    assert produced_by(spool, "1.2.3.3") is not None
+    # a longer retention than 30 days is honoured for the registry too
+    os.utime(spool.produced / "1.2.3.3", (t - 40 * DAY, t - 40 * DAY))
+    proc = run_dts("clean", "--older-than", "60d", config=base_config, spool=spool_dir)
+    assert "0 produced/ entries" in proc.stderr and produced_by(spool, "1.2.3.3") is not None

@@ -30,7 +30,10 @@ def command(ctx: StationContext, older_than: str, done: bool, unmatched: bool, f
     A job's age counts from its last activity (the newest change of its folder,
     job.json or events.jsonl), so a job requeued yesterday is one day old. Jobs a
     worker holds are never touched; tmp/ entries are removed after a day unless
-    locked. `[station] retention` makes `dts watch` do this by itself.
+    locked. Entries of produced/ (the record of results this station sent, so that
+    they are not processed again when they come back) go once their job is gone
+    and they are older than 30 days. `[station] retention` makes `dts watch` do
+    this by itself.
 
     \b
     Example:
@@ -53,5 +56,6 @@ def command(ctx: StationContext, older_than: str, done: bool, unmatched: bool, f
     for name in report.tmp_removed:
         click.echo(f"tmp/{name}")
     click.echo(f"{verb} {len(report.removed)} job(s), {report.bytes / 1e6:.1f} MB, "
-               f"{len(report.tmp_removed)} tmp/ entries"
+               f"{len(report.tmp_removed)} tmp/ entries, "
+               f"{len(report.produced_removed)} produced/ entries"
                + (f"; {len(report.busy)} busy, kept" if report.busy else ""), err=True)
