@@ -63,6 +63,17 @@ class TLS:
 
 
 @dataclass(frozen=True)
+class ClientTLS:
+    """TLS towards a DICOM destination: whom to trust, and who we are."""
+
+    ca_certificates: Path | None = None  # None: the system's trusted certificates
+    certificate: Path | None = None      # with private_key: our client certificate
+    private_key: Path | None = None
+    verify_peer: bool = True             # false: encrypted, but the peer is not checked
+    server_name: str | None = None       # the name its certificate must carry (default: host)
+
+
+@dataclass(frozen=True)
 class StationConfig:
     ae_title: str = "DTS"
     host: str = "0.0.0.0"
@@ -97,6 +108,7 @@ class Destination:
     port: int | None = None
     calling_ae: str | None = None
     folder: Path | None = None
+    tls: ClientTLS | None = None
 
     @property
     def is_folder(self) -> bool:
@@ -357,6 +369,9 @@ def _destination(file: str, index: int, data: Any, base: Path) -> Destination:
     if not name or not _NAME.match(name):
         raise t.fail("name", f"a destination needs a name of letters, digits, '_.-', got {name!r}")
     t.prefix = f"destination.{name}"
+    tls = None
+    if "tls" in t.data:
+        tls = _client_tls(file, f"{t.prefix}.tls", t.get("tls", dict), base)
     dest = Destination(
         name=name,
         ae_title=t.convert("ae_title", _ae),
@@ -364,15 +379,46 @@ def _destination(file: str, index: int, data: Any, base: Path) -> Destination:
         port=t.convert("port", _port),
         calling_ae=t.convert("calling_ae", _ae),
         folder=t.convert("folder", _path(base)),
+        tls=tls,
     )
     t.finish()
     if dest.folder is not None:
-        if dest.ae_title or dest.host or dest.port:
-            raise ConfigError(file, t.prefix, "either folder or ae_title/host/port, not both")
+        if dest.ae_title or dest.host or dest.port or dest.tls:
+            raise ConfigError(file, t.prefix, "either folder or ae_title/host/port(/tls), "
+                              "not both")
     elif not (dest.ae_title and dest.host and dest.port):
         raise ConfigError(file, t.prefix, "a DICOM destination needs ae_title, host and port "
                           "(or give folder)")
     return dest
+
+
+def _client_tls(file: str, prefix: str, data: Any, base: Path) -> ClientTLS:
+    t = _Table(file, prefix, data)
+    tls = ClientTLS(
+        ca_certificates=t.convert("ca_certificates", _path(base)),
+        certificate=t.convert("certificate", _path(base)),
+        private_key=t.convert("private_key", _path(base)),
+        verify_peer=t.get("verify_peer", bool, True),
+        server_name=t.get("server_name", str),
+    )
+    t.finish()
+    if (tls.certificate is None) != (tls.private_key is None):
+        raise ConfigError(file, prefix, "certificate and private_key go together (a client "
+                          "certificate), or neither")
+    for key in ("ca_certificates", "certificate", "private_key"):
+        path = getattr(tls, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(file, f"{prefix}.{key}", f"cannot read {path}")
+    import ssl
+
+    try:  # the files must make a context, or sending fails later for a reason found now
+        ctx = ssl.create_default_context(
+            cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
+        if tls.certificate is not None and tls.private_key is not None:
+            ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(file, prefix, f"unusable certificate or key: {exc}") from None
+    return tls
 
 
 def _stream(file: str, index: int, data: Any, destinations: dict[str, Destination]) -> Stream:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -158,9 +159,11 @@ class Peer:
     host: str
     port: int
     calling_ae: str
+    tls: ssl.SSLContext | None = None
+    server_name: str | None = None  # the name the peer's certificate is checked against
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{' TLS' if self.tls else ''})"
 
 
 @dataclass(frozen=True)
@@ -456,7 +459,8 @@ def _associate(peer: Peer, contexts: list[PresentationContext],
                           dimse_timeout=net.dimse_timeout, network_timeout=net.network_timeout,
                           connection_timeout=net.connect_timeout)
     ae.requested_contexts = contexts
-    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = (peer.tls, peer.server_name or peer.host) if peer.tls is not None else None
+    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
 
 
 def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
@@ -469,6 +473,11 @@ def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
         return text, result == 0x01
     if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return f"{peer} aborted the association during negotiation", False
+    if peer.tls is not None:
+        problem = dicomnet.tls_problem(peer.host, peer.port, peer.tls,
+                                       peer.server_name or peer.host)
+        if problem:
+            return f"{peer}: {problem}", False
     return f"{peer} is not reachable (connection refused or no answer)", False
 
 

@@ -278,8 +278,53 @@ def client_ssl_context(ca_certificates: Path | None = None, certificate: Path | 
     return ctx
 
 
+def destination_ssl_context(ca_certificates: Path | None, certificate: Path | None,
+                            private_key: Path | None, verify_peer: bool) -> ssl.SSLContext:
+    """TLS towards a destination: its certificate checked against ``ca_certificates``
+    (or the system's), and ours presented when given. ssl.SSLError/OSError on bad files."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(ca_certificates) if ca_certificates else None)
+    if not verify_peer:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if certificate is not None and private_key is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    return ctx
+
+
+def tls_problem(host: str, port: int, ctx: ssl.SSLContext, server_name: str,
+                timeout: float = 10.0) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails (None if it succeeds or the peer is
+    not reachable at all): pynetdicom only logs it, an operator needs to read it."""
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.do_handshake()
+            # TLS 1.3: a refused client certificate shows only at the first read
+            tls.settimeout(0.5)
+            try:
+                if tls.recv(1) == b"":
+                    return "the peer closed the TLS connection (does it accept our client " \
+                           "certificate?)"
+            except (TimeoutError, socket.timeout):
+                pass
+        return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the peer's certificate is not trusted: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {exc.reason or exc}"
+    except OSError as exc:
+        return f"TLS handshake failed: {exc.strerror or exc}"
+    finally:
+        raw.close()
+
+
 def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
-         timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> int:
+         timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+         server_name: str | None = None) -> int:
     """C-ECHO ``called_ae`` at ``host:port``; the status (0 = success).
 
     Raises NetworkError when no association could be made or no answer came.
@@ -287,12 +332,14 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
     ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
                  network_timeout=timeout, connection_timeout=timeout)
     ae.add_requested_context(pynetdicom.sop_class.Verification)  # type: ignore[attr-defined]
-    tls_args = (tls, host) if tls is not None else None
+    tls_args = (tls, server_name or host) if tls is not None else None
     assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if assoc.is_rejected:
         raise NetworkError(f"{called_ae} at {host}:{port} rejected the association")
     if not assoc.is_established:
-        raise NetworkError(f"cannot reach {called_ae} at {host}:{port}")
+        problem = tls_problem(host, port, tls, server_name or host) if tls else None
+        raise NetworkError(f"cannot reach {called_ae} at {host}:{port}"
+                           + (f": {problem}" if problem else ""))
     try:
         status = assoc.send_c_echo()
     finally:

@@ -23,6 +23,7 @@ import random
 import secrets
 import shutil
 import threading
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import worker
+from . import dicomnet, worker
 from .config import Config, Destination, StationConfig, valid_ae_title
 from .cstore import (
     Delivery,
@@ -139,7 +140,21 @@ def _output_files(job: Job) -> list[tuple[Path, Path]]:
 def peer_of(dest: Destination, station: StationConfig) -> Peer:
     assert dest.ae_title and dest.host and dest.port
     return Peer(name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                calling_ae=dest.calling_ae or station.ae_title)
+                calling_ae=dest.calling_ae or station.ae_title, tls=tls_context(dest),
+                server_name=dest.tls.server_name if dest.tls else None)
+
+
+def tls_context(dest: Destination) -> ssl.SSLContext | None:
+    """The TLS context of a destination with ``tls`` (checked when the configuration
+    loaded; a file changed since is a usage error naming it)."""
+    t = dest.tls
+    if t is None:
+        return None
+    try:
+        return dicomnet.destination_ssl_context(t.ca_certificates, t.certificate,
+                                                t.private_key, t.verify_peer)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"destination {dest.name}: TLS files unusable: {exc}") from None
 
 
 def parse_target(config: Config, target: str, ae_title: str | None = None,

@@ -608,3 +608,79 @@ def test_fast_path_and_pynetdicom_fallback_deliver_the_same(
     assert result.temporary is None and result.refused is None and not result.failed
     assert set(result.sent) == uids == storescp.sop_uids()
     assert calls["fast"] == (20 if pinned else 0)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+def _certificate(folder: Path, name: str, cn: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate valid for 127.0.0.1 (its own CA): (key, certificate)."""
+    import subprocess
+
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={cn}", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return key, cert
+
+
+def _tls_table(ca: Path, cert: Path | None = None, key: Path | None = None) -> str:
+    mine = f', certificate = "{cert}", private_key = "{key}"' if cert and key else ""
+    return f'tls = {{ ca_certificates = "{ca}"{mine} }}\n'
+
+
+def test_tls_destination_with_client_certificate(
+        tmp_path: Path, storescp_factory: Callable[..., StoreSCP]) -> None:
+    server_key, server_cert = _certificate(tmp_path, "server")
+    client_key, client_cert = _certificate(tmp_path, "client", cn="dts")
+    # storescp over TLS, requiring a client certificate it trusts (-rc, +cf)
+    scp = storescp_factory("TLSPACS", args=["+tls", str(server_key), str(server_cert),
+                                            "+cf", str(client_cert), "-rc"])
+    spool = Spool(tmp_path / "spool")
+    cfg = write_config(tmp_path, dicom_destination("pacs", scp)
+                       + _tls_table(server_cert, client_cert, client_key), ["pacs"])
+    echo = run_dts("echo", "pacs", config=cfg)
+    assert echo.returncode == 0, echo.stderr
+    job_id, uids, _ = queue_send_job(spool, n=3)
+    proc = run_dts("send", "--once", config=cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert where(spool, job_id) == "done"
+    assert scp.sop_uids() == set(uids)
+
+    # a station that does not trust the peer's certificate says so and keeps the job (75)
+    _other_key, other_cert = _certificate(tmp_path, "other")
+    cfg = write_config(tmp_path, dicom_destination("pacs", scp)
+                       + _tls_table(other_cert, client_cert, client_key), ["pacs"])
+    job_id, uids, _ = queue_send_job(spool, n=1)
+    proc = run_dts("send", "--once", config=cfg)
+    assert proc.returncode == 75, proc.stderr
+    assert where(spool, job_id) == "send/new"
+    error = json.dumps(job_data(spool, job_id)["destinations"]["pacs"])
+    assert "certificate is not trusted" in error, error
+    echo = run_dts("echo", "pacs", config=cfg)
+    assert echo.returncode == 75 and "certificate is not trusted" in echo.stderr, echo.stderr
+
+    # without a client certificate the peer refuses the handshake: said so too
+    cfg = write_config(tmp_path, dicom_destination("pacs", scp) + _tls_table(server_cert),
+                       ["pacs"])
+    echo = run_dts("echo", "pacs", config=cfg)
+    assert echo.returncode == 75 and "TLS" in echo.stderr, echo.stderr
+    assert scp.proc.poll() is None
+
+
+@pytest.mark.parametrize("table, key, reason", [
+    ('tls = { certificate = "{cert}" }', "destination.pacs.tls", "go together"),
+    ('tls = { ca_certificates = "/nonexistent/ca.pem" }', "destination.pacs.tls.ca_certificates",
+     "cannot read"),
+    ('tls = { ca_certificates = "{key}" }', "destination.pacs.tls", "unusable"),
+    ('tls = { verify = false }', "destination.pacs.tls.verify", ""),
+])
+def test_tls_destination_configuration_errors(tmp_path: Path, table: str, key: str,
+                                              reason: str) -> None:
+    server_key, server_cert = _certificate(tmp_path, "server")
+    table = table.replace("{cert}", str(server_cert)).replace("{key}", str(server_key))
+    cfg = write_config(tmp_path, dicom_destination("pacs", ("PACS", 104)) + table + "\n",
+                       ["pacs"])
+    proc = run_dts("status", config=cfg)
+    assert proc.returncode == 2
+    assert key in proc.stderr and reason in proc.stderr, proc.stderr

@@ -9,6 +9,7 @@ import click
 from .. import dicomnet
 from ..config import valid_ae_title
 from ..errors import TemporaryFailure, UsageError
+from ..sender import tls_context
 from . import StationContext, pass_ctx
 from .common import json_option, print_json
 
@@ -33,6 +34,7 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
     """
     config = ctx.station.config
     tls = None
+    server_name: str | None = None
     if dest is None:
         host = config.station.host if config.station.host not in ("0.0.0.0", "::", "") \
             else "127.0.0.1"
@@ -44,6 +46,8 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
         if d.is_folder or not (d.host and d.port and d.ae_title):
             raise UsageError(f"destination {dest!r} is a folder, not a DICOM peer")
         host, port, called, name = d.host, d.port, ae_title or d.ae_title, dest
+        tls = tls_context(d)
+        server_name = d.tls.server_name if d.tls else None
     elif ":" in dest:
         host, _, port_text = dest.rpartition(":")
         if not port_text.isdigit() or not host:
@@ -59,7 +63,7 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
     t0 = time.monotonic()
     try:
         status = dicomnet.echo(host, port, called_ae=called, calling_ae=calling,
-                               timeout=timeout, tls=tls)
+                               timeout=timeout, tls=tls, server_name=server_name)
     except dicomnet.NetworkError as exc:
         raise TemporaryFailure(str(exc)) from None
     ms = (time.monotonic() - t0) * 1000
