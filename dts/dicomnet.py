@@ -322,6 +322,58 @@ def tls_problem(host: str, port: int, ctx: ssl.SSLContext, server_name: str,
         raw.close()
 
 
+class _HeldCheckpoint(threading.Event):
+    """An association's reactor checkpoint that stays closed while ``holding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = True
+
+    def set(self) -> None:
+        if not self.holding:
+            super().set()
+
+
+def park_reactor(assoc: Any, timeout: float = 5.0) -> bool:
+    """Keep a requestor association's reactor away from the DIMSE queue until
+    ``release()`` or ``abort()``; True if it is parked.
+
+    pynetdicom 3.0.4's ``send_*()`` pause the reactor with a check that can pass while
+    the reactor is about to look at the queue, and open it again after every call: with
+    a peer that answers within microseconds (as dts's receiver does) the reactor now and
+    then takes the response meant for the caller, who then waits for the DIMSE timeout.
+    A requestor that only sends (dts echo, a test's SCU) does not need its reactor.
+    """
+    if not version_ok():
+        return False
+    held = _HeldCheckpoint()
+    assoc._reactor_checkpoint = held
+    deadline = time.monotonic() + timeout
+    parked = False
+    while time.monotonic() < deadline:  # parked: seen paused twice, a few ms apart
+        if assoc._is_paused:
+            time.sleep(0.005)
+            if assoc._is_paused:
+                parked = True
+                break
+        time.sleep(0.0005)
+
+    def let_go(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            held.holding = False
+            held.set()
+            return method(*args, **kwargs)
+        return call
+
+    assoc.release = let_go(assoc.release)
+    assoc.abort = let_go(assoc.abort)
+    if not parked:
+        held.holding = False
+        held.set()
+    return parked
+
+
 def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
          timeout: float = 10.0, tls: ssl.SSLContext | None = None,
          server_name: str | None = None) -> int:
@@ -341,6 +393,7 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
         raise NetworkError(f"cannot reach {called_ae} at {host}:{port}"
                            + (f": {problem}" if problem else ""))
     try:
+        park_reactor(assoc)
         status = assoc.send_c_echo()
     finally:
         if assoc.is_established:

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from dts import dicomnet
 from dts import receiver as receiver_mod
 from dts.spool import Job, Queue, State
 from dts.station import Station
@@ -127,6 +128,7 @@ def _scu(port: int, aet: str = "PACS", aec: str = "DTS") -> Any:
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title=aec)
     assert assoc.is_established
+    assert dicomnet.park_reactor(assoc)  # see its docstring: pynetdicom's own race
     return assoc
 
 
