@@ -151,6 +151,7 @@ class _Loop:
         self.saved_timeout = sock.gettimeout()
         self.buf = bytearray(CHUNK)
         self.held = True
+        self.spare: Any = None  # the next data set's file, made while the peer is busy
 
     @classmethod
     def take(cls, assoc: association.Association, msg: Any) -> _Loop | None:
@@ -209,6 +210,10 @@ class _Loop:
             self.assoc.abort()
         finally:
             self.give()
+            if self.spare is not None:
+                self.spare.close()
+                _unlink(self.spare.name)
+                self.spare = None
 
     # -- reading -------------------------------------------------------------------------
     def _next_is_p_data(self) -> bool:
@@ -351,7 +356,9 @@ class _Loop:
         from .dicomnet import ReceiveFile  # dicomnet installs this module
 
         context = self.assoc._accepted_cx[cx]
-        rx = ReceiveFile(self.receive_dir)
+        rx, self.spare = self.spare, None
+        if rx is None:
+            rx = ReceiveFile(self.receive_dir)
         try:
             rx.write(file_meta(dimse.text(fields, 0x0002), dimse.text(fields, 0x1000),
                                str(context.transfer_syntax[0])))
@@ -379,6 +386,14 @@ class _Loop:
         rsp = dimse.c_store_response(msg_id, fields.get(0x0002, b""), fields.get(0x1000, b""),
                                      status)
         self.sock.sendall(dimse.p_data_command(cx, rsp))
+        # Creating a file costs as much as a sixth of an instance: done now, while the
+        # peer reads its response and sends the next request, not after it arrived.
+        from .dicomnet import ReceiveFile
+
+        try:
+            self.spare = ReceiveFile(self.receive_dir)
+        except OSError:
+            self.spare = None  # the next _open() says what is wrong
 
 
 def _unlink(path: str) -> None:

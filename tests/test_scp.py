@@ -130,7 +130,8 @@ def test_a_stream_of_c_stores_is_served_by_the_fast_path(fast_scp: Any, tmp_path
         assert uid == sent.SOPInstanceUID == got.SOPInstanceUID
         assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert got.PixelData == sent.PixelData
-    assert _rx_files(rec) == []  # the handler's files are gone once answered
+    # the handler's files, and the one made ready for a next data set, are gone
+    wait_for(lambda: _rx_files(rec) == [], 5, what="no file left in the receive folder")
 
 
 def test_echo_between_stores_goes_to_pynetdicom_and_back(fast_scp: Any, tmp_path: Path) -> None:
@@ -165,7 +166,7 @@ def test_statuses_and_a_failing_handler(fast_scp: Any, tmp_path: Path) -> None:
     finally:
         assoc.release()
     assert rec.paths() == ["pynetdicom", "fast", "fast"]
-    assert _rx_files(rec) == []
+    wait_for(lambda: _rx_files(rec) == [], 5, what="no file left in the receive folder")
 
 
 def _raw_pdu(cx: int, flags: int, data: bytes) -> bytes:
@@ -215,7 +216,7 @@ def test_a_peer_that_aborts_halfway_leaves_nothing(fast_scp: Any, tmp_path: Path
     cx = _cx_id(assoc)
     command = dimse.c_store_command(2, str(CTImageStorage), generate_uid())
     sock.sendall(_raw_pdu(cx, 0x03, command) + _raw_pdu(cx, 0x00, b"\x08\x00" * 512))
-    wait_for(lambda: len(_rx_files(rec)) == 1, 10, what="a data set being received")
+    wait_for(lambda: len(_rx_files(rec)) >= 1, 10, what="a data set being received")
     assoc.abort()
     wait_for(lambda: _rx_files(rec) == [], 10, what="the cut-off data set to be removed")
     assert len(rec.stored) == 1
