@@ -289,16 +289,7 @@ class _Sender:
             return  # internals of another pynetdicom: leave everything to it
         assoc = self.assoc
         assoc._reactor_checkpoint.clear()
-        deadline = time.monotonic() + 5
-        parked = False
-        # Parked means blocked on the checkpoint: seen paused twice, a few polls apart.
-        while time.monotonic() < deadline:
-            if assoc._is_paused:
-                time.sleep(0.003)
-                if assoc._is_paused:
-                    parked = True
-                    break
-            time.sleep(0.0001)
+        parked = dicomnet.wait_parked(assoc)
         wrapper = assoc.dul.socket
         if not parked or self.sock is None or type(wrapper) is not AssociationSocket:
             assoc._reactor_checkpoint.set()

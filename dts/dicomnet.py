@@ -322,6 +322,20 @@ def tls_problem(host: str, port: int, ctx: ssl.SSLContext, server_name: str,
         raw.close()
 
 
+def wait_parked(assoc: Any, timeout: float = 5.0) -> bool:
+    """Wait until an association's reactor blocks on its (closed) checkpoint: seen paused
+    twice, a few ms apart (pynetdicom sets ``_is_paused`` just before it waits, so one
+    look can catch a reactor that is passing through)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if assoc._is_paused:
+            time.sleep(0.004)
+            if assoc._is_paused:
+                return True
+        time.sleep(0.0002)
+    return False
+
+
 class _HeldCheckpoint(threading.Event):
     """An association's reactor checkpoint that stays closed while ``holding``."""
 
@@ -348,15 +362,7 @@ def park_reactor(assoc: Any, timeout: float = 5.0) -> bool:
         return False
     held = _HeldCheckpoint()
     assoc._reactor_checkpoint = held
-    deadline = time.monotonic() + timeout
-    parked = False
-    while time.monotonic() < deadline:  # parked: seen paused twice, a few ms apart
-        if assoc._is_paused:
-            time.sleep(0.005)
-            if assoc._is_paused:
-                parked = True
-                break
-        time.sleep(0.0005)
+    parked = wait_parked(assoc, timeout)
 
     def let_go(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)

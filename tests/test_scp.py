@@ -153,7 +153,7 @@ def test_echo_between_stores_goes_to_pynetdicom_and_back(fast_scp: Any, tmp_path
 def test_statuses_and_a_failing_handler(fast_scp: Any, tmp_path: Path) -> None:
     port, rec = fast_scp
     files = _instances(tmp_path, 4)
-    assoc = _scu(port, ImplicitVRLittleEndian)
+    assoc = _scu(port)
     try:
         assert assoc.send_c_store(files[0]).Status == 0
         rec.status = 0xA700
