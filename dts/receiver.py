@@ -437,8 +437,13 @@ class Receiver:
         return conn
 
     def _fast_store(self, assoc: Any, req: scp.StoreRequest) -> int:
-        """A C-STORE from the fast path (``dts.scp``): the data set is in ``req.path``."""
-        return self._store(self._connection(assoc), id(assoc), req, req.path, synced=False)
+        """A C-STORE from the fast path (``dts.scp``): the data set is in ``req.path``, or
+        could not be written (``req.error``: refused like any write error)."""
+        conn = self._connection(assoc)
+        if req.error is not None:
+            return self._refuse(conn, OUT_OF_RESOURCES, req.error,
+                                {"sop_uid": req.AffectedSOPInstanceUID})
+        return self._store(conn, id(assoc), req, req.path, synced=False)
 
     def _on_store(self, event: Any) -> int:
         assoc = event.assoc

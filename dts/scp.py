@@ -16,7 +16,9 @@ for its response, is silent) the reactor thread keeps the socket for itself:
   handed back and pynetdicom goes on exactly as it would have;
 - a C-STORE-RQ's data set is streamed into a file in the spool's ``tmp/`` behind the
   same file meta pynetdicom writes, the handler is called with the file, and the
-  C-STORE-RSP is encoded and sent here;
+  C-STORE-RSP is encoded and sent here; when the file cannot be written (disk full)
+  the rest of the data set is read and dropped, and the handler is called with the
+  error, so that the peer gets the handler's failure status, not a broken association;
 - any other request (a C-ECHO) is handed to pynetdicom's DIMSE layer as it came, with
   the socket, and served by pynetdicom.
 
@@ -64,6 +66,7 @@ class StoreRequest:
     transfer_syntax: str
     path: str
     _dataset_file: Any  # open until the handler returns (it may fsync it)
+    error: str | None = None  # the data set could not be written (path and file unusable)
 
 
 StoreHandler = Callable[[Any, StoreRequest], int]
@@ -252,20 +255,26 @@ class _Loop:
             view.release()
         return buf
 
-    def _copy(self, n: int, fd: int) -> None:
-        """Stream ``n`` bytes from the socket into file descriptor ``fd``."""
+    def _copy(self, n: int, fd: int | None) -> OSError | None:
+        """Stream ``n`` bytes from the socket into file descriptor ``fd`` (None: read and
+        drop them); the write error, if writing failed (the rest is then dropped)."""
         view = memoryview(self.buf)
+        failed: OSError | None = None
         try:
             while n:
                 k = self.sock.recv_into(view, min(n, CHUNK))
                 if not k:
                     raise ConnectionError("the peer closed the connection")
                 written = 0
-                while written < k:
-                    written += os.write(fd, view[written:k])
+                while fd is not None and written < k:
+                    try:
+                        written += _write(fd, view[written:k])
+                    except OSError as exc:
+                        failed, fd = exc, None
                 n -= k
         finally:
             view.release()
+        return failed
 
     def _quickack(self) -> None:
         if _QUICKACK is not None:  # not sticky: re-armed for every message
@@ -282,6 +291,7 @@ class _Loop:
         fields: dict[int, bytes] | None = None
         context_id = 0
         rx: Any = None
+        error: str | None = None  # the data set cannot be written: read, dropped, refused
         try:
             first = True
             while True:
@@ -312,15 +322,20 @@ class _Loop:
                             context_id = cx
                             if not self._ours(fields, cx):
                                 self._hand_over(raw, left)
-                            rx = self._open(fields, cx)
+                            try:
+                                rx = self._open(fields, cx)
+                            except OSError as exc:
+                                error = f"cannot write: {exc.strerror or exc}"
                         continue
-                    if rx is None or fields is None:
+                    if fields is None or (rx is None and error is None):
                         raise _Abort("a data set without its command")
-                    self._copy(n, rx.fileno())
+                    failed = self._copy(n, rx.fileno() if error is None else None)
+                    if failed is not None and error is None:
+                        error = f"cannot write: {failed.strerror or failed}"
                     if flags & 0x02:
                         if left:
                             raise _Abort("data after the last fragment of a data set")
-                        self._answer(fields, context_id, rx)
+                        self._answer(fields, context_id, rx, error)
                         rx = None
                         return
         finally:
@@ -368,21 +383,23 @@ class _Loop:
             raise
         return rx
 
-    def _answer(self, fields: dict[int, bytes], cx: int, rx: Any) -> None:
+    def _answer(self, fields: dict[int, bytes], cx: int, rx: Any, error: str | None) -> None:
         context = self.assoc._accepted_cx[cx]
         msg_id = dimse.u16(fields, 0x0110) or 0
         req = StoreRequest(AffectedSOPClassUID=dimse.text(fields, 0x0002),
                            AffectedSOPInstanceUID=dimse.text(fields, 0x1000),
                            MessageID=msg_id, transfer_syntax=str(context.transfer_syntax[0]),
-                           path=rx.name, _dataset_file=rx)
+                           path=rx.name if rx is not None else "", _dataset_file=rx,
+                           error=error)
         try:
             status = int(self.store(self.assoc, req))
         except Exception:
             LOGGER.exception("the C-STORE handler failed")
             status = HANDLER_FAILED
         finally:
-            rx.close()
-            _unlink(rx.name)  # refused, or the handler moved it away already
+            if rx is not None:
+                rx.close()
+                _unlink(rx.name)  # refused, or the handler moved it away already
         rsp = dimse.c_store_response(msg_id, fields.get(0x0002, b""), fields.get(0x1000, b""),
                                      status)
         self.sock.sendall(dimse.p_data_command(cx, rsp))
@@ -394,6 +411,9 @@ class _Loop:
             self.spare = ReceiveFile(self.receive_dir)
         except OSError:
             self.spare = None  # the next _open() says what is wrong
+
+
+_write = os.write  # what _copy writes with (a test makes it fail: a disk full mid-file)
 
 
 def _unlink(path: str) -> None:

@@ -47,6 +47,10 @@ class Recorder:
         return self.status
 
     def fast_store(self, assoc: Any, req: scp.StoreRequest) -> int:
+        if req.error is not None:
+            with self.lock:
+                self.stored.append(("error", req.AffectedSOPInstanceUID, req.error.encode()))
+            return 0xA700
         assert Path(req.path).parent == self.rx
         if self.raise_in_handler:
             raise RuntimeError("handler failed")
@@ -233,3 +237,37 @@ def test_a_silent_peer_meets_the_network_timeout(fast_scp: Any, tmp_path: Path) 
     wait_for(lambda: not assoc.is_established, 15,
              what="the SCP to end the association after network_timeout (5 s)")
     assert time.monotonic() - t0 > 1  # not at once: it waited for the peer
+
+
+def test_a_disk_that_fails_is_answered_with_a_status_and_the_association_goes_on(
+        fast_scp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write error (here: ENOSPC, which no real disk gives on demand) mid-data set and
+    when the file is created: the rest of the data set is read and dropped, the handler
+    decides the status, and the association goes on."""
+    import errno
+
+    port, rec = fast_scp
+    files = _instances(tmp_path, 6, rows=300)  # several PDUs per data set
+
+    def disk_full(*_args: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    assoc = _scu(port)
+    try:
+        assert assoc.send_c_store(files[0]).Status == 0
+        assert assoc.send_c_store(files[1]).Status == 0
+        monkeypatch.setattr(dicomnet.ReceiveFile, "__init__", disk_full)
+        assert assoc.send_c_store(files[2]).Status == 0  # its file was made before
+        assert assoc.send_c_store(files[3]).Status == 0xA700   # creating the file
+        monkeypatch.undo()
+        monkeypatch.setattr(scp, "_write", disk_full)
+        assert assoc.send_c_store(files[4]).Status == 0xA700   # mid-file
+        monkeypatch.undo()
+        assert assoc.send_c_store(files[5]).Status == 0
+    finally:
+        assoc.release()
+    assert rec.paths() == ["pynetdicom", "fast", "fast", "error", "error", "fast"]
+    assert all(b"No space left" in d for p, _u, d in rec.stored if p == "error")
+    got = pydicom.dcmread(io.BytesIO(rec.stored[-1][2]))
+    assert got.PixelData == pydicom.dcmread(files[5]).PixelData  # the stream stayed in step
+    wait_for(lambda: _rx_files(rec) == [], 5, what="no file left in the receive folder")
