@@ -472,6 +472,14 @@ def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
     return f"{peer} is not reachable (connection refused or no answer)", False
 
 
+def _refused_class(out: Delivery, item: Item, peer: Peer, on_result: OnResult | None) -> None:
+    """``item`` fails for good: the peer accepted no presentation context for its class."""
+    out.failed[item.sop_uid] = NO_CONTEXT
+    out.reasons[item.sop_uid] = f"{peer} refused SOP class {_class_name(item.sop_class)}"
+    if on_result:
+        on_result(item, "failed", None)
+
+
 def _class_name(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name != uid else uid
@@ -544,11 +552,7 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
                 missing, why_missing = items[i:], f"{peer} dropped the association"
                 break
             if item.sop_class not in accepted:
-                out.failed[item.sop_uid] = NO_CONTEXT
-                out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
-                                             f"{_class_name(item.sop_class)}")
-                if on_result:
-                    on_result(item, "failed", None)
+                _refused_class(out, item, peer, on_result)
                 continue
             try:
                 after = items[i + 1] if i + 1 < len(items) else None
@@ -618,11 +622,7 @@ def store(peer: Peer, items: list[Item], net: NetSettings | None = None,
                 if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
                     # answered, but accepted none of the contexts: refused for good
                     for item in todo:
-                        out.failed[item.sop_uid] = NO_CONTEXT
-                        out.reasons[item.sop_uid] = (f"{peer} refused SOP class "
-                                                     f"{_class_name(item.sop_class)}")
-                        if on_result:
-                            on_result(item, "failed", None)
+                        _refused_class(out, item, peer, on_result)
                     break
                 reason, for_good = _why_not(assoc, peer)
                 if for_good:
