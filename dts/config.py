@@ -6,6 +6,7 @@ the file, the key and the reason, so a station never starts half-configured.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -17,10 +18,15 @@ from typing import Any, Callable
 import jmespath
 import jmespath.exceptions
 
+from . import rules
 from .errors import ConfigError
 
+# A checkout: the package's parent holds configuration/ (the copy users edit) and spool/.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_CONFIG = PACKAGE_ROOT / "configuration" / "dts.toml"
+# The embedded default as shipped inside the package (identical to configuration/'s copy).
+PACKAGED_CONFIG = Path(__file__).resolve().parent / "data" / "dts.toml"
+CHECKOUT_CONFIG = PACKAGE_ROOT / "configuration" / "dts.toml"
+SPOOL_PLACEHOLDER = "{spool}"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -288,6 +294,20 @@ def _path(base: Path) -> Callable[[Any], Path]:
     return convert
 
 
+def _folder(base: Path, spool: Path) -> Callable[[Any], Path]:
+    """A path; ``{spool}`` at its start stands for the station's spool (results kept
+    beside the jobs wherever ``--spool`` puts them)."""
+    def convert(value: Any) -> Path:
+        if isinstance(value, str) and value.startswith(SPOOL_PLACEHOLDER):
+            rest = value[len(SPOOL_PLACEHOLDER):].lstrip("/")
+            return Path(os.path.normpath(spool / rest)) if rest else spool
+        if isinstance(value, str) and SPOOL_PLACEHOLDER in value:
+            raise ValueError(f"{SPOOL_PLACEHOLDER} may only start a path, got {value!r}")
+        return _path(base)(value)
+
+    return convert
+
+
 def _duration(value: Any) -> float:
     return parse_duration(value)
 
@@ -363,7 +383,7 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
     return station
 
 
-def _destination(file: str, index: int, data: Any, base: Path) -> Destination:
+def _destination(file: str, index: int, data: Any, base: Path, spool: Path) -> Destination:
     t = _Table(file, f"destination[{index}]", data)
     name = t.get("name", str)
     if not name or not _NAME.match(name):
@@ -378,7 +398,7 @@ def _destination(file: str, index: int, data: Any, base: Path) -> Destination:
         host=t.get("host", str),
         port=t.convert("port", _port),
         calling_ae=t.convert("calling_ae", _ae),
-        folder=t.convert("folder", _path(base)),
+        folder=t.convert("folder", _folder(base, spool)),
         tls=tls,
     )
     t.finish()
@@ -475,9 +495,30 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
     return stream
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and check ``dts.toml``; ``None`` means the embedded default."""
-    cfg_path = Path(path) if path is not None else EMBEDDED_CONFIG
+def embedded_config() -> Path:
+    """The embedded default: a checkout's ``configuration/dts.toml`` (the copy users edit,
+    relative paths resolving in the checkout), else the copy shipped inside the package."""
+    return CHECKOUT_CONFIG if CHECKOUT_CONFIG.is_file() else PACKAGED_CONFIG
+
+
+def default_spool() -> Path:
+    """Where an installed package's embedded configuration keeps its spool (never inside
+    site-packages): ``/var/spool/dts`` for root, else ``$XDG_STATE_HOME/dts/spool``
+    (``~/.local/state/dts/spool``)."""
+    if os.geteuid() == 0:
+        return Path("/var/spool/dts")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                             ".local", "state")
+    return Path(state) / "dts" / "spool"
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         spool: str | os.PathLike[str] | None = None) -> Config:
+    """Load and check ``dts.toml``; ``None`` means the embedded default. ``spool`` (the
+    ``--spool`` option) replaces ``[station] spool``, ``{spool}`` in folders included."""
+    cfg_path = Path(path) if path is not None else embedded_config()
+    if spool is None and path is None and cfg_path == PACKAGED_CONFIG:
+        spool = default_spool()
     file = str(cfg_path)
     try:
         with open(cfg_path, "rb") as fh:
@@ -491,9 +532,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     base = cfg_path.resolve().parent
     top = _Table(file, "", raw)
     station = _station(file, top.get("station", dict, {}), base)
+    if spool is not None:
+        station = dataclasses.replace(station, spool=Path(os.path.abspath(spool)))
     destinations: dict[str, Destination] = {}
     for i, d in enumerate(top.get("destination", list, [])):
-        dest = _destination(file, i, d, base)
+        dest = _destination(file, i, d, base, station.spool)
         if dest.name in destinations:
             raise ConfigError(file, f"destination.{dest.name}", "defined twice")
         destinations[dest.name] = dest
@@ -509,12 +552,66 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     top.finish()
     config = Config(path=cfg_path.resolve(), station=station, destinations=destinations,
                     streams=tuple(streams), journal=journal)
-    _check_rules(config)
+    rules.load_rules_for_config(config)  # a bad rule file is refused now, not at first use
     return config
 
 
-def _check_rules(config: Config) -> None:
-    """Refuse a bad classification rule file at load time (the classifier owns the format)."""
-    from .rules import load_rules_for_config
+# -- the effective configuration, as `dts config show` prints it ---------------------------
 
-    load_rules_for_config(config)
+SECRET_KEYS = ("password", "token", "secret")  # key names whose values are never shown
+MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password replaced by ``***`` (``postgresql://dts:***@db/dts``)."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):([^@]*)@", url)
+    return f"{match.group(1)}:{MASK}@{url[match.end():]}" if match else url
+
+
+def _plain(value: Any) -> Any:
+    """A configuration value as TOML/JSON can hold it (None: left out)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, re.Pattern):
+        return value.pattern
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: p for k, v in value.items() if (p := _plain(v)) is not None}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    return value
+
+
+def _masked(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: (MASK if any(s in k.lower() for s in SECRET_KEYS) and isinstance(v, str)
+                    else _masked(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_masked(v) for v in data]
+    return data
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """Every key with its value after defaults, in the layout of ``dts.toml`` (loadable
+    again), secrets masked: passwords in URLs, and keys named like a password or token."""
+    streams = []
+    for s in config.streams:
+        entry = _plain(s)
+        entry.pop("when", None)
+        entry.pop("select", None)
+        when = entry.pop("when_text", None)
+        if when is not None:
+            entry["when"] = when
+        if s.select_text:
+            entry["select"] = dict(s.select_text)
+        entry.pop("select_text", None)
+        streams.append(entry)
+    out: dict[str, Any] = {
+        "station": _plain(config.station),
+        "destination": [_plain(d) for d in config.destinations.values()],
+        "stream": streams,
+    }
+    if config.journal.url is not None:
+        out["journal"] = {"url": mask_url(config.journal.url)}
+    return _masked({k: v for k, v in out.items() if v != []})

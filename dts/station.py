@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import config as config_mod
 from .config import Config
@@ -23,8 +22,8 @@ class Station:
              spool_path: str | os.PathLike[str] | None = None,
              *, create: bool = True) -> "Station":
         """Load the configuration (refused with file/key/reason when bad) and the spool."""
-        config = config_mod.load(config_path)
-        spool = Spool(Path(spool_path) if spool_path else config.station.spool)
+        config = config_mod.load(config_path, spool_path)
+        spool = Spool(config.station.spool)
         if create:
             spool.ensure()
         return cls(config=config, spool=spool, journal=Journal(spool))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +113,128 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     cfg = config.load(p)
     assert cfg.station.spool == tmp_path / "var" / "spool"
     assert cfg.destinations["out"].folder == tmp_path / "etc" / "reports"
+
+
+# -- the embedded default as package data ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["dts.toml", "classifyRules.json"])
+def test_packaged_copy_is_the_checkout_copy(name: str) -> None:
+    """configuration/ is the copy users edit in a checkout; dts/data/ ships in the wheel.
+    Edit configuration/<name>, then copy it to dts/data/<name>."""
+    checkout = config.PACKAGE_ROOT / "configuration" / name
+    packaged = config.PACKAGED_CONFIG.parent / name
+    assert packaged.read_bytes() == checkout.read_bytes(), f"{packaged} differs from {checkout}"
+
+
+def test_packaged_default_keeps_its_spool_outside_the_package(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(config, "CHECKOUT_CONFIG", tmp_path / "no-checkout" / "dts.toml")
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    cfg = config.load()
+    assert cfg.path == config.PACKAGED_CONFIG
+    assert cfg.station.spool == tmp_path / "state" / "dts" / "spool"
+    assert cfg.destinations["reports"].folder == tmp_path / "state" / "dts" / "spool" / "reports"
+    assert cfg.station.classify_rules == config.PACKAGED_CONFIG.parent / "classifyRules.json"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.default_spool() == tmp_path / "home" / ".local" / "state" / "dts" / "spool"
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert config.default_spool() == Path("/var/spool/dts")
+    # --spool wins over the default
+    assert config.load(spool=tmp_path / "mine").station.spool == tmp_path / "mine"
+
+
+def test_folder_in_the_spool_follows_the_spool(tmp_path: Path) -> None:
+    path = _write(tmp_path, f'spool = "{tmp_path / "a"}"\n'
+                  '[[destination]]\nname = "out"\nfolder = "{spool}/results"\n')
+    assert config.load(path).destinations["out"].folder == tmp_path / "a" / "results"
+    moved = config.load(path, spool=tmp_path / "b")
+    assert moved.station.spool == tmp_path / "b"
+    assert moved.destinations["out"].folder == tmp_path / "b" / "results"
+    bad = _write(tmp_path, '[[destination]]\nname = "out"\nfolder = "/x/{spool}"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(bad)
+    assert err.value.key == "destination.out.folder" and "{spool}" in err.value.reason
+
+
+# -- dts config check / show ------------------------------------------------------------------
+
+def test_config_check_ok_and_broken(tmp_path: Path) -> None:
+    ok = run_dts("config", "check")
+    assert ok.returncode == 0, ok.stderr
+    assert "configuration/dts.toml: ok" in ok.stdout
+    broken = _write(tmp_path, 'stable_seconds = "soon"\n')
+    proc = run_dts("config", "check", str(broken))
+    assert proc.returncode == 2
+    assert f"{broken}: station.stable_seconds" in proc.stderr and "duration" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "spool").exists(), "a check creates nothing"
+    missing = run_dts("config", "check", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_config_show_masks_secrets_and_loads_again(tmp_path: Path) -> None:
+    path = _write(tmp_path, f'spool = "{tmp_path / "spool"}"\n'
+                  '[[stream]]\nname = "s"\ncommand = ["true"]\n'
+                  'parameters = { api_token = "tok-123", level = "7" }\n'
+                  '[journal]\nurl = "postgresql://user:s3cr3t-pw@db.example/dts"\n')
+    as_json = run_dts("config", "show", "--json", config=path)
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["journal"]["url"] == "postgresql://user:***@db.example/dts"
+    assert data["stream"][0]["parameters"] == {"api_token": "***", "level": "7"}
+    assert data["station"]["max_attempts"] == 3, "defaults are filled in"
+    assert "s3cr3t-pw" not in as_json.stdout and "tok-123" not in as_json.stdout
+    as_toml = run_dts("config", "show", config=path)
+    assert as_toml.returncode == 0, as_toml.stderr
+    assert "s3cr3t-pw" not in as_toml.stdout and "tok-123" not in as_toml.stdout
+    again = tmp_path / "effective.toml"
+    again.write_text(as_toml.stdout)
+    reloaded = config.load(again)
+    assert config.effective(reloaded) == data
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_without_a_configuration(tmp_path: Path) -> None:
+    """pip install of the built wheel into a fresh venv; in an empty folder `dts status`
+    and `dts config check` work with the embedded configuration."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                            str(wheels), str(config.PACKAGE_ROOT)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert build.returncode == 0, build.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # dts from the wheel; its dependencies from this test's environment (no download).
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "deps.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")))
+    wheel = next(wheels.glob("dts-*.whl"))
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
+                              "--no-index", str(wheel)],
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert install.returncode == 0, install.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"),
+           "XDG_STATE_HOME": str(tmp_path / "state")}
+    python = str(venv / "bin" / "python")
+    where = subprocess.run([python, "-c", "import dts, sys; print(dts.__file__)"], cwd=empty,
+                           env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert str(site) in where.stdout, "the wheel's dts is the one imported"
+    expected = ("/var/spool/dts" if os.geteuid() == 0
+                else str(tmp_path / "state" / "dts" / "spool"))
+    created = not Path(expected).exists()
+    try:
+        status = subprocess.run([python, "-m", "dts", "status", "--json"], cwd=empty, env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["spool"] == expected
+        check = subprocess.run([python, "-m", "dts", "config", "check"], cwd=empty, env=env,
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert check.returncode == 0, check.stderr
+        assert f"{site}/dts/data/dts.toml: ok" in check.stdout
+        assert list(empty.iterdir()) == []
+    finally:
+        if created and expected == "/var/spool/dts":
+            shutil.rmtree(expected, ignore_errors=True)

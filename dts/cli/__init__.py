@@ -37,6 +37,7 @@ COMMANDS = {
     "log": "log",
     "requeue": "requeue",
     "clean": "clean",
+    "config": "config",
 }
 
 
