@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import station_config
+
 # Real peers started by fixtures: dcmtk and Orthanc (peers), podman (engine), PostgreSQL
 # (database). Each is started on free loopback ports and stopped by its PID.
 pytest_plugins = ["tests.plugins.peers", "tests.plugins.engine", "tests.plugins.database"]
+
+# The fixtures that start a real peer; a test using one is marked ``peers`` by itself.
+# Tests that run a peer program directly (dcmtk, Orthanc, systemd-analyze, logrotate, cron)
+# carry ``@pytest.mark.peers``. `pytest -m "not peers"` runs the rest: no root, no apt.
+PEER_FIXTURES = {"orthanc", "orthanc_factory", "storescp", "storescp_factory", "engine",
+                 "docker_host", "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PEER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.peers)
 
 
 @pytest.fixture(autouse=True)
@@ -25,18 +41,13 @@ def spool_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def base_config(tmp_path: Path) -> Path:
+def make_config(tmp_path: Path) -> Callable[..., Path]:
+    """The configuration builder (``tests.helpers.station_config``) for this test's folder."""
+    return functools.partial(station_config, tmp_path)
+
+
+@pytest.fixture
+def base_config(make_config: Callable[..., Path]) -> Path:
     """A minimal station configuration of the test's own (no streams)."""
-    rules = Path(__file__).resolve().parent.parent / "configuration" / "classifyRules.json"
-    path = tmp_path / "dts.toml"
-    path.write_text(f"""
-[station]
-ae_title = "DTS"
-host = "127.0.0.1"
-port = 0
-spool = "{tmp_path / 'spool'}"
-stable_seconds = 1
-min_free_mb = 0
-classify_rules = "{rules}"
-""")
-    return path
+    return make_config(station={"ae_title": "DTS", "host": "127.0.0.1", "port": 0,
+                                "stable_seconds": 1})

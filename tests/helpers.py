@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
+
+import tomli_w
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -163,7 +167,55 @@ def make_study(folder: Path, *, n_series: int = 2, per_series: int = 3,
     return {"study_uid": study_uid, "series": series, "folder": folder}
 
 
-def write_config(path: Path, text: str) -> Path:
+RULES = REPO / "configuration" / "classifyRules.json"
+# What every test station has unless the test says otherwise: its spool in the test's
+# folder, the checkout's rule file, and no free-disk watermark (test disks may be small).
+STATION_DEFAULTS: dict[str, Any] = {"min_free_mb": 0}
+
+
+def _inline(value: Any) -> str:
+    """A TOML value on one line (tables inline, so they stay inside their table)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_inline(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value})[4:].strip()
+
+
+def _key(key: str) -> str:
+    return tomli_w.dumps({key: 0}).rsplit(" = ", 1)[0]
+
+
+def _table(values: dict[str, Any]) -> str:
+    return "\n".join(f"{_key(k)} = {_inline(v)}" for k, v in values.items())
+
+
+def station_config(folder: Path, *, station: dict[str, Any] | None = None,
+                   station_text: str = "", destinations: Sequence[dict[str, Any]] = (),
+                   streams: Sequence[dict[str, Any]] = (), stream_text: str = "",
+                   tail: str = "", name: str = "dts.toml") -> Path:
+    """The one builder of a test's dts.toml, written to ``folder / name``.
+
+    ``station`` (values) and ``station_text`` (TOML lines) add or override [station] keys
+    over the defaults; ``destinations`` and ``streams`` are tables given as dicts;
+    ``stream_text`` adds TOML lines to the last stream; ``tail`` is TOML appended at the end
+    (more tables). Everything is checked by parsing it back, so a broken fragment fails
+    here, not as a confusing configuration error later."""
+    given = tomllib.loads(station_text)
+    keys: dict[str, Any] = {"spool": str(folder / "spool"), "classify_rules": str(RULES),
+                            **STATION_DEFAULTS, **(station or {})}
+    keys = {k: v for k, v in keys.items() if k not in given}
+    parts = ["[station]", _table(keys), station_text.strip()]
+    for dest in destinations:
+        parts += ["", "[[destination]]", _table(dest)]
+    for i, stream in enumerate(streams):
+        parts += ["", "[[stream]]", _table(stream)]
+        if i == len(streams) - 1:
+            parts.append(stream_text.strip())
+    parts += ["", tail.strip(), ""]
+    text = "\n".join(parts)
+    tomllib.loads(text)
+    path = folder / name
     path.write_text(text)
     return path
 

@@ -18,7 +18,7 @@ from dts.rules import load_rules
 from dts.spool import Job, Queue, Spool, State
 from dts.station import Station
 from dts.studydoc import build_study
-from tests.helpers import make_instance, run_dts, start_dts, stop_process, wait_for
+from tests.helpers import make_instance, run_dts, start_dts, station_config, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_RULES = REPO / "configuration" / "classifyRules.json"
@@ -45,10 +45,7 @@ command = ["true"]
 
 
 def write_config(tmp_path: Path, streams: str = STREAMS, rules: Path = SEED_RULES) -> Path:
-    path = tmp_path / "dts.toml"
-    path.write_text(f'[station]\nspool = "{tmp_path / "spool"}"\n'
-                    f'classify_rules = "{rules}"\n{streams}')
-    return path
+    return station_config(tmp_path, station={"classify_rules": str(rules)}, tail=streams)
 
 
 def queue_job(spool: Spool, *, calling_ae: str = "PACS", called_ae: str = "AICORE1",

@@ -23,6 +23,7 @@ import pytest
 
 from dts.journal import Journal, Stage, Status
 from dts.spool import Queue, Spool, State
+from tests import helpers
 from tests.helpers import REPO, free_port, make_study, wait_for
 
 DTS_BIN = Path(sys.executable).parent / "dts"
@@ -52,33 +53,17 @@ def queue_study(spool: Spool, folder: Path, study: dict[str, Any], *,
 def station_config(tmp_path: Path, *, port: int = 0, extra: str = "",
                    destinations: str = '["reports"]', stable: float = 1) -> Path:
     """A station with the example module as its stream and a folder destination."""
-    rules = REPO / "configuration" / "classifyRules.json"
-    path = tmp_path / "station.toml"
-    path.write_text(f"""
-[station]
-ae_title = "DTS"
-host = "127.0.0.1"
-port = {port}
-spool = "{tmp_path / 'spool'}"
-stable_seconds = {stable}
-min_free_mb = 0
-classify_rules = "{rules}"
-rescan_seconds = 2
-send_backoff = "1s"
-{extra}
-
-[[destination]]
-name = "reports"
-folder = "{tmp_path / 'reports'}"
-
-[[stream]]
-name = "series-statistics"
-command = ["{{python}}", "-m", "dts.examples.series_statistics", "{{input}}", "{{output}}"]
-parameters = {{ threshold = "300" }}
-timeout = "2m"
-destinations = {destinations}
-""")
-    return path
+    return helpers.station_config(
+        tmp_path, name="station.toml",
+        station={"ae_title": "DTS", "host": "127.0.0.1", "port": port, "stable_seconds": stable,
+                 "rescan_seconds": 2, "send_backoff": "1s"},
+        station_text=extra,
+        destinations=[{"name": "reports", "folder": str(tmp_path / "reports")}],
+        streams=[{"name": "series-statistics",
+                  "command": ["{python}", "-m", "dts.examples.series_statistics", "{input}",
+                              "{output}"],
+                  "parameters": {"threshold": "300"}, "timeout": "2m"}],
+        stream_text=f"destinations = {destinations}")
 
 
 # -- cron ---------------------------------------------------------------------------------
@@ -207,6 +192,7 @@ def _sections(text: str) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+@pytest.mark.peers
 def test_systemd_units_verify_and_name_real_commands(tmp_path: Path) -> None:
     units = _installed_units(tmp_path)
     names = sorted(p.name for p in units.iterdir())
@@ -274,6 +260,7 @@ def _run_logrotate(conf: Path, state: Path, files: dict[str, Path]) -> subproces
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.peers
 def test_logrotate_archives_only_finished_days(tmp_path: Path) -> None:
     config = station_config(tmp_path)
     spool = Spool(tmp_path / "spool").ensure()
@@ -309,6 +296,7 @@ def _tools() -> None:
 
 # -- bin/dts-install -----------------------------------------------------------------------
 
+@pytest.mark.peers
 def test_dts_install_fills_in_this_hosts_paths(tmp_path: Path) -> None:
     import pwd
 

@@ -19,12 +19,12 @@ import pytest
 from dts.journal import EventFilter, read_events
 from dts.spool import Queue, Spool, State
 from tests.helpers import (
-    REPO,
     STORESCU,
     free_port,
     make_study,
     run_dts,
     start_dts,
+    station_config,
     stop_process,
     wait_for,
 )
@@ -38,35 +38,16 @@ STREAM = "series-statistics"
 
 def e2e_config(tmp_path: Path, pacs: Orthanc, *, port: int, command: list[str] | None = None,
                stable: float = 1) -> Path:
-    rules = REPO / "configuration" / "classifyRules.json"
     command = command or ["{python}", "-m", "dts.examples.series_statistics", "{input}",
                           "{output}"]
-    path = tmp_path / "dts.toml"
-    path.write_text(f"""
-[station]
-ae_title = "DTS"
-host = "127.0.0.1"
-port = {port}
-spool = "{tmp_path / 'spool'}"
-stable_seconds = {stable}
-min_free_mb = 0
-classify_rules = "{rules}"
-rescan_seconds = 5
-
-[[destination]]
-name = "pacs"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.port}
-
-[[stream]]
-name = "{STREAM}"
-command = {json.dumps(command)}
-parameters = {{ threshold = "300" }}
-timeout = "2m"
-destinations = ["pacs"]
-""")
-    return path
+    return station_config(
+        tmp_path,
+        station={"ae_title": "DTS", "host": "127.0.0.1", "port": port, "stable_seconds": stable,
+                 "rescan_seconds": 5},
+        destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
+                       "port": pacs.port}],
+        streams=[{"name": STREAM, "command": command, "parameters": {"threshold": "300"},
+                  "timeout": "2m", "destinations": ["pacs"]}])
 
 
 def storescu(port: int, folder: Path) -> None:

@@ -6,10 +6,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import ECHOSCU, free_port, run_dts
 from tests.test_receive import start_receiver, write_station_config  # noqa: F401
 
 
+@pytest.mark.peers
 def test_echo_station_destination_and_host_port(start_receiver: Any,  # noqa: F811
                                                  tmp_path: Path) -> None:
     rx = start_receiver()

@@ -51,6 +51,7 @@ def measurement(group: pydicom.Dataset, meaning: str) -> tuple[float, str]:
     raise AssertionError(f"no {meaning} in the measurement group")
 
 
+@pytest.mark.peers
 def test_default_stream_produces_a_valid_sr(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     default = config_mod.load(None).stream("series-statistics")

@@ -35,6 +35,7 @@ from tests.helpers import (
     make_study,
     run_dts,
     start_dts,
+    station_config,
     stop_process,
     wait_for,
     wait_port,
@@ -77,22 +78,9 @@ class RunningReceiver:
 
 def write_station_config(tmp_path: Path, port: int, extra: str = "", station: str = "") -> Path:
     """A station of the test's own; ``station`` adds or overrides [station] keys."""
-    defaults = {"stable_seconds": "1", "min_free_mb": "0"}
-    given = {line.split("=")[0].strip() for line in station.splitlines() if "=" in line}
-    lines = [f"{k} = {v}" for k, v in defaults.items() if k not in given]
-    config = tmp_path / "dts.toml"
-    config.write_text(f"""
-[station]
-ae_title = "DTS"
-host = "127.0.0.1"
-port = {port}
-spool = "{tmp_path / 'spool'}"
-classify_rules = "{RULES}"
-{chr(10).join(lines)}
-{station}
-{extra}
-""")
-    return config
+    return station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
+                                             "port": port, "stable_seconds": 1},
+                          station_text=station, tail=extra)
 
 
 @pytest.fixture
@@ -147,6 +135,7 @@ def _input_sops(job: Job) -> dict[str, set[str]]:
 
 # ---------------------------------------------------------------------------------------
 
+@pytest.mark.peers
 def test_multi_series_study_becomes_one_job(start_receiver: Any, tmp_path: Path) -> None:
     rx = start_receiver()
     status = json.loads(run_dts("status", "--json", config=rx.config).stdout)
@@ -179,6 +168,7 @@ def test_multi_series_study_becomes_one_job(start_receiver: Any, tmp_path: Path)
     assert status["receiver"]["running"] is False
 
 
+@pytest.mark.peers
 def test_open_association_and_interleaved_studies(start_receiver: Any, tmp_path: Path) -> None:
     rx = start_receiver()
     a = make_study(tmp_path / "a", n_series=2, per_series=2)
@@ -250,6 +240,7 @@ def test_invalid_uids_are_refused(start_receiver: Any, tmp_path: Path, field: st
     assert not Path("/tmp/p").exists() or Path("/tmp/p").stat().st_mtime < rx.log.stat().st_ctime
 
 
+@pytest.mark.peers
 def test_invalid_uid_with_storescu(start_receiver: Any, tmp_path: Path) -> None:
     rx = start_receiver()
     path = make_instance(tmp_path / "data" / "bad.dcm", study_uid="../../etc/x",
@@ -305,6 +296,7 @@ command = ["true"]
 """
 
 
+@pytest.mark.peers
 def test_called_ae_and_allow_lists_refuse_with_event(start_receiver: Any) -> None:
     rx = start_receiver(station='check_called_ae = true\nallowed_calling_ae = ["PACS", "MOD"]',
                         extra=STREAM)
@@ -324,6 +316,7 @@ def test_called_ae_and_allow_lists_refuse_with_event(start_receiver: Any) -> Non
     assert all(e["peer"] == "127.0.0.1" and e["stage"] == "receive" for e in refused)
 
 
+@pytest.mark.peers
 def test_allowed_hosts_refuses_other_addresses(start_receiver: Any) -> None:
     rx = start_receiver(station='allowed_hosts = ["10.0.0.0/8"]')
     done = subprocess.run([ECHOSCU, "-aec", "DTS", "127.0.0.1", str(rx.port)],
@@ -333,6 +326,7 @@ def test_allowed_hosts_refuses_other_addresses(start_receiver: Any) -> None:
     assert ev["peer"] == "127.0.0.1" and "allowed_hosts" in ev["message"]
 
 
+@pytest.mark.peers
 def test_kill_9_mid_transfer_loses_nothing_acknowledged(start_receiver: Any,
                                                         tmp_path: Path) -> None:
     rx = start_receiver(station="stable_seconds = 2")
@@ -378,6 +372,7 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(start_receiver: Any,
         assert pydicom.dcmread(f).SOPInstanceUID == f.stem
 
 
+@pytest.mark.peers
 def test_compressed_transfer_syntaxes_stored_unchanged(start_receiver: Any,
                                                        tmp_path: Path) -> None:
     rx = start_receiver()

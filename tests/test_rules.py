@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from dts.errors import ConfigError
 from dts.rules import Facts, RuleSet, load_rules, parse_csa, parse_rules
-from tests.helpers import make_instance, run_dts
+from tests.helpers import make_instance, run_dts, station_config
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_RULES = REPO / "configuration" / "classifyRules.json"
@@ -241,9 +241,7 @@ def test_bad_rule_file_refused_by_dts_command(tmp_path: Path) -> None:
     rules.write_text(json.dumps([
         {"type": "ok", "rules": [{"tag": ["Rows"], "value": "1"}]},
         {"type": "broken", "id": "BROKEN", "rules": [{"tag": ["Rows"], "value": "[a-"}]}]))
-    config = tmp_path / "dts.toml"
-    config.write_text(f'[station]\nspool = "{tmp_path / "spool"}"\n'
-                      f'classify_rules = "{rules}"\n')
+    config = station_config(tmp_path, station={"classify_rules": str(rules)})
     proc = run_dts("classify", "--once", config=config)
     assert proc.returncode == 2, proc.stderr
     assert str(rules) in proc.stderr and "[1] (BROKEN).rules[0].value" in proc.stderr

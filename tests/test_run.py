@@ -19,7 +19,7 @@ from dts import runner
 from dts.spool import Job, Queue, Spool, State
 from dts.station import Station
 from dts.validate import InputFacts, InvalidOutput, check_output
-from tests.helpers import make_instance, run_dts, start_dts, stop_process, wait_for
+from tests.helpers import make_instance, run_dts, start_dts, station_config, stop_process, wait_for
 from tests.plugins.engine import make_run_job
 
 # The test "model": a Python script that the stream runs through {python}; MODE (a
@@ -100,23 +100,10 @@ def write_config(tmp_path: Path, mode: str, *, extra: str = "", station_extra: s
     model = tmp_path / "model.py"
     model.write_text(MODEL)
     params = {"MODE": mode, "level": "7", **(parameters or {})}
-    rules = Path(__file__).resolve().parent.parent / "configuration" / "classifyRules.json"
-    config = tmp_path / "dts.toml"
-    config.write_text(f"""
-[station]
-spool = "{tmp_path / 'spool'}"
-classify_rules = "{rules}"
-min_free_mb = 0
-{station_extra}
-
-[[stream]]
-name = "model"
-command = ["{{python}}", "{model}", "{{input}}", "{{output}}", "--job={{job}}", "{{literal}}"]
-parameters = {json.dumps(params).replace('": ', '" = ')}
-timeout = "{timeout}"
-{extra}
-""")
-    return config
+    return station_config(tmp_path, station_text=station_extra, streams=[{
+        "name": "model",
+        "command": ["{python}", str(model), "{input}", "{output}", "--job={job}", "{literal}"],
+        "parameters": params, "timeout": timeout}], stream_text=extra)
 
 
 def station_for(config: Path) -> Station:

@@ -20,7 +20,7 @@ from dts import runner
 from dts.executors import device_requests
 from dts.spool import Job, Queue, Spool, State
 from dts.station import Station
-from tests.helpers import make_instance, run_dts, start_dts, stop_process, wait_for
+from tests.helpers import make_instance, run_dts, start_dts, station_config, stop_process, wait_for
 from tests.plugins.engine import Engine, make_run_job
 
 
@@ -35,22 +35,9 @@ def payload(tmp_path: Path, study: dict[str, Any], **changes: Any) -> str:
 
 def write_config(tmp_path: Path, engine: Engine, mode: str, *, image: str | None = None,
                  payload: str = "", extra: str = "", station_extra: str = "") -> Path:
-    rules = Path(__file__).resolve().parent.parent / "configuration" / "classifyRules.json"
-    config = tmp_path / "dts.toml"
-    config.write_text(f"""
-[station]
-spool = "{tmp_path / 'spool'}"
-classify_rules = "{rules}"
-min_free_mb = 0
-{station_extra}
-
-[[stream]]
-name = "model"
-image = "{image or engine.image}"
-parameters = {{ MODE = "{mode}", PAYLOAD = "{payload}", level = "7" }}
-{extra}
-""")
-    return config
+    return station_config(tmp_path, station_text=station_extra, streams=[{
+        "name": "model", "image": image or engine.image,
+        "parameters": {"MODE": mode, "PAYLOAD": payload, "level": "7"}}], stream_text=extra)
 
 
 def new_job(tmp_path: Path) -> tuple[str, dict[str, Any]]:

@@ -17,7 +17,15 @@ from dts import cstore, dimse, sender
 from dts.config import StationConfig
 from dts.spool import Job, Queue, Spool, State, isotime, utcnow
 from dts.station import Station
-from tests.helpers import free_port, make_instance, run_dts, start_dts, stop_process, wait_for
+from tests.helpers import (
+    free_port,
+    make_instance,
+    run_dts,
+    start_dts,
+    station_config,
+    stop_process,
+    wait_for,
+)
 from tests.plugins.peers import Orthanc, StoreSCP
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,25 +36,16 @@ SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 
 def write_config(tmp_path: Path, destinations: str, stream_destinations: list[str], *,
                  retries: int = 3, backoff: str = "60s", more: str = "") -> Path:
-    path = tmp_path / "dts.toml"
-    path.write_text(f"""
-[station]
-ae_title = "DTS"
-spool = "{tmp_path / 'spool'}"
-classify_rules = "{RULES}"
-min_free_mb = 0
-send_retries = {retries}
-send_backoff = "{backoff}"
-dimse_timeout = 10
-network_timeout = 10
-{destinations}
+    return station_config(
+        tmp_path, station={"ae_title": "DTS", "send_retries": retries, "send_backoff": backoff,
+                           "dimse_timeout": 10, "network_timeout": 10},
+        tail=f"""{destinations}
 [[stream]]
 name = "seg"
 command = ["true"]
 destinations = {json.dumps(stream_destinations)}
 {more}
 """)
-    return path
 
 
 def dicom_destination(name: str, peer: Orthanc | StoreSCP | tuple[str, int]) -> str:

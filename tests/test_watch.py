@@ -74,6 +74,7 @@ def _done(spool: Spool, jid: str) -> bool:
     return f"{jid}.series-statistics" in spool.list(Queue.DONE)
 
 
+@pytest.mark.peers
 def test_study_goes_through_every_stage_and_sigterm_exits_0(watch: Station,
                                                              tmp_path: Path) -> None:
     watch.start()
