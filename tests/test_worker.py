@@ -5,6 +5,8 @@ stops without cutting a job short; ``stop_on_signals`` turns signals into its st
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from itertools import pairwise
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 
 from dts import worker
+from dts.cli.common import stop_on_signals
 from dts.spool import Claim, Job, Queue, State
 from dts.station import Station
 from tests.helpers import wait_for
@@ -265,3 +268,20 @@ def test_an_error_outside_a_job_stops_all_claimers_unless_keep_going(
     wait_for(lambda: rec.ids() == [jid], 10, what="the job after the error")
     serving.finish()
 
+
+# -- signals ----------------------------------------------------------------------------
+
+
+def test_stop_on_signals_sets_stop_runs_again_and_restores_handlers() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    again: list[int] = []
+    with stop_on_signals(again=lambda: again.append(1)) as stop:
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5) and again == []
+        os.kill(os.getpid(), signal.SIGINT)  # the second: dts watch skips its grace period
+        wait_for(lambda: again, 5, what="the second signal")
+    assert {s: signal.getsignal(s) for s in before} == before
+    with stop_on_signals(False) as stop:
+        assert {s: signal.getsignal(s) for s in before} == before
+        assert not stop.is_set()
