@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -355,85 +353,8 @@ def serve(station: Station, *, once: bool = False, job_ids: list[str] | None = N
     proc = functools.partial(process, cancel=stop)
     if job_ids:
         return worker.process_ids(station, Queue.RUN, list(job_ids), proc)
-    stop = stop or threading.Event()
-    parallel = station.config.station.max_parallel_runs
-    if once:
-        return _in_threads(parallel, lambda: _drain(station, proc, stop, _Seen()), stop)
-    not_before: dict[str, float] = {}
-    backoff = min(600.0, station.config.station.rescan_seconds)
-
-    def proc_later(st: Station, claim: Claim) -> Outcome:
-        outcome = proc(st, claim)
-        if outcome is Outcome.RETRY:  # engine down: give it time before the next try
-            not_before[claim.id] = time.monotonic() + backoff
-        return outcome
-
-    def loop() -> Tally:
-        tally = Tally()
-        while not stop.is_set():
-            tally.merge(_drain(station, proc_later, stop, _Seen(not_before)))
-            stop.wait(1.0)
-        return tally
-    return _in_threads(parallel, loop, stop)
-
-
-class _Seen:
-    """Jobs taken in this round (shared by the threads), each at most once per round."""
-
-    def __init__(self, not_before: dict[str, float] | None = None) -> None:
-        self.lock = threading.Lock()
-        self.ids: set[str] = set()
-        self.not_before = not_before if not_before is not None else {}
-
-    def take(self, job_id: str) -> bool:
-        with self.lock:
-            if job_id in self.ids or self.not_before.get(job_id, 0.0) > time.monotonic():
-                return False
-            return True
-
-    def add(self, job_id: str) -> None:
-        with self.lock:
-            self.ids.add(job_id)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.ids.clear()
-
-
-def _drain(station: Station, proc: Callable[[Station, Claim], Outcome],
-           stop: threading.Event, seen: _Seen) -> Tally:
-    tally = Tally()
-    while not stop.is_set():
-        claim = station.spool.claim_next(Queue.RUN, lambda job: seen.take(job.id))
-        if claim is None:
-            break
-        seen.add(claim.id)
-        tally.add(claim.id, worker.run_one(station, claim, proc))
-    return tally
-
-
-def _in_threads(n: int, body: Callable[[], Tally], stop: threading.Event) -> Tally:
-    """``body`` in ``n`` threads, tallies merged; an error in one stops them all."""
-    if n <= 1:
-        return body()
-    results: list[Tally] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            results.append(body())
-        except BaseException as exc:  # surfaced below, once the others have stopped
-            errors.append(exc)
-            stop.set()
-    threads = [threading.Thread(target=target, name=f"dts-run-{i}", daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    total = Tally()
-    for r in results:
-        total.merge(r)
-    return total
+    # engine down (a RETRY): give it time before the job's next try
+    loop = worker.ClaimLoop(station, Queue.RUN, proc, stop=stop, name="dts-run",
+                            claimers=station.config.station.max_parallel_runs,
+                            pause=min(600.0, station.config.station.rescan_seconds))
+    return loop.drain() if once else loop.serve()

@@ -1,7 +1,7 @@
 """Owns ``dts watch``: the whole station in one process.
 
 One process runs the receiver and the classify, run and send stages. Each stage
-is a worker thread (``[station] max_parallel_runs`` of them for run) that sleeps
+is a ``worker.ClaimLoop`` (``[station] max_parallel_runs`` claimers for run) that sleeps
 until a watchdog observer sees something arrive in its queue's ``new/`` folder,
 then claims and processes everything there. A periodic rescan
 (``[station] rescan_seconds``; for send also the next ``next_attempt_at``) wakes
@@ -32,13 +32,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import worker
 from .errors import UsageError
 from .journal import Stage, Status
-from .spool import Claim, Job, Queue, State, parse_isotime
+from .spool import Job, Queue, State, parse_isotime
 from .station import Station
 from .status import ServiceLock, hold_service, queue_counts
 from .worker import Outcome
@@ -53,7 +53,6 @@ class StageState:
     """What one stage is doing, for the status line."""
 
     name: str
-    active: set[str] = field(default_factory=set)
     done: int = 0
     failed: int = 0
     retry: int = 0
@@ -70,15 +69,14 @@ class StageState:
 class _Wake:
     """Watchdog handler: any change in a queue's new/ folder wakes its workers."""
 
-    def __init__(self, events: list[threading.Event]) -> None:
-        self.events = events
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
 
     def dispatch(self, event: Any) -> None:
         log.debug("watchdog: %s %s", getattr(event, "event_type", ""), getattr(event, "src_path", ""))
         if getattr(event, "event_type", "") in ("opened", "closed", "closed_no_write"):
             return
-        for e in self.events:
-            e.set()
+        self.wake()
 
 
 def next_due(station: Station, now: float | None = None) -> float | None:
@@ -111,8 +109,6 @@ class Watch:
         self.on_result = on_result
         self.on_event = on_event
         self.stages = {name: StageState(name) for name in ("classify", "run", "send")}
-        self.wake = {name: threading.Event() for name in self.stages}
-        self.run_wakes: list[threading.Event] = []
         self.stopping = threading.Event()   # stages take no new job
         self.cancel = threading.Event()     # running processing is stopped and put back
         self.helpers_stop = threading.Event()
@@ -120,8 +116,7 @@ class Watch:
         self.db_up: bool | None = None
         self.started_at = time.time()
         self._lock = threading.Lock()
-        self._not_before: dict[str, float] = {}  # jobs paused after a temporary failure
-        self._threads: list[threading.Thread] = []
+        self.loops = self._claim_loops()
         self._helpers: list[threading.Thread] = []
         self._locks: list[ServiceLock] = []
 
@@ -190,35 +185,40 @@ class Watch:
         for job_id in worker.recover(self.station, Queue.RUN, stop_orphans):
             self._say(f"recovered run/{job_id}")
 
-    def _start_workers(self) -> None:
+    def _claim_loops(self) -> dict[str, worker.ClaimLoop]:
         from . import classifier, runner, sender
 
-        run_process = functools.partial(runner.process, cancel=self.cancel)
-        self._spawn("classify", Queue.CLASSIFY, classifier.process, None, self.wake["classify"])
-        for i in range(max(1, self.cfg.max_parallel_runs)):
-            ev = threading.Event()
-            self.run_wakes.append(ev)
-            self._spawn("run", Queue.RUN, run_process, None, ev, index=i)
-        self._spawn("send", Queue.SEND, sender.process, sender.ready, self.wake["send"])
+        # Back in new/ for a temporary reason (engine down, rules unusable, an unexpected
+        # error): its own move back must not wake a stage into a tight loop. The sender's
+        # retries have their due time; this pause is shorter.
+        pause = min(600.0, self.cfg.rescan_seconds)
 
-    def _spawn(self, name: str, queue: Queue, process: worker.Process,
-               ready: Callable[[Job], bool] | None, wake: threading.Event,
-               index: int = 0) -> None:
-        t = threading.Thread(target=self._worker, args=(name, queue, process, ready, wake),
-                             name=f"dts-{name}-{index}", daemon=True)
-        self._threads.append(t)
-        t.start()
+        def loop(name: str, queue: Queue, process: worker.Process, **kw: Any) -> worker.ClaimLoop:
+            return worker.ClaimLoop(self.station, queue, process, stop=self.stopping,
+                                    poll=self.cfg.rescan_seconds, keep_going=True,
+                                    on_result=functools.partial(self._result, name),
+                                    name=f"dts-{name}", **kw)
+        return {
+            "classify": loop("classify", Queue.CLASSIFY, classifier.process, pause=pause),
+            "run": loop("run", Queue.RUN, functools.partial(runner.process, cancel=self.cancel),
+                        claimers=self.cfg.max_parallel_runs, pause=pause),
+            "send": loop("send", Queue.SEND, sender.process, ready=sender.ready,
+                         pause=min(pause, self.cfg.send_backoff / 2),
+                         due=lambda: next_due(self.station)),
+        }
+
+    def _start_workers(self) -> None:
+        for loop in self.loops.values():
+            loop.start()
 
     def _start_observer(self) -> None:
         from watchdog.observers import Observer
 
         spool = self.station.spool
         self.observer = Observer()
-        targets = {Queue.CLASSIFY: [self.wake["classify"]], Queue.RUN: self.run_wakes,
-                   Queue.SEND: [self.wake["send"]]}
-        for q, events in targets.items():
-            self.observer.schedule(_Wake(events), str(spool.dir(q, State.NEW)),  # type: ignore[arg-type]
-                                   recursive=False)
+        for loop in self.loops.values():
+            self.observer.schedule(_Wake(loop.wake),  # type: ignore[arg-type]
+                                   str(spool.dir(loop.queue, State.NEW)), recursive=False)
         self.observer.daemon = True
         self.observer.start()
 
@@ -234,96 +234,11 @@ class Watch:
         t.start()
 
     # -- the stages ---------------------------------------------------------------------
-    def _timeout(self, name: str) -> float:
-        timeout = self.cfg.rescan_seconds
-        if name == "send":
-            due = next_due(self.station)
-            if due is not None:
-                timeout = min(timeout, due + 0.01)
-        now = time.monotonic()
+    def _result(self, name: str, job_id: str, outcome: Outcome) -> None:
         with self._lock:
-            for job_id in [j for j, t in self._not_before.items() if t <= now]:
-                del self._not_before[job_id]  # paused long enough (or gone elsewhere)
-            soonest = min(self._not_before.values(), default=None)
-        if soonest is not None:  # wake when a paused job may be tried again
-            timeout = min(timeout, max(0.05, soonest - now))
-        return max(0.01, timeout)
-
-    def _worker(self, name: str, queue: Queue, process: worker.Process,
-                ready: Callable[[Job], bool] | None, wake: threading.Event) -> None:
-        state = self.stages[name]
-        busy_wait = 0.0
-        while not self.stopping.is_set():
-            wake.clear()
-            busy = False
-            try:
-                busy = self._drain(state, queue, process, ready)
-            except Exception:  # a bug must not silence a stage: log, pause, go on
-                log.exception("%s worker: unexpected error", name)
-                self.stopping.wait(1.0)
-            if self.stopping.is_set():
-                break
-            timeout = self._timeout(name)
-            if busy:
-                # A job is there but its lock is held: typically its publisher between the
-                # rename into new/ and releasing the lock, a moment later. Look again soon.
-                busy_wait = min(timeout, max(0.02, busy_wait * 2))
-                timeout = busy_wait
-            else:
-                busy_wait = 0.0
-            wake.wait(timeout)
-
-    def _drain(self, state: StageState, queue: Queue, process: worker.Process,
-               ready: Callable[[Job], bool] | None) -> bool:
-        """Process what can be claimed; True if some waiting job could not be (locked)."""
-        seen: set[str] = set()
-        spool = self.station.spool
-
-        def take(job: Job) -> bool:
-            if job.id in seen:
-                return False  # each job once per round: a retried one waits for the next
-            with self._lock:
-                if self._not_before.get(job.id, 0.0) > time.monotonic():
-                    return False
-            return ready is None or ready(job)
-
-        while not self.stopping.is_set():
-            claim = spool.claim_next(queue, take)
-            if claim is None:
-                return any(take(Job(spool.dir(queue, State.NEW) / j))
-                           for j in spool.list(queue, State.NEW))
-            seen.add(claim.id)
-            outcome = self._process(state, claim, process)
-            with self._lock:
-                if outcome is Outcome.RETRY and not self.cancel.is_set():
-                    # Back in new/ for a temporary reason (engine down, rules unusable, an
-                    # unexpected error): its own move back must not wake us into a tight
-                    # loop. The sender's retries have their due time; this pause is shorter.
-                    pause = min(600.0, self.cfg.rescan_seconds)
-                    if queue is Queue.SEND:
-                        pause = min(pause, self.cfg.send_backoff / 2)
-                    self._not_before[claim.id] = time.monotonic() + pause
-                else:
-                    self._not_before.pop(claim.id, None)
-        return False
-
-    def _process(self, state: StageState, claim: Claim, process: worker.Process) -> Outcome:
-        job_id = claim.id
-        with self._lock:
-            state.active.add(job_id)
-        try:
-            outcome = worker.run_one(self.station, claim, process)
-        finally:
-            with self._lock:
-                state.active.discard(job_id)
-        with self._lock:
-            state.count(outcome)
+            self.stages[name].count(outcome)
         if self.on_result is not None:
-            try:
-                self.on_result(state.name, job_id, outcome)
-            except Exception:
-                log.exception("status output failed")
-        return outcome
+            self.on_result(name, job_id, outcome)
 
     # -- helpers ------------------------------------------------------------------------
     def _retention_loop(self) -> None:
@@ -385,26 +300,22 @@ class Watch:
                 self.receiver.stop(timeout=min(self.grace, self.cfg.network_timeout))
             except Exception:
                 log.exception("stopping the receiver failed")
-        self.stopping.set()
-        for ev in [*self.wake.values(), *self.run_wakes]:
-            ev.set()
+        self.stopping.set()  # wakes the idle claimers too
         deadline = time.monotonic() + self.grace
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        busy = [t for t in self._threads if t.is_alive()]
+        busy = [n for loop in self.loops.values()
+                for n in loop.join(max(0.0, deadline - time.monotonic()))]
         if busy:
-            with self._lock:
-                running = sorted(j for s in self.stages.values() for j in s.active)
+            running = sorted(j for loop in self.loops.values() for j in loop.active())
             self._say(f"grace period of {self.grace:g}s over: stopping {', '.join(running)} "
                       "and putting the job(s) back")
             self.cancel.set()
-            for t in busy:
-                t.join(30.0)
+            for loop in self.loops.values():
+                loop.join(30.0)
         observer = getattr(self, "observer", None)
         if observer is not None:
             observer.stop()
             observer.join(5)
-        parked = [t.name for t in self._threads if t.is_alive()]
+        parked = [n for loop in self.loops.values() for n in loop.join(0.0)]
         self.station.journal.emit(
             Stage.WATCH, "watch-stopped", Status.INFO if not parked else Status.WARNING,
             "dts watch stopped" + (f"; {', '.join(parked)} still busy: their jobs are "
@@ -419,7 +330,7 @@ class Watch:
     # -- status -------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            stages = {n: {"active": sorted(s.active), "done": s.done, "failed": s.failed,
+            stages = {n: {"active": self.loops[n].active(), "done": s.done, "failed": s.failed,
                           "retry": s.retry} for n, s in self.stages.items()}
         return {
             "queues": queue_counts(self.station.spool),

@@ -3,12 +3,18 @@
 A stage supplies ``process(station, claim) -> Outcome``; the process function
 decides where the claimed job goes next (it must move it or leave it to the
 claim's default, which is back to ``new/``).
+
+``ClaimLoop`` is the one engine that takes jobs from a queue, for ``dts
+classify|run|send`` (``--once`` and forever) and for each stage of ``dts watch``:
+rounds in which every job is taken at most once, not-before pauses for jobs put
+back for a temporary reason, N claimers at a time, wake-ups and a stop event.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
@@ -113,24 +119,6 @@ def _unexpected_error(station: Station, claim: Claim, exc: Exception) -> Outcome
     return Outcome.RETRY
 
 
-def drain(station: Station, queue: Queue, process: Process,
-          ready: Callable[[Job], bool] | None = None,
-          stop: threading.Event | None = None) -> Tally:
-    """Process every claimable job in ``queue/new`` until none is left (or ``stop``)."""
-    tally = Tally()
-    seen: set[str] = set()
-    while stop is None or not stop.is_set():
-        def fresh(job: Job) -> bool:
-            # each job at most once per drain: a retried job waits for the next round
-            return job.id not in seen and (ready is None or ready(job))
-        claim = station.spool.claim_next(queue, fresh)
-        if claim is None:
-            break
-        seen.add(claim.id)
-        tally.add(claim.id, run_one(station, claim, process))
-    return tally
-
-
 def process_ids(station: Station, queue: Queue, job_ids: list[str],
                 process: Process) -> Tally:
     """Process exactly these jobs, which must be waiting in ``queue/new``."""
@@ -147,19 +135,224 @@ def process_ids(station: Station, queue: Queue, job_ids: list[str],
     return tally
 
 
+OnResult = Callable[[str, Outcome], None]  # job id, outcome
+
+
+class ClaimLoop:
+    """``claimers`` workers taking jobs from ``queue/new``, oldest first, until ``stop``.
+
+    A round ends when no job is left that the round has not taken: each job is taken
+    at most once per round, by one claimer (they share the round), so a job put back
+    waits for the next round. Between rounds a claimer sleeps until ``wake()``, the
+    ``due()`` time (seconds; the sender's ``next_attempt_at``), the end of a job's
+    pause, or ``poll`` seconds. A job that came back ``RETRY`` is not taken again for
+    ``pause`` seconds: its own move back into new/ must not make a tight loop.
+
+    ``stop`` ends claiming: in-flight jobs finish (cancelling them is the process
+    function's business), nothing new is taken. An error outside a job's processing
+    stops every claimer and is raised, unless ``keep_going`` (a service: logged, the
+    claimer pauses and goes on).
+    """
+
+    def __init__(self, station: Station, queue: Queue, process: Process, *,
+                 ready: Callable[[Job], bool] | None = None, claimers: int = 1,
+                 stop: threading.Event | None = None, poll: float = 1.0,
+                 pause: float = 0.0, due: Callable[[], float | None] | None = None,
+                 on_result: OnResult | None = None, keep_going: bool = False,
+                 name: str | None = None) -> None:
+        self.station, self.queue, self.process, self.ready = station, queue, process, ready
+        self.claimers = max(1, claimers)
+        self.stop = stop if stop is not None else threading.Event()
+        self.poll, self.pause, self.due = poll, pause, due
+        self.on_result = on_result
+        self.keep_going = keep_going
+        self.name = name or f"dts-{queue}"
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()             # taken (or being claimed) this round
+        self._not_before: dict[str, float] = {}  # job id -> monotonic time it may be retaken
+        self._active: set[str] = set()
+        self._wakes = [threading.Event() for _ in range(self.claimers)]
+        self._threads: list[threading.Thread] = []
+        self._tally: Tally | None = None
+        self._errors: list[BaseException] = []
+
+    # -- for the stages ---------------------------------------------------------------------
+    def drain(self) -> Tally:
+        """One round (``--once``): every claimable job once, then return."""
+        return self._run(once=True)
+
+    def serve(self) -> Tally:
+        """Rounds until ``stop`` is set; the tally of all of them."""
+        return self._run(once=False)
+
+    def start(self) -> None:
+        """Serve in background threads (``dts watch``); ``join`` waits for them."""
+        self._wake_on_stop()
+        self._spawn(once=False)
+
+    def join(self, timeout: float | None = None) -> list[str]:
+        """Wait up to ``timeout`` seconds for the claimers; the names of those still busy."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return [t.name for t in self._threads if t.is_alive()]
+
+    def wake(self) -> None:
+        """End every idle claimer's wait now (new work may be there)."""
+        for ev in self._wakes:
+            ev.set()
+
+    def active(self) -> list[str]:
+        """The jobs being processed right now."""
+        with self._lock:
+            return sorted(self._active)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _run(self, once: bool) -> Tally:
+        self._tally = Tally()
+        if not once:
+            self._wake_on_stop()
+        try:
+            if self.claimers == 1:
+                self._claimer(0, once)
+            else:
+                self._spawn(once)
+                self.join()
+                if self._errors:
+                    raise self._errors[0]
+        finally:
+            if not once:
+                self.stop.set()  # also on an error: lets the stop watcher end
+        return self._tally
+
+    def _wake_on_stop(self) -> None:
+        # threading has no wait for "this event or that one": a watcher turns stop into a wake
+        def watch() -> None:
+            self.stop.wait()
+            self.wake()
+        threading.Thread(target=watch, name=f"{self.name}-stop", daemon=True).start()
+
+    def _spawn(self, once: bool) -> None:
+        def target(i: int) -> None:
+            try:
+                self._claimer(i, once)
+            except BaseException as exc:  # raised by _run once the others have stopped
+                self._errors.append(exc)
+                self.stop.set()
+        self._threads = [threading.Thread(target=target, args=(i,), name=f"{self.name}-{i}",
+                                          daemon=True) for i in range(self.claimers)]
+        for t in self._threads:
+            t.start()
+
+    def _claimer(self, index: int, once: bool) -> None:
+        wake = self._wakes[index]
+        busy_wait = 0.0
+        while not self.stop.is_set():
+            wake.clear()
+            busy = False
+            try:
+                self._round()
+                busy = not once and self._locked_left()
+            except Exception:
+                if not self.keep_going:
+                    raise
+                log.exception("%s: unexpected error", self.name)  # a bug must not silence a stage
+                self.stop.wait(1.0)
+            if once or self.stop.is_set():
+                break
+            timeout = self._idle_timeout()
+            if busy:
+                # A job is there but its lock is held: typically its publisher between the
+                # rename into new/ and releasing the lock, a moment later. Look again soon.
+                busy_wait = min(timeout, max(0.02, busy_wait * 2))
+                timeout = busy_wait
+            else:
+                busy_wait = 0.0
+            wake.wait(timeout)
+            with self._lock:
+                self._seen.clear()  # the next round
+
+    def _round(self) -> None:
+        while not self.stop.is_set():
+            claim = self._claim()
+            if claim is None:
+                return
+            self._work(claim)
+
+    def _may_take(self, job: Job) -> bool:
+        with self._lock:
+            if job.id in self._seen or self._not_before.get(job.id, 0.0) > time.monotonic():
+                return False
+        return self.ready is None or self.ready(job)
+
+    def _claim(self) -> Claim | None:
+        tried: list[str] = []
+
+        def take(job: Job) -> bool:
+            if not self._may_take(job):
+                return False
+            with self._lock:  # reserved before the rename: no other claimer tries it now
+                if job.id in self._seen:
+                    return False
+                self._seen.add(job.id)
+            tried.append(job.id)
+            return True
+        claim = self.station.spool.claim_next(self.queue, take)
+        with self._lock:  # a job that could not be claimed (locked) stays in the round
+            self._seen.difference_update(j for j in tried if claim is None or j != claim.id)
+        return claim
+
+    def _locked_left(self) -> bool:
+        """Is a job waiting that the round may take, but its lock is held?"""
+        new = self.station.spool.dir(self.queue, State.NEW)
+        return any(self._may_take(Job(new / j))
+                   for j in self.station.spool.list(self.queue, State.NEW))
+
+    def _work(self, claim: Claim) -> None:
+        job_id = claim.id
+        with self._lock:
+            self._active.add(job_id)
+        try:
+            outcome = run_one(self.station, claim, self.process)
+        finally:
+            with self._lock:
+                self._active.discard(job_id)
+        with self._lock:
+            if outcome is Outcome.RETRY and self.pause > 0:
+                self._not_before[job_id] = time.monotonic() + self.pause
+            else:
+                self._not_before.pop(job_id, None)
+            if self._tally is not None:
+                self._tally.add(job_id, outcome)
+        if self.on_result is not None:
+            try:
+                self.on_result(job_id, outcome)
+            except Exception:
+                log.exception("%s: on_result failed", self.name)
+
+    def _idle_timeout(self) -> float:
+        timeout = self.poll
+        if self.due is not None:
+            due = self.due()
+            if due is not None:
+                timeout = min(timeout, due + 0.01)
+        now = time.monotonic()
+        with self._lock:
+            for job_id in [j for j, t in self._not_before.items() if t <= now]:
+                del self._not_before[job_id]  # paused long enough (or gone elsewhere)
+            soonest = min(self._not_before.values(), default=None)
+        if soonest is not None:  # wake when a paused job may be tried again
+            timeout = min(timeout, max(0.05, soonest - now))
+        return max(0.01, timeout)
+
+
 def serve(station: Station, queue: Queue, process: Process, *, once: bool,
           job_ids: list[str] | None = None, ready: Callable[[Job], bool] | None = None,
           stop: threading.Event | None = None, poll: float = 1.0,
           on_recovered: Callable[[Job], None] | None = None) -> Tally:
-    """The body of ``dts classify|run|send``: recover, then ids, once, or forever."""
+    """The body of ``dts classify|send``: recover, then ids, once, or forever."""
     recover(station, queue, on_recovered)
     if job_ids:
         return process_ids(station, queue, job_ids, process)
-    if once:
-        return drain(station, queue, process, ready)
-    stop = stop or threading.Event()
-    tally = Tally()
-    while not stop.is_set():
-        tally.merge(drain(station, queue, process, ready, stop))
-        stop.wait(poll)
-    return tally
+    loop = ClaimLoop(station, queue, process, ready=ready, stop=stop, poll=poll)
+    return loop.drain() if once else loop.serve()

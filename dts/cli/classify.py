@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-
 import click
 
 from .. import classifier
 from ..errors import UsageError
 from . import StationContext, pass_ctx
-from .common import finish, job_ids_argument, json_option, once_option, print_json_lines
+from .common import (
+    finish,
+    job_ids_argument,
+    json_option,
+    once_option,
+    print_json_lines,
+    stop_on_signals,
+)
 
 
 @click.command(name="classify")
@@ -44,8 +48,5 @@ def command(ctx: StationContext, once: bool, explain: bool, as_json: bool,
         else:
             click.echo("\n\n".join(classifier.render_explanation(r) for r in results))
         click.get_current_context().exit(1 if any(r["error"] for r in results) else 0)
-    stop = threading.Event()
-    if not once and not job_ids and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    finish(classifier.serve(station, once=once, job_ids=list(job_ids), stop=stop), as_json)
+    with stop_on_signals(not once and not job_ids) as stop:
+        finish(classifier.serve(station, once=once, job_ids=list(job_ids), stop=stop), as_json)

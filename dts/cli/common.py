@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
 import click
@@ -47,3 +51,28 @@ def finish(tally: Tally, as_json: bool = False) -> None:
                 click.echo(f"{job_id}\t{outcome}")
     ctx = click.get_current_context()
     ctx.exit(tally.exit_code)
+
+
+@contextmanager
+def stop_on_signals(enabled: bool = True,
+                    again: Callable[[], None] | None = None) -> Iterator[threading.Event]:
+    """An event that SIGTERM and SIGINT set while the block runs; the previous handlers
+    are back after it. ``again`` runs on every signal after the first (dts watch: do not
+    wait for the grace period). Not ``enabled``, or outside the main thread (where Python
+    cannot take signals), the event is only set by whoever else holds it."""
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set() and again is not None:
+            again()
+        stop.set()
+
+    if enabled and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

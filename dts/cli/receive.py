@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from types import FrameType
-
 import click
 
 from ..errors import TemporaryFailure
 from ..receiver import Receiver
 from ..status import hold_service
 from . import StationContext, pass_ctx
+from .common import stop_on_signals
 
 
 @click.command(name="receive")
@@ -39,20 +36,14 @@ def command(ctx: StationContext, host: str | None, port: int | None) -> None:
                         host=receiver.host)
     if lock is None:
         raise TemporaryFailure(f"another receiver is already running on spool {station.spool.root}")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        receiver.start()
-        click.echo(f"dts receive: {cfg.ae_title} listening on {receiver.host}:{receiver.port}",
-                   err=True)
-        while not stop.wait(1.0):
-            pass
-        click.echo("dts receive: stopping", err=True)
-        receiver.stop()
-    finally:
-        lock.release()
+    with stop_on_signals() as stop:
+        try:
+            receiver.start()
+            click.echo(f"dts receive: {cfg.ae_title} listening on {receiver.host}:"
+                       f"{receiver.port}", err=True)
+            while not stop.wait(1.0):
+                pass
+            click.echo("dts receive: stopping", err=True)
+            receiver.stop()
+        finally:
+            lock.release()

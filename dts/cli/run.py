@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from typing import Any
-
 import click
 
 from .. import runner
 from . import StationContext, pass_ctx
-from .common import finish, job_ids_argument, json_option, once_option
+from .common import finish, job_ids_argument, json_option, once_option, stop_on_signals
 
 
 @click.command(name="run")
@@ -33,16 +29,8 @@ def command(ctx: StationContext, once: bool, as_json: bool, job_ids: tuple[str, 
       DOCKER_HOST=unix:///run/podman/podman.sock dts run 20261126T105700.123456Z-3f9a1c2e.vibe
     """
     station = ctx.station
-    stop = threading.Event()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    try:
+    with stop_on_signals() as stop:
         tally = runner.serve(station, once=once, job_ids=list(job_ids), stop=stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     try:
         finish(tally, as_json)
     except click.exceptions.Exit:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import click
 from .. import sender
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_TEMPFAIL
 from . import StationContext, pass_ctx
-from .common import finish, json_option, once_option, print_json
+from .common import finish, json_option, once_option, print_json, stop_on_signals
 
 
 @click.command(name="send")
@@ -48,11 +46,8 @@ def command(ctx: StationContext, once: bool, target: str | None, ae_title: str |
     if target is None:
         if ae_title or calling_ae:
             raise click.UsageError("--ae-title and --calling-ae go with --to")
-        stop = threading.Event()
-        if not once and not args:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda _n, _f: stop.set())
-        finish(sender.serve(ctx.station, once=once, job_ids=list(args), stop=stop), as_json)
+        with stop_on_signals(not once and not args) as stop:
+            finish(sender.serve(ctx.station, once=once, job_ids=list(args), stop=stop), as_json)
         return
     if not args:
         raise click.UsageError("--to needs at least one PATH")

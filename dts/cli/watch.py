@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 import click
@@ -16,6 +14,7 @@ from ..errors import UsageError
 from ..watch import Watch
 from ..worker import Outcome
 from . import StationContext, is_terminal, pass_ctx
+from .common import stop_on_signals
 
 
 def _stamp() -> str:
@@ -66,7 +65,6 @@ def command(ctx: StationContext, host: str | None, port: int | None, receive: bo
     except ValueError as exc:
         raise UsageError(f"--grace: {exc}") from None
     station = ctx.station
-    stop = threading.Event()
     live = is_terminal() and sys.stderr.isatty()
 
     def on_result(stage: str, job: str, outcome: Outcome) -> None:
@@ -78,14 +76,12 @@ def command(ctx: StationContext, host: str | None, port: int | None, receive: bo
 
     w = Watch(station, host=host, port=port, receive=receive, grace=grace_s,
               on_result=on_result, on_event=on_event)
+    # asked twice: do not wait for the grace period
+    with stop_on_signals(again=w.cancel.set) as stop:
+        _serve(w, stop, live)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            w.cancel.set()  # asked twice: do not wait for the grace period
-        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def _serve(w: Watch, stop: threading.Event, live: bool) -> None:
     if not live:
         w.run(stop)
         return
