@@ -46,7 +46,7 @@ from jmespath import functions as jp_functions
 from . import worker
 from .config import Config, Stream
 from .errors import ConfigError, UsageError
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .provenance import produced_by
 from .rules import RuleSet, load_rules_for_config
 from .spool import (
@@ -225,7 +225,7 @@ def own_results(spool: Spool, study: Study) -> dict[str, str]:
 def _fail(station: Station, claim: Claim, data: dict[str, Any], reason: str) -> worker.Outcome:
     data.update(error=reason, failed_at=isotime())
     claim.job.write(data)
-    station.journal.emit(Stage.CLASSIFY, "failed", Status.ERROR, reason, job=claim.job,
+    station.journal.emit(Stage.CLASSIFY, Event.FAILED, Status.ERROR, reason, job=claim.job,
                          job_data=data)
     claim.move(Queue.FAILED)
     return worker.Outcome.FAILED
@@ -262,7 +262,7 @@ def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: S
                       instances=count, series={u: len(study.series[u].files) for u in uids},
                       attempts=0, error=None, created_at=isotime())
     child.write(child_data)
-    station.journal.emit(Stage.CLASSIFY, "queued", Status.INFO,
+    station.journal.emit(Stage.CLASSIFY, Event.QUEUED, Status.INFO,
                          f"run job for stream {decision.stream} from {claim.id}: "
                          f"{len(uids)} series, {count} instances", job=child,
                          job_data=child_data, parent=claim.id)
@@ -302,7 +302,7 @@ def _rules(station: Station) -> RuleSet | None:
     except ConfigError as exc:
         if str(exc) not in _REPORTED:
             _REPORTED.add(str(exc))
-            station.journal.emit(Stage.CLASSIFY, "rules-error", Status.ERROR,
+            station.journal.emit(Stage.CLASSIFY, Event.RULES_ERROR, Status.ERROR,
                                  f"classification rules unusable, jobs wait: {exc}")
         return None
 
@@ -331,7 +331,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         data["unmatched"] = {"own-result": producers}
         claim.job.write(data)
         station.journal.emit(
-            Stage.CLASSIFY, "own-result", Status.INFO,
+            Stage.CLASSIFY, Event.OWN_RESULT, Status.INFO,
             f"{len(own)} of {study.images} instances were produced by this station "
             f"(job {', '.join(producers)}); not processed again", job=claim.job,
             job_data=data, produced_by=producers, **counts)
@@ -348,7 +348,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         claim.job.write(data)
         summary = "; ".join(f"{s}: {', '.join(r)}" for s, r in reasons.items()) or \
             "no streams are configured"
-        station.journal.emit(Stage.CLASSIFY, "unmatched", Status.INFO,
+        station.journal.emit(Stage.CLASSIFY, Event.UNMATCHED, Status.INFO,
                              f"no stream matched: {summary}", job=claim.job, job_data=data,
                              reasons=reasons, seconds=round(time.perf_counter() - t0, 3),
                              **counts)
@@ -362,7 +362,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     claim.job.write(data)
     seconds = round(time.perf_counter() - t0, 3)
     for d, child in zip(matched, children):
-        station.journal.emit(Stage.CLASSIFY, "matched", Status.OK,
+        station.journal.emit(Stage.CLASSIFY, Event.MATCHED, Status.OK,
                              f"stream {d.stream} matched: run job {child} "
                              f"({', '.join(f'{k}: {len(v)} series' for k, v in d.selection.items())})",
                              job=claim.job, job_data=data, stream=d.stream, child=child,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import TemporaryFailure, UsageError
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .spool import Location, Queue, State, isotime
 from .station import Station
 
@@ -102,7 +102,7 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
                         "to": f"{target}/new"})
         data["requeued"] = history
         claim.job.write(data)
-        station.journal.emit(Stage.REQUEUE, "requeued", Status.INFO,
+        station.journal.emit(Stage.REQUEUE, Event.REQUEUED, Status.INFO,
                              f"requeued from {source} to {target}/new by {by}@{host}",
                              job=claim.job, job_data=data, by=by, source=str(source),
                              target=f"{target}/new")

@@ -40,7 +40,7 @@ from .executors import (
     stop_orphaned_process,
     stop_processes_of_job,
 )
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .provenance import register_produced
 from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
 from .station import Station
@@ -173,7 +173,7 @@ def process(station: Station, claim: Claim, *,
         return _fail(station, claim, "input", str(exc))
     task = Task(job_id=job.id, stream=stream, input_dir=view, output_dir=output,
                 logs_dir=job.logs_dir, environment=parameter_environment(stream))
-    station.journal.emit(Stage.RUN, "started", Status.INFO,
+    station.journal.emit(Stage.RUN, Event.STARTED, Status.INFO,
                          f"{executor.kind} {stream.image or ' '.join(stream.command or ())}",
                          job=job, executor=executor.kind, attempt=attempts + 1)
 
@@ -192,7 +192,7 @@ def process(station: Station, claim: Claim, *,
         return _temporary(station, claim, str(error))
     if isinstance(error, Cancelled):
         _forget_running(job)
-        station.journal.emit(Stage.RUN, "interrupted", Status.WARNING,
+        station.journal.emit(Stage.RUN, Event.INTERRUPTED, Status.WARNING,
                              "stopped because the station is shutting down; job put back",
                              job=job)
         claim.move(Queue.RUN)
@@ -239,7 +239,7 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     data.update(run=run, outputs=[o.as_dict() for o in checked.dicom],
                 other_files=checked.other)
     job.write(data)
-    station.journal.emit(Stage.RUN, "finished", Status.OK,
+    station.journal.emit(Stage.RUN, Event.FINISHED, Status.OK,
                          f"{len(checked.dicom)} DICOM object(s), {len(checked.other)} other "
                          f"file(s) in {result.duration:.1f} s", job=job, job_data=data,
                          outputs=len(checked.dicom), duration=round(result.duration, 3))
@@ -277,7 +277,7 @@ def _fail(station: Station, claim: Claim, reason: str, message: str,
     if run is not None:
         data["run"] = run
     job.write(data)
-    station.journal.emit(Stage.RUN, "failed", Status.ERROR, message, job=job, job_data=data,
+    station.journal.emit(Stage.RUN, Event.FAILED, Status.ERROR, message, job=job, job_data=data,
                          reason=reason, exit_code=(run or {}).get("exit_code"))
     claim.move(Queue.FAILED)
     log.warning("%s: failed (%s): %s", job.id, reason, message)
@@ -296,7 +296,7 @@ def _temporary(station: Station, claim: Claim, message: str) -> Outcome:
     if data["attempts"] >= max_attempts:
         return _fail(station, claim, "engine-unreachable",
                      f"{message} (gave up after {data['attempts']} attempts)")
-    station.journal.emit(Stage.RUN, "retry", Status.WARNING,
+    station.journal.emit(Stage.RUN, Event.RETRY, Status.WARNING,
                          f"{message}; attempt {data['attempts']} of {max_attempts}, job put back",
                          job=job, job_data=data)
     claim.move(Queue.RUN)
@@ -337,7 +337,7 @@ def _recover(station: Station) -> list[str]:
         on_recovered(job)
         stopped = (job.read().get("orphans_stopped") or [])[before:]
         if stopped:
-            station.journal.emit(Stage.RUN, "orphan-stopped", Status.WARNING,
+            station.journal.emit(Stage.RUN, Event.ORPHAN_STOPPED, Status.WARNING,
                                  f"stopped {', '.join(stopped)} left by a dts run that died",
                                  job=job)
     return worker.recover(station, Queue.RUN, hook)

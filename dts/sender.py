@@ -46,7 +46,7 @@ from .cstore import (
     store,
 )
 from .errors import JobFailed, TemporaryFailure, UsageError
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .spool import Claim, Job, Queue, fsync_dir, isotime, parse_isotime, utcnow
 from .station import Station
 
@@ -262,17 +262,17 @@ def _send_dicom(station: Station, job: Job, data: dict[str, Any], dest: Destinat
     seconds = time.monotonic() - t0
     journal = station.journal
     for uid, code in result.warnings.items():
-        journal.emit(Stage.SEND, "store-warning", Status.WARNING,
+        journal.emit(Stage.SEND, Event.STORE_WARNING, Status.WARNING,
                      f"{peer} stored {uid} with warning status {status_text(code)}",
                      job=job, job_data=data, destination=dest.name, sop_uid=uid,
                      dimse_status=status_text(code))
     for uid, status in result.failed.items():
         state["failed"][uid] = status
-        journal.emit(Stage.SEND, "store-failed", Status.ERROR, result.reasons.get(uid, status),
+        journal.emit(Stage.SEND, Event.STORE_FAILED, Status.ERROR, result.reasons.get(uid, status),
                      job=job, job_data=data, destination=dest.name, sop_uid=uid,
                      dimse_status=status)
     if result.sent:
-        journal.emit(Stage.SEND, "stored", Status.INFO,
+        journal.emit(Stage.SEND, Event.STORED, Status.INFO,
                      f"{len(result.sent)} of {len(todo)} objects stored to {peer} in "
                      f"{seconds:.1f}s", job=job, job_data=data, destination=dest.name,
                      count=len(result.sent))
@@ -297,7 +297,7 @@ def _send_folder(station: Station, job: Job, data: dict[str, Any], dest: Destina
     state["sent"] = [it.sop_uid for it in items]
     state["path"] = str(final)
     state.pop("error", None)
-    station.journal.emit(Stage.SEND, "stored", Status.INFO,
+    station.journal.emit(Stage.SEND, Event.STORED, Status.INFO,
                          f"results copied to {final}", job=job, job_data=data,
                          destination=dest.name, count=len(items))
     return "done"
@@ -317,7 +317,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     data["attempts"] = attempts = int(data.get("attempts") or 0) + 1
     data.pop("next_attempt_at", None)
     job.write(data)
-    journal.emit(Stage.SEND, "send-started", Status.INFO,
+    journal.emit(Stage.SEND, Event.SEND_STARTED, Status.INFO,
                  f"try {attempts}: {len(items)} objects to {', '.join(names)}",
                  job=job, job_data=data)
     handled: set[str] = set()  # state keys of the stream's destinations as they are now
@@ -327,7 +327,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         except JobFailed as exc:
             states[name] = {"status": "failed", "sent": [], "failed": {}, "error": str(exc)}
             handled.add(name)
-            journal.emit(Stage.SEND, "destination-failed", Status.ERROR, str(exc), job=job,
+            journal.emit(Stage.SEND, Event.DESTINATION_FAILED, Status.ERROR, str(exc), job=job,
                          job_data=data, destination=name)
             continue
         if dest.name in handled:
@@ -359,7 +359,7 @@ def _decide(station: Station, claim: Claim, data: dict[str, Any],
         data["next_attempt_at"] = isotime(utcnow() + timedelta(seconds=delay))
         job.write(data)
         why = "; ".join(f"{n}: {s.get('error')}" for n, s in waiting.items())
-        journal.emit(Stage.SEND, "send-retry", Status.WARNING,
+        journal.emit(Stage.SEND, Event.SEND_RETRY, Status.WARNING,
                      f"try {attempts} of {cfg.send_retries + 1} incomplete ({why}); next try "
                      f"in {delay:.0f}s at {data['next_attempt_at']}", job=job, job_data=data,
                      next_attempt_at=data["next_attempt_at"])
@@ -376,7 +376,7 @@ def _decide(station: Station, claim: Claim, data: dict[str, Any],
     data["sent_at"] = isotime()
     job.write(data)
     total = sum(len(s.get("sent", [])) for s in states.values())
-    journal.emit(Stage.SEND, "sent", Status.OK,
+    journal.emit(Stage.SEND, Event.SENT, Status.OK,
                  f"delivered to {', '.join(states)} ({total} objects in all)", job=job,
                  job_data=data)
     claim.move(Queue.DONE)
@@ -399,7 +399,7 @@ def _fail(station: Station, claim: Claim, data: dict[str, Any], reason: str) -> 
     data["failed_at"] = isotime()
     data.pop("next_attempt_at", None)
     claim.job.write(data)
-    station.journal.emit(Stage.SEND, "send-failed", Status.ERROR, reason, job=claim.job,
+    station.journal.emit(Stage.SEND, Event.SEND_FAILED, Status.ERROR, reason, job=claim.job,
                          job_data=data)
     claim.move(Queue.FAILED)
     return worker.Outcome.FAILED
