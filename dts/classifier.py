@@ -46,6 +46,7 @@ from jmespath import functions as jp_functions
 from . import worker
 from .config import Config, Stream
 from .errors import ConfigError, UsageError
+from .jobrecord import IDENTITY_KEYS, JobRecord
 from .journal import Event, Stage, Status
 from .provenance import produced_by
 from .rules import RuleSet, load_rules_for_config
@@ -67,9 +68,6 @@ from .studydoc import Study, StudyError, build_study
 log = logging.getLogger(__name__)
 
 WHOLE_STUDY = "study"
-# job.json keys a run job inherits from the job it was classified from
-IDENTITY_KEYS = ("study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer",
-                 "peer_port", "received_at", "completed_at", "source")
 
 
 @dataclass
@@ -222,8 +220,8 @@ def own_results(spool: Spool, study: Study) -> dict[str, str]:
 
 # -- processing one claimed job ---------------------------------------------------
 
-def _fail(station: Station, claim: Claim, data: dict[str, Any], reason: str) -> worker.Outcome:
-    data.update(error=reason, failed_at=isotime())
+def _fail(station: Station, claim: Claim, data: JobRecord, reason: str) -> worker.Outcome:
+    data.update({"error": reason, "failed_at": isotime()})
     claim.job.write(data)
     station.journal.emit(Stage.CLASSIFY, Event.FAILED, Status.ERROR, reason, job=claim.job,
                          job_data=data)
@@ -241,7 +239,7 @@ def _child_id(spool: Spool, parent: str, stream: str, taken: set[str]) -> str:
         n += 1
 
 
-def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: Study,
+def _create_child(station: Station, claim: Claim, data: JobRecord, study: Study,
                   decision: Decision, child_id: str, study_bytes: bytes) -> None:
     spool = station.spool
     leftover = spool.tmp / child_id
@@ -257,10 +255,14 @@ def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: S
             os.link(f, dest / f.name)
             count += 1
     write_file_durably(child.path / "study.json", study_bytes)
-    child_data = {k: data[k] for k in IDENTITY_KEYS if k in data}
-    child_data.update(stream=decision.stream, parent=claim.id, selection=decision.selection,
-                      instances=count, series={u: len(study.series[u].files) for u in uids},
-                      attempts=0, error=None, created_at=isotime())
+    child_data: JobRecord = {}
+    for key in IDENTITY_KEYS:  # a run job inherits the identity of the job it came from
+        if key in data:
+            child_data[key] = data[key]
+    child_data.update({"stream": decision.stream, "parent": claim.id,
+                       "selection": decision.selection, "instances": count,
+                       "series": {u: len(study.series[u].files) for u in uids},
+                       "attempts": 0, "error": None, "created_at": isotime()})
     child.write(child_data)
     station.journal.emit(Stage.CLASSIFY, Event.QUEUED, Status.INFO,
                          f"run job for stream {decision.stream} from {claim.id}: "
@@ -269,7 +271,7 @@ def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: S
     spool.publish(child, Queue.RUN)
 
 
-def _fan_out(station: Station, claim: Claim, data: dict[str, Any], study: Study,
+def _fan_out(station: Station, claim: Claim, data: JobRecord, study: Study,
              matched: list[Decision], study_bytes: bytes) -> list[str]:
     spool = station.spool
     pending = data.get("fanout_pending") if isinstance(data.get("fanout_pending"), dict) else {}

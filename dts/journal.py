@@ -19,7 +19,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from .spool import Job, Spool, isotime, parse_isotime, utcnow
+from .spool import Job, JobRecord, Spool, isotime, parse_isotime, utcnow
 
 
 class Stage(str, Enum):
@@ -116,7 +116,7 @@ class Journal:
 
     def emit(self, stage: Stage | str, event: Event, status: Status | str = Status.INFO,
              message: str = "", *, job: Job | None = None,
-             job_data: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+             job_data: JobRecord | None = None, **fields: Any) -> dict[str, Any]:
         """Record one event and return it. ``job_data`` saves re-reading job.json.
         ValueError for an event that is not an ``Event`` (nor the value of one)."""
         record: dict[str, Any] = {

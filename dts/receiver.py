@@ -42,6 +42,7 @@ from pynetdicom import evt
 
 from . import dicomnet, scp
 from .errors import TemporaryFailure
+from .jobrecord import JobRecord
 from .journal import Event, Stage, Status
 from .spool import (
     LOCK_NAME,
@@ -245,14 +246,14 @@ class _Study:
 
 
 def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
-             duplicates: int = 0) -> dict[str, Any]:
+             duplicates: int = 0) -> JobRecord:
     """job.json of a freshly received (or imported) study."""
     series: dict[str, int] = {}
     for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
         if entry.is_dir():
             series[entry.name] = sum(1 for f in os.scandir(entry.path)
                                      if f.name.endswith(".dcm") and not f.name.startswith("."))
-    data: dict[str, Any] = {
+    data: JobRecord = {
         "study_uid": study_uid,
         "patient_id": meta.get("patient_id"),
         "accession": meta.get("accession"),

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from . import worker
 from .config import Stream
@@ -40,6 +40,7 @@ from .executors import (
     stop_orphaned_process,
     stop_processes_of_job,
 )
+from .jobrecord import JobRecord, RunInfo, RunningInfo, ViolationEntry
 from .journal import Event, Stage, Status
 from .provenance import register_produced
 from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
@@ -54,6 +55,8 @@ TASK_FILE = "task.json"
 WHOLE_STUDY = "study"        # selection name when a stream selects nothing (whole study)
 _SELECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+# job.json keys of an earlier try that a successful run removes
+_LAST_TRY: tuple[Literal["running", "error", "failure"], ...] = ("running", "error", "failure")
 _REASONS = {
     "timeout": "killed at the stream's timeout",
     "oom": "killed for running out of memory",
@@ -63,7 +66,7 @@ _REASONS = {
 # -- the input view ------------------------------------------------------------------
 
 
-def selection_of(job: Job, data: dict[str, Any]) -> dict[str, list[str]]:
+def selection_of(job: Job, data: JobRecord) -> dict[str, list[str]]:
     """``{selection name: [SeriesInstanceUID, ...]}`` from job.json; the whole input
     under ``study`` when the stream selected nothing."""
     raw = data.get("selection")
@@ -85,7 +88,7 @@ def selection_of(job: Job, data: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def build_view(job: Job, data: dict[str, Any], stream: Stream) -> Path:
+def build_view(job: Job, data: JobRecord, stream: Stream) -> Path:
     """Create ``<job>/view`` by hard links (never byte copies) and write task.json."""
     view = job.path / VIEW_DIR
     shutil.rmtree(view, ignore_errors=True)
@@ -178,7 +181,9 @@ def process(station: Station, claim: Claim, *,
                          job=job, executor=executor.kind, attempt=attempts + 1)
 
     def started(info: dict[str, Any]) -> None:
-        job.update(running={**info, "started_at": started_at, "pid_of_runner": os.getpid()})
+        running = cast(RunningInfo, info.copy())  # the executor's keys (see RunningInfo)
+        running.update({"started_at": started_at, "pid_of_runner": os.getpid()})
+        job.update(running=running)
 
     try:
         result = executor.run(task, cancel=cancel, started=started)
@@ -205,9 +210,9 @@ def process(station: Station, claim: Claim, *,
 def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
             started_at: str) -> Outcome:
     job = claim.job
-    run = {**result.provenance, "exit_code": result.exit_code,
-           "duration_seconds": round(result.duration, 3), "started_at": started_at,
-           "finished_at": isotime()}
+    run = cast(RunInfo, result.provenance.copy())  # the executor's keys (see RunInfo)
+    run.update({"exit_code": result.exit_code, "duration_seconds": round(result.duration, 3),
+                "started_at": started_at, "finished_at": isotime()})
     if result.reason is not None:
         detail = _REASONS.get(result.reason, result.reason)
         if result.reason == "timeout":
@@ -225,7 +230,8 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
         checked = check_output(job.output_dir, facts, allow_new_study=stream.allow_new_study)
     except InvalidOutput as exc:
         return _fail(station, claim, "invalid-output", str(exc), run=run,
-                     violations=[v.__dict__ for v in exc.violations])
+                     violations=[{"file": v.file, "rule": v.rule, "detail": v.detail}
+                                 for v in exc.violations])
     if checked.empty and stream.expect_output:
         return _fail(station, claim, "no-output", "the processing wrote nothing to its output "
                      "(set expect_output = false in the stream if that can be right)", run=run)
@@ -234,10 +240,10 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     # a PACS are always recognised.
     register_produced(station.spool, [o.sop_uid for o in checked.dicom], job.id)
     data = job.read()
-    for key in ("running", "error", "failure"):
+    for key in _LAST_TRY:
         data.pop(key, None)
-    data.update(run=run, outputs=[o.as_dict() for o in checked.dicom],
-                other_files=checked.other)
+    data.update({"run": run, "outputs": [o.as_dict() for o in checked.dicom],
+                 "other_files": checked.other})
     job.write(data)
     station.journal.emit(Stage.RUN, Event.FINISHED, Status.OK,
                          f"{len(checked.dicom)} DICOM object(s), {len(checked.other)} other "
@@ -266,14 +272,17 @@ def _forget_running(job: Job) -> None:
 
 
 def _fail(station: Station, claim: Claim, reason: str, message: str,
-          run: dict[str, Any] | None = None, **extra: Any) -> Outcome:
+          run: RunInfo | None = None,
+          violations: list[ViolationEntry] | None = None) -> Outcome:
     job = claim.job
     tail = log_tail(job.logs_dir) if run is not None else ""
     data = job.read()
     data.pop("running", None)
     data["error"] = message + (f"\n--- last lines of the log ---\n{tail}" if tail else "")
     data["failure"] = {"stage": "run", "reason": reason, "message": message, "log_tail": tail,
-                       "time": isotime(), **extra}
+                       "time": isotime()}
+    if violations is not None:
+        data["failure"]["violations"] = violations
     if run is not None:
         data["run"] = run
     job.write(data)

@@ -97,7 +97,7 @@ def _unexpected_error(station: Station, claim: Claim, exc: Exception) -> Outcome
     if data is None or attempts >= station.config.station.max_attempts:
         reason = f"unexpected error in the {stage.value} stage: {exc!r}"
         if data is not None:
-            data.update(attempts=attempts, error=reason)
+            data.update({"attempts": attempts, "error": reason})
             claim.job.write(data)
         station.journal.emit(stage, Event.FAILED, Status.ERROR,
                              f"{reason} (attempt {attempts}); moved to failed/",
