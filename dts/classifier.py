@@ -46,7 +46,8 @@ from jmespath import functions as jp_functions
 from . import worker
 from .config import Config, Stream
 from .errors import ConfigError, UsageError
-from .journal import Stage, Status
+from .jobrecord import IDENTITY_KEYS, JobRecord
+from .journal import Event, Stage, Status
 from .provenance import produced_by
 from .rules import RuleSet, load_rules_for_config
 from .spool import (
@@ -67,9 +68,6 @@ from .studydoc import Study, StudyError, build_study
 log = logging.getLogger(__name__)
 
 WHOLE_STUDY = "study"
-# job.json keys a run job inherits from the job it was classified from
-IDENTITY_KEYS = ("study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer",
-                 "peer_port", "received_at", "completed_at", "source")
 
 
 @dataclass
@@ -222,10 +220,10 @@ def own_results(spool: Spool, study: Study) -> dict[str, str]:
 
 # -- processing one claimed job ---------------------------------------------------
 
-def _fail(station: Station, claim: Claim, data: dict[str, Any], reason: str) -> worker.Outcome:
-    data.update(error=reason, failed_at=isotime())
+def _fail(station: Station, claim: Claim, data: JobRecord, reason: str) -> worker.Outcome:
+    data.update({"error": reason, "failed_at": isotime()})
     claim.job.write(data)
-    station.journal.emit(Stage.CLASSIFY, "failed", Status.ERROR, reason, job=claim.job,
+    station.journal.emit(Stage.CLASSIFY, Event.FAILED, Status.ERROR, reason, job=claim.job,
                          job_data=data)
     claim.move(Queue.FAILED)
     return worker.Outcome.FAILED
@@ -241,7 +239,7 @@ def _child_id(spool: Spool, parent: str, stream: str, taken: set[str]) -> str:
         n += 1
 
 
-def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: Study,
+def _create_child(station: Station, claim: Claim, data: JobRecord, study: Study,
                   decision: Decision, child_id: str, study_bytes: bytes) -> None:
     spool = station.spool
     leftover = spool.tmp / child_id
@@ -257,19 +255,23 @@ def _create_child(station: Station, claim: Claim, data: dict[str, Any], study: S
             os.link(f, dest / f.name)
             count += 1
     write_file_durably(child.path / "study.json", study_bytes)
-    child_data = {k: data[k] for k in IDENTITY_KEYS if k in data}
-    child_data.update(stream=decision.stream, parent=claim.id, selection=decision.selection,
-                      instances=count, series={u: len(study.series[u].files) for u in uids},
-                      attempts=0, error=None, created_at=isotime())
+    child_data: JobRecord = {}
+    for key in IDENTITY_KEYS:  # a run job inherits the identity of the job it came from
+        if key in data:
+            child_data[key] = data[key]
+    child_data.update({"stream": decision.stream, "parent": claim.id,
+                       "selection": decision.selection, "instances": count,
+                       "series": {u: len(study.series[u].files) for u in uids},
+                       "attempts": 0, "error": None, "created_at": isotime()})
     child.write(child_data)
-    station.journal.emit(Stage.CLASSIFY, "queued", Status.INFO,
+    station.journal.emit(Stage.CLASSIFY, Event.QUEUED, Status.INFO,
                          f"run job for stream {decision.stream} from {claim.id}: "
                          f"{len(uids)} series, {count} instances", job=child,
                          job_data=child_data, parent=claim.id)
     spool.publish(child, Queue.RUN)
 
 
-def _fan_out(station: Station, claim: Claim, data: dict[str, Any], study: Study,
+def _fan_out(station: Station, claim: Claim, data: JobRecord, study: Study,
              matched: list[Decision], study_bytes: bytes) -> list[str]:
     spool = station.spool
     pending = data.get("fanout_pending") if isinstance(data.get("fanout_pending"), dict) else {}
@@ -302,7 +304,7 @@ def _rules(station: Station) -> RuleSet | None:
     except ConfigError as exc:
         if str(exc) not in _REPORTED:
             _REPORTED.add(str(exc))
-            station.journal.emit(Stage.CLASSIFY, "rules-error", Status.ERROR,
+            station.journal.emit(Stage.CLASSIFY, Event.RULES_ERROR, Status.ERROR,
                                  f"classification rules unusable, jobs wait: {exc}")
         return None
 
@@ -331,7 +333,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         data["unmatched"] = {"own-result": producers}
         claim.job.write(data)
         station.journal.emit(
-            Stage.CLASSIFY, "own-result", Status.INFO,
+            Stage.CLASSIFY, Event.OWN_RESULT, Status.INFO,
             f"{len(own)} of {study.images} instances were produced by this station "
             f"(job {', '.join(producers)}); not processed again", job=claim.job,
             job_data=data, produced_by=producers, **counts)
@@ -348,7 +350,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         claim.job.write(data)
         summary = "; ".join(f"{s}: {', '.join(r)}" for s, r in reasons.items()) or \
             "no streams are configured"
-        station.journal.emit(Stage.CLASSIFY, "unmatched", Status.INFO,
+        station.journal.emit(Stage.CLASSIFY, Event.UNMATCHED, Status.INFO,
                              f"no stream matched: {summary}", job=claim.job, job_data=data,
                              reasons=reasons, seconds=round(time.perf_counter() - t0, 3),
                              **counts)
@@ -362,7 +364,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     claim.job.write(data)
     seconds = round(time.perf_counter() - t0, 3)
     for d, child in zip(matched, children):
-        station.journal.emit(Stage.CLASSIFY, "matched", Status.OK,
+        station.journal.emit(Stage.CLASSIFY, Event.MATCHED, Status.OK,
                              f"stream {d.stream} matched: run job {child} "
                              f"({', '.join(f'{k}: {len(v)} series' for k, v in d.selection.items())})",
                              job=claim.job, job_data=data, stream=d.stream, child=child,

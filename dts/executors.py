@@ -30,6 +30,7 @@ from typing import Any
 
 from .config import Stream
 from .errors import JobFailed, TemporaryFailure
+from .jobrecord import RunningInfo
 
 JOB_LABEL = "dts.job"
 STREAM_LABEL = "dts.stream"
@@ -228,8 +229,9 @@ def stop_processes_of_job(job_id: str, skip_pgid: int | None = None) -> list[int
     return killed
 
 
-def stop_orphaned_process(info: dict[str, Any]) -> bool:
-    """Kill the process group a dead ``dts run`` left running; True if there was one."""
+def stop_orphaned_process(info: RunningInfo) -> bool:
+    """Kill the process group a dead ``dts run`` left running (job.json ``running``);
+    True if there was one."""
     pid = info.get("pid")
     if not isinstance(pid, int) or pid <= 1:
         return False

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .receiver import check_uids, job_data, read_header
 from .spool import Queue, fsync_dir, isotime
 from .station import Station
@@ -119,7 +119,7 @@ def _import_study(station: Station, study_uid: str, entries: list[tuple[Path, st
         data = job_data(study_uid, meta, job.input_dir)
         job.write(data)
         station.journal.emit(
-            Stage.RECEIVE, "received", Status.OK,
+            Stage.RECEIVE, Event.RECEIVED, Status.OK,
             f"study {study_uid}: {data['instances']} instance(s) in {len(data['series'])} "
             "series imported from disk", job=job, job_data=data, instances=data["instances"],
             source="import")

@@ -15,11 +15,11 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
-from .spool import Job, Spool, isotime, parse_isotime, utcnow
+from .spool import Job, JobRecord, Spool, isotime, parse_isotime, utcnow
 
 
 class Stage(str, Enum):
@@ -39,12 +39,64 @@ class Status(str, Enum):
     ERROR = "error"
 
 
+class Event(StrEnum):
+    """The ``event`` of a journal line: what happened. The value is what is written (and
+    what ``dts log`` and the ``dts_events`` table filter on); a new kind of event is a new
+    member here, never a free string."""
+
+    # receive (dts receive, dts import)
+    RECEIVER_STARTED = "receiver-started"        # the C-STORE service listens
+    RECEIVER_STOPPED = "receiver-stopped"        # it stopped (open associations finished)
+    ASSOCIATION_REFUSED = "association-refused"  # a peer failed the host/AE allow-lists
+    INSTANCE_REFUSED = "instance-refused"        # an instance answered with a failure status
+    PUBLISH_FAILED = "publish-failed"            # a complete study could not move to classify/
+    RECEIVED = "received"                        # a study was published to classify/new
+    # classify
+    RULES_ERROR = "rules-error"                  # the rule file is unusable; jobs wait
+    OWN_RESULT = "own-result"                    # the study holds this station's own results
+    UNMATCHED = "unmatched"                      # no stream matched: job to unmatched/
+    QUEUED = "queued"                            # a fan-out run job was made (on the child)
+    MATCHED = "matched"                          # a stream matched (on the parent, per stream)
+    # run
+    STARTED = "started"                          # the container or command was started
+    INTERRUPTED = "interrupted"                  # stopped by a shutdown; job put back
+    RETRY = "retry"                              # engine unreachable; job put back
+    FINISHED = "finished"                        # valid output: job to send/
+    ORPHAN_STOPPED = "orphan-stopped"            # what a dead dts run left running was stopped
+    # send
+    SEND_STARTED = "send-started"                # a try to deliver a job began
+    STORED = "stored"                            # objects reached one destination
+    STORE_WARNING = "store-warning"              # the peer stored an object with a warning
+    STORE_FAILED = "store-failed"                # the peer refused an object
+    DESTINATION_FAILED = "destination-failed"    # a destination cannot be resolved
+    SEND_RETRY = "send-retry"                    # some destination waits: next try later
+    SENT = "sent"                                # every destination has everything: done/
+    SEND_FAILED = "send-failed"                  # delivery gave up: failed/
+    # any work queue (classify, run, send)
+    RECOVERED = "recovered"                      # a dead worker's job moved back to new/
+    FAILED = "failed"                            # the job went to failed/ (classify, run, worker)
+    INTERNAL_ERROR = "internal-error"            # an unexpected error; job put back
+    # requeue
+    REQUEUED = "requeued"                        # dts requeue moved the job
+    # clean
+    REMOVED = "removed"                          # a finished job was deleted
+    CLEANED = "cleaned"                          # summary of one dts clean
+    DISK_LOW = "disk-low"                        # below min_free_mb: oldest finished removed
+    # watch
+    WATCH_STARTED = "watch-started"              # dts watch started
+    WATCH_STOPPED = "watch-stopped"              # dts watch stopped (work parked)
+    JOURNAL_DB_UNUSABLE = "journal-db-unusable"  # [journal] url cannot be used at all
+    JOURNAL_DB_DOWN = "journal-db-down"          # the journal database became unreachable
+    JOURNAL_DB_UP = "journal-db-up"              # it is reachable again
+
+
 # Keys every event has (the journal database has one column for each; the rest of an
 # event goes into its ``details``).
 EVENT_KEYS = ("time", "job", "stage", "event", "status", "message", "study_uid", "accession",
               "stream")
 # job.json keys copied into each event of that job, so that a filter on one line works.
-_FROM_JOB = ("study_uid", "accession", "stream")
+_FROM_JOB: tuple[Literal["study_uid", "accession", "stream"], ...] = (
+    "study_uid", "accession", "stream")
 _HOST = socket.gethostname()
 
 
@@ -62,15 +114,16 @@ class Journal:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
 
-    def emit(self, stage: Stage | str, event: str, status: Status | str = Status.INFO,
+    def emit(self, stage: Stage | str, event: Event, status: Status | str = Status.INFO,
              message: str = "", *, job: Job | None = None,
-             job_data: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        """Record one event and return it. ``job_data`` saves re-reading job.json."""
+             job_data: JobRecord | None = None, **fields: Any) -> dict[str, Any]:
+        """Record one event and return it. ``job_data`` saves re-reading job.json.
+        ValueError for an event that is not an ``Event`` (nor the value of one)."""
         record: dict[str, Any] = {
             "time": isotime(),
             "job": job.id if job is not None else fields.pop("job", None),
             "stage": Stage(stage).value,
-            "event": event,
+            "event": Event(event).value,
             "status": Status(status).value,
             "message": message,
         }

@@ -42,7 +42,8 @@ from pynetdicom import evt
 
 from . import dicomnet, scp
 from .errors import TemporaryFailure
-from .journal import Stage, Status
+from .jobrecord import JobRecord
+from .journal import Event, Stage, Status
 from .spool import (
     LOCK_NAME,
     Job,
@@ -245,14 +246,14 @@ class _Study:
 
 
 def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
-             duplicates: int = 0) -> dict[str, Any]:
+             duplicates: int = 0) -> JobRecord:
     """job.json of a freshly received (or imported) study."""
     series: dict[str, int] = {}
     for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
         if entry.is_dir():
             series[entry.name] = sum(1 for f in os.scandir(entry.path)
                                      if f.name.endswith(".dcm") and not f.name.startswith("."))
-    data: dict[str, Any] = {
+    data: JobRecord = {
         "study_uid": study_uid,
         "patient_id": meta.get("patient_id"),
         "accession": meta.get("accession"),
@@ -334,7 +335,7 @@ class Receiver:
         self._checker = threading.Thread(target=self._check_loop, name="dts-stable",
                                          daemon=True)
         self._checker.start()
-        self.station.journal.emit(Stage.RECEIVE, "receiver-started", Status.INFO,
+        self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STARTED, Status.INFO,
                                   f"listening on {self.host}:{self.port} as {self.cfg.ae_title}",
                                   port=self.port, ae_title=self.cfg.ae_title)
 
@@ -364,7 +365,7 @@ class Receiver:
         if self._checker is not None:
             self._checker.join(10)
         self.publish_stable()
-        self.station.journal.emit(Stage.RECEIVE, "receiver-stopped", Status.INFO,
+        self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STOPPED, Status.INFO,
                                   "receiver stopped", port=self.port)
 
     def _check_loop(self) -> None:
@@ -386,7 +387,7 @@ class Receiver:
         reason, diagnostic = self._refusal(conn)
         if reason is not None:
             self.station.journal.emit(
-                Stage.RECEIVE, "association-refused", Status.WARNING,
+                Stage.RECEIVE, Event.ASSOCIATION_REFUSED, Status.WARNING,
                 f"refused association from {calling}@{peer} to {called}: {reason}",
                 **conn.as_dict(), reason=reason)
             assoc.acse.send_reject(0x01, 0x01, diagnostic)
@@ -534,7 +535,7 @@ class Receiver:
         study = (header or {}).get("study_uid")
         sop = (header or {}).get("sop_uid")
         self.station.journal.emit(
-            Stage.RECEIVE, "instance-refused",
+            Stage.RECEIVE, Event.INSTANCE_REFUSED,
             Status.ERROR if status == OUT_OF_RESOURCES else Status.WARNING,
             f"refused an instance from {conn.calling_ae}@{conn.peer} with 0x{status:04X}: "
             f"{reason}",
@@ -636,7 +637,7 @@ class Receiver:
                         jobs.append(job_id)
                 except Exception as exc:
                     LOGGER.exception("cannot publish study %s", st.uid)
-                    self.station.journal.emit(Stage.RECEIVE, "publish-failed", Status.ERROR,
+                    self.station.journal.emit(Stage.RECEIVE, Event.PUBLISH_FAILED, Status.ERROR,
                                               f"cannot publish study {st.uid}: {exc}; it stays "
                                               "in incoming/ and is tried again",
                                               study_uid=st.uid)
@@ -677,11 +678,11 @@ class Receiver:
             meta = {}
         data = job_data(study_uid, meta, job.input_dir, duplicates=duplicates)
         job.write(data)
-        if not any(e.get("event") == "received" for e in job.events()):
+        if not any(e.get("event") == Event.RECEIVED for e in job.events()):
             srcs = data.get("sources") or [meta]
             who = ", ".join(f"{s.get('calling_ae')}@{s.get('peer')}" for s in srcs)
             self.station.journal.emit(
-                Stage.RECEIVE, "received", Status.OK,
+                Stage.RECEIVE, Event.RECEIVED, Status.OK,
                 f"study {study_uid}: {data['instances']} instance(s) in "
                 f"{len(data['series'])} series from {who}",
                 job=job, job_data=data, instances=data["instances"],

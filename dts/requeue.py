@@ -17,16 +17,18 @@ import getpass
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import TemporaryFailure, UsageError
-from .journal import Stage, Status
+from .jobrecord import DestinationState, JobRecord
+from .journal import Event, Stage, Status
 from .spool import Location, Queue, State, isotime
 from .station import Station
 
 TARGETS = (Queue.CLASSIFY, Queue.RUN, Queue.SEND)
 # job.json keys that describe the last try and would hold the job back
-_RESET = ("error", "next_attempt_at", "failed_at", "recovered_at", "reason")
+_RESET: tuple[Literal["error", "next_attempt_at", "failed_at", "recovered_at", "reason"], ...] = (
+    "error", "next_attempt_at", "failed_at", "recovered_at", "reason")
 
 
 @dataclass
@@ -53,7 +55,7 @@ def who() -> str:
         return f"uid {os.getuid()}"
 
 
-def _check_target(job_id: str, data: dict[str, Any], target: Queue, has_output: bool) -> None:
+def _check_target(job_id: str, data: JobRecord, target: Queue, has_output: bool) -> None:
     if target is Queue.CLASSIFY and data.get("parent"):
         raise UsageError(f"job {job_id} is a run job of stream {data.get('stream')} (from "
                          f"{data['parent']}): requeue {data['parent']} --to classify, or this "
@@ -102,7 +104,7 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
                         "to": f"{target}/new"})
         data["requeued"] = history
         claim.job.write(data)
-        station.journal.emit(Stage.REQUEUE, "requeued", Status.INFO,
+        station.journal.emit(Stage.REQUEUE, Event.REQUEUED, Status.INFO,
                              f"requeued from {source} to {target}/new by {by}@{host}",
                              job=claim.job, job_data=data, by=by, source=str(source),
                              target=f"{target}/new")
@@ -128,17 +130,18 @@ def _keep_previous(job_path: Any, now: str) -> None:
         (job_path / "output").mkdir(exist_ok=True)
 
 
-def _reset_destinations(dests: Any, resend_all: bool) -> dict[str, Any]:
+def _reset_destinations(dests: dict[str, DestinationState] | None,
+                        resend_all: bool) -> dict[str, DestinationState]:
     """Per destination: finished ones stay finished, the others forget their failures (so
     those instances are tried again) and keep what was ``sent``; ``resend_all`` forgets
     everything, so every result is delivered again."""
-    out: dict[str, Any] = {}
+    out: dict[str, DestinationState] = {}
     if resend_all or not isinstance(dests, dict):
         return out
     for name, state in dests.items():
         if not isinstance(state, dict):
             continue
-        state = dict(state)
+        state = state.copy()  # unknown keys of the state stay
         if state.get("status") != "done":
             state["failed"] = {}
             state.pop("error", None)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .spool import EVENTS_FILE, JOB_FILE, LOCK_NAME, Job, Queue, Spool
 from .station import Station
 
@@ -144,7 +144,7 @@ def _remove(station: Station, queue: Queue, job_id: str, age: float, dry_run: bo
         if not dry_run:
             spool.remove_job(claim)
             station.journal.emit(
-                Stage.CLEAN, "removed", Status.INFO,
+                Stage.CLEAN, Event.REMOVED, Status.INFO,
                 f"removed {job_id} from {queue}/ ({reason}, last activity "
                 f"{age / 86400:.1f} days ago, {size / 1e6:.1f} MB)",
                 job=Job(path), job_data=data,  # the folder is gone: station log only
@@ -169,7 +169,7 @@ def clean(station: Station, older_than: float, *, queues: Iterable[Queue] = DEFA
     report.produced_removed = clean_produced(station.spool, max(older_than, PRODUCED_AGE),
                                              dry_run=dry_run, now=now)
     if report.removed and not dry_run:
-        station.journal.emit(Stage.CLEAN, "cleaned", Status.INFO,
+        station.journal.emit(Stage.CLEAN, Event.CLEANED, Status.INFO,
                              f"removed {len(report.removed)} finished job(s), "
                              f"{report.bytes / 1e6:.1f} MB", removed=len(report.removed),
                              bytes=report.bytes)
@@ -282,7 +282,7 @@ def ensure_free_disk(station: Station, min_free_mb: float, *,
     enough = report.free_mb_after >= min_free_mb
     if not dry_run:
         station.journal.emit(
-            Stage.CLEAN, "disk-low", Status.WARNING if enough else Status.ERROR,
+            Stage.CLEAN, Event.DISK_LOW, Status.WARNING if enough else Status.ERROR,
             f"free disk {report.free_mb_before:.0f} MB was below {min_free_mb:.0f} MB: removed "
             f"the {len(report.removed)} oldest finished job(s) ({report.bytes / 1e6:.1f} MB); "
             f"now {report.free_mb_after:.0f} MB free"

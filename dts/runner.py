@@ -22,7 +22,7 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from . import worker
 from .config import Stream
@@ -38,7 +38,8 @@ from .executors import (
     stop_orphaned_process,
     stop_processes_of_job,
 )
-from .journal import Stage, Status
+from .jobrecord import JobRecord, RunInfo, RunningInfo, ViolationEntry
+from .journal import Event, Stage, Status
 from .provenance import register_produced
 from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
 from .station import Station
@@ -52,6 +53,8 @@ TASK_FILE = "task.json"
 WHOLE_STUDY = "study"        # selection name when a stream selects nothing (whole study)
 _SELECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+# job.json keys of an earlier try that a successful run removes
+_LAST_TRY: tuple[Literal["running", "error", "failure"], ...] = ("running", "error", "failure")
 _REASONS = {
     "timeout": "killed at the stream's timeout",
     "oom": "killed for running out of memory",
@@ -61,7 +64,7 @@ _REASONS = {
 # -- the input view ------------------------------------------------------------------
 
 
-def selection_of(job: Job, data: dict[str, Any]) -> dict[str, list[str]]:
+def selection_of(job: Job, data: JobRecord) -> dict[str, list[str]]:
     """``{selection name: [SeriesInstanceUID, ...]}`` from job.json; the whole input
     under ``study`` when the stream selected nothing."""
     raw = data.get("selection")
@@ -83,7 +86,7 @@ def selection_of(job: Job, data: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def build_view(job: Job, data: dict[str, Any], stream: Stream) -> Path:
+def build_view(job: Job, data: JobRecord, stream: Stream) -> Path:
     """Create ``<job>/view`` by hard links (never byte copies) and write task.json."""
     view = job.path / VIEW_DIR
     shutil.rmtree(view, ignore_errors=True)
@@ -171,12 +174,14 @@ def process(station: Station, claim: Claim, *,
         return _fail(station, claim, "input", str(exc))
     task = Task(job_id=job.id, stream=stream, input_dir=view, output_dir=output,
                 logs_dir=job.logs_dir, environment=parameter_environment(stream))
-    station.journal.emit(Stage.RUN, "started", Status.INFO,
+    station.journal.emit(Stage.RUN, Event.STARTED, Status.INFO,
                          f"{executor.kind} {stream.image or ' '.join(stream.command or ())}",
                          job=job, executor=executor.kind, attempt=attempts + 1)
 
     def started(info: dict[str, Any]) -> None:
-        job.update(running={**info, "started_at": started_at, "pid_of_runner": os.getpid()})
+        running = cast(RunningInfo, info.copy())  # the executor's keys (see RunningInfo)
+        running.update({"started_at": started_at, "pid_of_runner": os.getpid()})
+        job.update(running=running)
 
     try:
         result = executor.run(task, cancel=cancel, started=started)
@@ -190,7 +195,7 @@ def process(station: Station, claim: Claim, *,
         return _temporary(station, claim, str(error))
     if isinstance(error, Cancelled):
         _forget_running(job)
-        station.journal.emit(Stage.RUN, "interrupted", Status.WARNING,
+        station.journal.emit(Stage.RUN, Event.INTERRUPTED, Status.WARNING,
                              "stopped because the station is shutting down; job put back",
                              job=job)
         claim.move(Queue.RUN)
@@ -203,9 +208,9 @@ def process(station: Station, claim: Claim, *,
 def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
             started_at: str) -> Outcome:
     job = claim.job
-    run = {**result.provenance, "exit_code": result.exit_code,
-           "duration_seconds": round(result.duration, 3), "started_at": started_at,
-           "finished_at": isotime()}
+    run = cast(RunInfo, result.provenance.copy())  # the executor's keys (see RunInfo)
+    run.update({"exit_code": result.exit_code, "duration_seconds": round(result.duration, 3),
+                "started_at": started_at, "finished_at": isotime()})
     if result.reason is not None:
         detail = _REASONS.get(result.reason, result.reason)
         if result.reason == "timeout":
@@ -223,7 +228,8 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
         checked = check_output(job.output_dir, facts, allow_new_study=stream.allow_new_study)
     except InvalidOutput as exc:
         return _fail(station, claim, "invalid-output", str(exc), run=run,
-                     violations=[v.__dict__ for v in exc.violations])
+                     violations=[{"file": v.file, "rule": v.rule, "detail": v.detail}
+                                 for v in exc.violations])
     if checked.empty and stream.expect_output:
         return _fail(station, claim, "no-output", "the processing wrote nothing to its output "
                      "(set expect_output = false in the stream if that can be right)", run=run)
@@ -232,12 +238,12 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     # a PACS are always recognised.
     register_produced(station.spool, [o.sop_uid for o in checked.dicom], job.id)
     data = job.read()
-    for key in ("running", "error", "failure"):
+    for key in _LAST_TRY:
         data.pop(key, None)
-    data.update(run=run, outputs=[o.as_dict() for o in checked.dicom],
-                other_files=checked.other)
+    data.update({"run": run, "outputs": [o.as_dict() for o in checked.dicom],
+                 "other_files": checked.other})
     job.write(data)
-    station.journal.emit(Stage.RUN, "finished", Status.OK,
+    station.journal.emit(Stage.RUN, Event.FINISHED, Status.OK,
                          f"{len(checked.dicom)} DICOM object(s), {len(checked.other)} other "
                          f"file(s) in {result.duration:.1f} s", job=job, job_data=data,
                          outputs=len(checked.dicom), duration=round(result.duration, 3))
@@ -264,18 +270,21 @@ def _forget_running(job: Job) -> None:
 
 
 def _fail(station: Station, claim: Claim, reason: str, message: str,
-          run: dict[str, Any] | None = None, **extra: Any) -> Outcome:
+          run: RunInfo | None = None,
+          violations: list[ViolationEntry] | None = None) -> Outcome:
     job = claim.job
     tail = log_tail(job.logs_dir) if run is not None else ""
     data = job.read()
     data.pop("running", None)
     data["error"] = message + (f"\n--- last lines of the log ---\n{tail}" if tail else "")
     data["failure"] = {"stage": "run", "reason": reason, "message": message, "log_tail": tail,
-                       "time": isotime(), **extra}
+                       "time": isotime()}
+    if violations is not None:
+        data["failure"]["violations"] = violations
     if run is not None:
         data["run"] = run
     job.write(data)
-    station.journal.emit(Stage.RUN, "failed", Status.ERROR, message, job=job, job_data=data,
+    station.journal.emit(Stage.RUN, Event.FAILED, Status.ERROR, message, job=job, job_data=data,
                          reason=reason, exit_code=(run or {}).get("exit_code"))
     claim.move(Queue.FAILED)
     log.warning("%s: failed (%s): %s", job.id, reason, message)
@@ -294,7 +303,7 @@ def _temporary(station: Station, claim: Claim, message: str) -> Outcome:
     if data["attempts"] >= max_attempts:
         return _fail(station, claim, "engine-unreachable",
                      f"{message} (gave up after {data['attempts']} attempts)")
-    station.journal.emit(Stage.RUN, "retry", Status.WARNING,
+    station.journal.emit(Stage.RUN, Event.RETRY, Status.WARNING,
                          f"{message}; attempt {data['attempts']} of {max_attempts}, job put back",
                          job=job, job_data=data)
     claim.move(Queue.RUN)
@@ -335,7 +344,7 @@ def _recover(station: Station) -> list[str]:
         on_recovered(job)
         stopped = (job.read().get("orphans_stopped") or [])[before:]
         if stopped:
-            station.journal.emit(Stage.RUN, "orphan-stopped", Status.WARNING,
+            station.journal.emit(Stage.RUN, Event.ORPHAN_STOPPED, Status.WARNING,
                                  f"stopped {', '.join(stopped)} left by a dts run that died",
                                  job=job)
     return worker.recover(station, Queue.RUN, hook)

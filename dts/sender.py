@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from . import dicomnet, worker
 from .config import Config, Destination, StationConfig, valid_ae_title
@@ -46,7 +45,8 @@ from .cstore import (
     store,
 )
 from .errors import JobFailed, TemporaryFailure, UsageError
-from .journal import Stage, Status
+from .jobrecord import DestinationState, JobRecord, SendStatus
+from .journal import Event, Stage, Status
 from .spool import Claim, Job, Queue, fsync_dir, isotime, parse_isotime, utcnow
 from .station import Station
 
@@ -58,7 +58,7 @@ CHECKPOINT_SECONDS = 2.0  # how often job.json records progress during a long se
 
 # -- what is sent -----------------------------------------------------------------------------
 
-def job_items(job: Job, data: dict[str, Any]) -> list[Item]:
+def job_items(job: Job, data: JobRecord) -> list[Item]:
     """The DICOM results of a job: job.json ``outputs`` if the run stage listed them,
     else a header scan of ``output/``."""
     outputs = data.get("outputs")
@@ -178,7 +178,7 @@ def parse_target(config: Config, target: str, ae_title: str | None = None,
     return dest
 
 
-def stream_destinations(config: Config, data: dict[str, Any]) -> list[str]:
+def stream_destinations(config: Config, data: JobRecord) -> list[str]:
     stream = data.get("stream")
     if isinstance(stream, dict):  # a job that carries its stream's settings itself
         names = stream.get("destinations")
@@ -195,7 +195,7 @@ def stream_destinations(config: Config, data: dict[str, Any]) -> list[str]:
     return list(found.destinations)
 
 
-def resolve(config: Config, name: str, data: dict[str, Any]) -> Destination:
+def resolve(config: Config, name: str, data: JobRecord) -> Destination:
     """The configured destination ``name``; ``@sender`` is the one whose AE title is the
     study's calling AE title."""
     if name != SENDER:
@@ -234,7 +234,7 @@ def ready(job: Job) -> bool:
 class _Progress:
     """Records per-instance results into job.json state, checkpointed now and then."""
 
-    def __init__(self, job: Job, data: dict[str, Any], state: dict[str, Any]) -> None:
+    def __init__(self, job: Job, data: JobRecord, state: DestinationState) -> None:
         self.job, self.data, self.state = job, data, state
         self.sent: set[str] = set(state["sent"])
         self.last = time.monotonic()
@@ -248,8 +248,8 @@ class _Progress:
             self.last = time.monotonic()
 
 
-def _send_dicom(station: Station, job: Job, data: dict[str, Any], dest: Destination,
-                state: dict[str, Any], items: list[Item]) -> str:
+def _send_dicom(station: Station, job: Job, data: JobRecord, dest: Destination,
+                state: DestinationState, items: list[Item]) -> SendStatus:
     """One try to a DICOM destination; returns the destination's new status."""
     done = set(state["sent"]) | set(state["failed"])
     todo = [it for it in items if it.sop_uid not in done]
@@ -262,17 +262,17 @@ def _send_dicom(station: Station, job: Job, data: dict[str, Any], dest: Destinat
     seconds = time.monotonic() - t0
     journal = station.journal
     for uid, code in result.warnings.items():
-        journal.emit(Stage.SEND, "store-warning", Status.WARNING,
+        journal.emit(Stage.SEND, Event.STORE_WARNING, Status.WARNING,
                      f"{peer} stored {uid} with warning status {status_text(code)}",
                      job=job, job_data=data, destination=dest.name, sop_uid=uid,
                      dimse_status=status_text(code))
     for uid, status in result.failed.items():
         state["failed"][uid] = status
-        journal.emit(Stage.SEND, "store-failed", Status.ERROR, result.reasons.get(uid, status),
+        journal.emit(Stage.SEND, Event.STORE_FAILED, Status.ERROR, result.reasons.get(uid, status),
                      job=job, job_data=data, destination=dest.name, sop_uid=uid,
                      dimse_status=status)
     if result.sent:
-        journal.emit(Stage.SEND, "stored", Status.INFO,
+        journal.emit(Stage.SEND, Event.STORED, Status.INFO,
                      f"{len(result.sent)} of {len(todo)} objects stored to {peer} in "
                      f"{seconds:.1f}s", job=job, job_data=data, destination=dest.name,
                      count=len(result.sent))
@@ -286,8 +286,8 @@ def _send_dicom(station: Station, job: Job, data: dict[str, Any], dest: Destinat
     return "failed" if state["failed"] else "done"
 
 
-def _send_folder(station: Station, job: Job, data: dict[str, Any], dest: Destination,
-                 state: dict[str, Any], items: list[Item]) -> str:
+def _send_folder(station: Station, job: Job, data: JobRecord, dest: Destination,
+                 state: DestinationState, items: list[Item]) -> SendStatus:
     assert dest.folder is not None
     try:
         final = deliver_to_folder(dest.folder, job.id, _output_files(job))
@@ -297,7 +297,7 @@ def _send_folder(station: Station, job: Job, data: dict[str, Any], dest: Destina
     state["sent"] = [it.sop_uid for it in items]
     state["path"] = str(final)
     state.pop("error", None)
-    station.journal.emit(Stage.SEND, "stored", Status.INFO,
+    station.journal.emit(Stage.SEND, Event.STORED, Status.INFO,
                          f"results copied to {final}", job=job, job_data=data,
                          destination=dest.name, count=len(items))
     return "done"
@@ -313,11 +313,11 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         items = job_items(job, data)
     except JobFailed as exc:
         return _fail(station, claim, data, str(exc))
-    states: dict[str, Any] = data.setdefault("destinations", {})
+    states = data.setdefault("destinations", {})
     data["attempts"] = attempts = int(data.get("attempts") or 0) + 1
     data.pop("next_attempt_at", None)
     job.write(data)
-    journal.emit(Stage.SEND, "send-started", Status.INFO,
+    journal.emit(Stage.SEND, Event.SEND_STARTED, Status.INFO,
                  f"try {attempts}: {len(items)} objects to {', '.join(names)}",
                  job=job, job_data=data)
     handled: set[str] = set()  # state keys of the stream's destinations as they are now
@@ -327,7 +327,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         except JobFailed as exc:
             states[name] = {"status": "failed", "sent": [], "failed": {}, "error": str(exc)}
             handled.add(name)
-            journal.emit(Stage.SEND, "destination-failed", Status.ERROR, str(exc), job=job,
+            journal.emit(Stage.SEND, Event.DESTINATION_FAILED, Status.ERROR, str(exc), job=job,
                          job_data=data, destination=name)
             continue
         if dest.name in handled:
@@ -346,12 +346,11 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     return _decide(station, claim, data, handled)
 
 
-def _decide(station: Station, claim: Claim, data: dict[str, Any],
+def _decide(station: Station, claim: Claim, data: JobRecord,
             current: set[str]) -> worker.Outcome:
     job, journal, cfg = claim.job, station.journal, station.config.station
     # a destination no longer in the stream keeps its record but decides nothing
-    states: dict[str, dict[str, Any]] = {n: s for n, s in data["destinations"].items()
-                                         if n in current}
+    states = {n: s for n, s in data["destinations"].items() if n in current}
     waiting = {n: s for n, s in states.items() if s.get("status") == "retry"}
     attempts = int(data["attempts"])
     if waiting and attempts <= cfg.send_retries:
@@ -359,7 +358,7 @@ def _decide(station: Station, claim: Claim, data: dict[str, Any],
         data["next_attempt_at"] = isotime(utcnow() + timedelta(seconds=delay))
         job.write(data)
         why = "; ".join(f"{n}: {s.get('error')}" for n, s in waiting.items())
-        journal.emit(Stage.SEND, "send-retry", Status.WARNING,
+        journal.emit(Stage.SEND, Event.SEND_RETRY, Status.WARNING,
                      f"try {attempts} of {cfg.send_retries + 1} incomplete ({why}); next try "
                      f"in {delay:.0f}s at {data['next_attempt_at']}", job=job, job_data=data,
                      next_attempt_at=data["next_attempt_at"])
@@ -376,15 +375,15 @@ def _decide(station: Station, claim: Claim, data: dict[str, Any],
     data["sent_at"] = isotime()
     job.write(data)
     total = sum(len(s.get("sent", [])) for s in states.values())
-    journal.emit(Stage.SEND, "sent", Status.OK,
+    journal.emit(Stage.SEND, Event.SENT, Status.OK,
                  f"delivered to {', '.join(states)} ({total} objects in all)", job=job,
                  job_data=data)
     claim.move(Queue.DONE)
     return worker.Outcome.DONE
 
 
-def _failure_summary(name: str, state: dict[str, Any]) -> str:
-    failed: dict[str, str] = state.get("failed", {})
+def _failure_summary(name: str, state: DestinationState) -> str:
+    failed = state.get("failed", {})
     parts = []
     if failed:
         parts.append(f"{len(failed)} object(s) not delivered "
@@ -394,12 +393,12 @@ def _failure_summary(name: str, state: dict[str, Any]) -> str:
     return f"{name}: " + "; ".join(parts)
 
 
-def _fail(station: Station, claim: Claim, data: dict[str, Any], reason: str) -> worker.Outcome:
+def _fail(station: Station, claim: Claim, data: JobRecord, reason: str) -> worker.Outcome:
     data["error"] = reason
     data["failed_at"] = isotime()
     data.pop("next_attempt_at", None)
     claim.job.write(data)
-    station.journal.emit(Stage.SEND, "send-failed", Status.ERROR, reason, job=claim.job,
+    station.journal.emit(Stage.SEND, Event.SEND_FAILED, Status.ERROR, reason, job=claim.job,
                          job_data=data)
     claim.move(Queue.FAILED)
     return worker.Outcome.FAILED

@@ -7,6 +7,9 @@ keeps the lock while it works and finishes with one more rename. A worker that
 dies leaves its job in ``cur/`` with the lock released by the kernel: ``recover()``
 takes such locks and moves the jobs back to ``new/``. Nothing else in dts moves
 or deletes job folders.
+
+What job.json holds is ``dts.jobrecord``'s: ``Job.read()`` returns a ``JobRecord`` and
+``Job.write()`` takes one (re-exported here), so every reader and writer is type-checked.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Unpack, cast
 
 from .errors import SpoolError, UsageError
+from .jobrecord import JobRecord
 
 LOCK_NAME = ".lock"
 JOB_FILE = "job.json"
@@ -156,7 +160,8 @@ class Job:
     def logs_dir(self) -> Path:
         return self.path / "logs"
 
-    def read(self) -> dict[str, Any]:
+    def read(self) -> JobRecord:
+        """job.json as it is on disk, unknown keys included (they go back out on write)."""
         try:
             with open(self.job_file, "rb") as fh:
                 data = json.load(fh)
@@ -166,15 +171,16 @@ class Job:
             raise SpoolError(f"{self.job_file}: unreadable job.json: {exc}") from None
         if not isinstance(data, dict):
             raise SpoolError(f"{self.job_file}: job.json is not a JSON object")
-        return data
+        # Not checked key by key: a key of a newer dts must survive, not fail the job.
+        return cast(JobRecord, data)
 
-    def write(self, data: dict[str, Any]) -> None:
-        data = dict(data)
+    def write(self, data: JobRecord) -> None:
+        data = data.copy()
         data["id"] = self.id
         data["updated_at"] = isotime()
         write_file_durably(self.job_file, dump_json(data))
 
-    def update(self, **changes: Any) -> dict[str, Any]:
+    def update(self, **changes: Unpack[JobRecord]) -> JobRecord:
         data = self.read()
         data.update(changes)
         self.write(data)

@@ -35,7 +35,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -45,6 +45,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import IS, DSfloat, PersonName
 
+from .jobrecord import JobRecord
 from .rules import Facts, RuleSet
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -58,7 +59,8 @@ SERIES_KEYS = ("SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescripti
                "SOPClassUID", "Rows", "Columns", "SliceThickness", "PixelSpacing",
                "RepetitionTime", "EchoTime", "MagneticFieldStrength", "ContrastBolusAgent",
                "SeriesDate", "SeriesTime")
-CONNECTION_KEYS = ("calling_ae", "called_ae", "peer")
+CONNECTION_KEYS: tuple[Literal["calling_ae", "called_ae", "peer"], ...] = (
+    "calling_ae", "called_ae", "peer")
 _TAGS: dict[str, int] = {k: int(tag_for_keyword(k) or 0) for k in STUDY_KEYS + SERIES_KEYS}
 
 
@@ -201,7 +203,7 @@ def _instance_number(ds: Dataset) -> float:
         return math.inf
 
 
-def build_study(input_dir: Path, job: dict[str, Any], rules: RuleSet, *,
+def build_study(input_dir: Path, job: JobRecord, rules: RuleSet, *,
                 read_all: bool = False) -> Study:
     """The study document of a job's input; StudyError if it cannot be classified.
     ``read_all`` reads every header instead of a sample (the benchmark's peer)."""

@@ -16,14 +16,14 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .errors import JobFailed
+from .jobrecord import JobRecord, OutputEntry
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -68,7 +68,7 @@ class InputFacts:
     sop_uids: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_job(cls, input_dir: Path, job_data: dict[str, Any]) -> InputFacts:
+    def from_job(cls, input_dir: Path, job_data: JobRecord) -> InputFacts:
         """Instances are named by their SOP Instance UID (validated when received); the
         study and patient come from job.json and, to be sure, from one header per series."""
         facts = cls()
@@ -115,8 +115,11 @@ class OutputObject:
     study_uid: str
     series_uid: str
 
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def as_dict(self) -> OutputEntry:
+        """The ``outputs`` entry of job.json."""
+        return {"file": self.file, "sop_uid": self.sop_uid, "sop_class": self.sop_class,
+                "transfer_syntax": self.transfer_syntax, "study_uid": self.study_uid,
+                "series_uid": self.series_uid}
 
 
 @dataclass

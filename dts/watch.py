@@ -37,7 +37,7 @@ from typing import Any
 
 from . import worker
 from .errors import UsageError
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .spool import Job, Queue, State, parse_isotime
 from .station import Station
 from .status import ServiceLock, hold_service, queue_counts
@@ -147,7 +147,7 @@ class Watch:
                 raise UsageError(f"a receiver (dts receive) is already running on spool "
                                  f"{spool.root}: stop it, or run dts watch --no-receive")
             self._locks.append(rlock)
-        self.station.journal.emit(Stage.WATCH, "watch-started", Status.INFO,
+        self.station.journal.emit(Stage.WATCH, Event.WATCH_STARTED, Status.INFO,
                                   f"dts watch started (pid {os.getpid()})",
                                   max_parallel_runs=self.cfg.max_parallel_runs)
         self._recover()
@@ -179,7 +179,7 @@ class Watch:
             runner.on_recovered(job)
             stopped = (job.read().get("orphans_stopped") or [])[before:]
             if stopped:
-                self.station.journal.emit(Stage.RUN, "orphan-stopped", Status.WARNING,
+                self.station.journal.emit(Stage.RUN, Event.ORPHAN_STOPPED, Status.WARNING,
                                           f"stopped {', '.join(stopped)} left by a dts that "
                                           "died", job=job)
         for job_id in worker.recover(self.station, Queue.RUN, stop_orphans):
@@ -273,7 +273,7 @@ class Watch:
         try:
             shipper = Shipper(self.station.spool, url)
         except Exception as exc:
-            self.station.journal.emit(Stage.WATCH, "journal-db-unusable", Status.ERROR,
+            self.station.journal.emit(Stage.WATCH, Event.JOURNAL_DB_UNUSABLE, Status.ERROR,
                                       f"journal database not used: {exc}")
             return
 
@@ -281,7 +281,8 @@ class Watch:
             before, self.db_up = self.db_up, up
             if up and before is None:
                 return  # reachable from the start: nothing worth an event
-            self.station.journal.emit(Stage.WATCH, "journal-db-up" if up else "journal-db-down",
+            self.station.journal.emit(Stage.WATCH,
+                                      Event.JOURNAL_DB_UP if up else Event.JOURNAL_DB_DOWN,
                                       Status.INFO if up else Status.WARNING,
                                       message + ("" if up else "; events wait in spool/log "
                                                  "and are delivered when it is back"))
@@ -317,7 +318,7 @@ class Watch:
             observer.join(5)
         parked = [n for loop in self.loops.values() for n in loop.join(0.0)]
         self.station.journal.emit(
-            Stage.WATCH, "watch-stopped", Status.INFO if not parked else Status.WARNING,
+            Stage.WATCH, Event.WATCH_STOPPED, Status.INFO if not parked else Status.WARNING,
             "dts watch stopped" + (f"; {', '.join(parked)} still busy: their jobs are "
                                    "recovered at the next start" if parked else ""))
         self.helpers_stop.set()

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Callable
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_TEMPFAIL, UsageError
-from .journal import Stage, Status
+from .journal import Event, Stage, Status
 from .spool import Claim, Job, Queue, State
 from .station import Station
 
@@ -73,7 +73,7 @@ def recover(station: Station, queue: Queue,
     def hook(job: Job) -> None:
         if on_recovered is not None:
             on_recovered(job)
-        station.journal.emit(STAGE_OF[queue], "recovered", Status.WARNING,
+        station.journal.emit(STAGE_OF[queue], Event.RECOVERED, Status.WARNING,
                              f"{job.id} was left in {queue}/cur by a worker that stopped; "
                              "moved back to new/", job=job)
     return station.spool.recover(queue, hook)
@@ -103,16 +103,16 @@ def _unexpected_error(station: Station, claim: Claim, exc: Exception) -> Outcome
     if data is None or attempts >= station.config.station.max_attempts:
         reason = f"unexpected error in the {stage.value} stage: {exc!r}"
         if data is not None:
-            data.update(attempts=attempts, error=reason)
+            data.update({"attempts": attempts, "error": reason})
             claim.job.write(data)
-        station.journal.emit(stage, "failed", Status.ERROR,
+        station.journal.emit(stage, Event.FAILED, Status.ERROR,
                              f"{reason} (attempt {attempts}); moved to failed/",
                              job=claim.job, job_data=data or {})
         claim.move(Queue.FAILED)
         return Outcome.FAILED
     data["attempts"] = attempts
     claim.job.write(data)
-    station.journal.emit(stage, "internal-error", Status.ERROR,
+    station.journal.emit(stage, Event.INTERNAL_ERROR, Status.ERROR,
                          f"unexpected error, job put back (attempt {attempts} of "
                          f"{station.config.station.max_attempts}): {exc!r}",
                          job=claim.job, job_data=data)

@@ -6,7 +6,7 @@ import json
 import threading
 from pathlib import Path
 
-from dts.journal import EventFilter, Journal, Stage, Status, read_events
+from dts.journal import Event, EventFilter, Journal, Stage, Status, read_events
 from dts.journaldb import Shipper, normalize_url, read_db_events
 from dts.spool import Spool
 from dts.station import Station
@@ -28,7 +28,7 @@ def _emit(spool: Spool, n: int, *, start: int = 0, accession: str = "ACC1") -> N
     job = spool.create_tmp_job()
     job.write({"study_uid": "1.2.3", "accession": accession, "stream": "s1"})
     for i in range(start, start + n):
-        journal.emit(Stage.CLASSIFY, "matched" if i % 2 else "classified",
+        journal.emit(Stage.CLASSIFY, Event.MATCHED if i % 2 else Event.QUEUED,
                      Status.ERROR if i % 5 == 0 else Status.OK, f"event {i}", job=job, seq=i)
 
 

@@ -1,0 +1,256 @@
+"""Owns the shape of ``job.json``: the typed record every stage reads and writes.
+
+``dts.spool`` owns the file (``Job.read()`` / ``Job.write()``); this module owns what is
+in it. A record is a plain JSON object typed as a ``TypedDict(total=False)``: every key
+may be absent, mypy checks each key name and value type at every access, and a key this
+dts does not know (one a newer dts wrote, or a site's own script) stays in the dict and
+so survives a read, change, write by any stage. Nested objects keep unknown keys the same
+way. Values are what JSON gives: strings, numbers, booleans, null, lists, objects; times
+are ISO-8601 UTC strings (``spool.isotime()``, ``2026-11-26T10:57:00.123456Z``).
+
+Keys, grouped by who writes them (DESIGN.md "A job folder" and the sections after it are
+the contract: no key is renamed or removed).
+
+Every write (``Job.write``):
+  ``id`` (str)             the job id, the folder's name; rewritten on every write.
+  ``updated_at`` (str)     time of the last write.
+
+Identity, written once when the study is published by ``dts receive`` (``receiver.job_data``)
+or ``dts import`` (``importer``); a fan-out run job copies them (``IDENTITY_KEYS`` below):
+  ``study_uid`` (str)      StudyInstanceUID (validated at the network boundary).
+  ``patient_id`` (str|null)  PatientID of the first instance; the run stage's output check
+                           compares results against it (never in log lines).
+  ``accession`` (str|null) AccessionNumber; copied into every event of the job.
+  ``calling_ae`` (str|null)  AE title that sent the study (``@sender`` resolves to it).
+  ``called_ae`` (str|null)   AE title the study was sent to (streams' ``called_ae``).
+  ``peer`` (str|null)      IP address of the sending node (null for an import).
+  ``peer_port`` (int|null) its TCP port.
+  ``received_at`` (str|null) when the first instance arrived (import: when imported).
+  ``completed_at`` (str)   when the study counted as complete and was published.
+  ``source`` (str)         ``"dicom"`` (received) or ``"import"`` (``dts import``).
+Written with the identity, not copied to run jobs:
+  ``sources`` (list of Source)  every connection that carried the study, only when more
+                           than one association did (receiver).
+  ``duplicates`` (int)     instances received again with a SOP Instance UID already held;
+                           only when there were any (receiver).
+
+Counts and routing:
+  ``instances`` (int)      instances in ``input/`` (receiver/import; a run job: those of
+                           its selection, classifier).
+  ``series`` (object str -> int)  SeriesInstanceUID -> instances in ``input/<uid>/``
+                           (receiver/import; a run job: its selected series, classifier).
+  ``stream`` (str|null)    the stream a run/send job belongs to (classifier sets it on run
+                           jobs; null until classified). ``dts send`` also accepts an object
+                           ``{"name", "destinations"}`` here (a job that carries its stream's
+                           settings itself, made by a tool); no dts stage writes that form.
+  ``attempts`` (int)       tries so far: counted by ``Spool.recover`` (a dead worker),
+                           the worker loop's unexpected errors, the run stage's engine
+                           failures and every send try; ``dts requeue`` resets it to 0.
+  ``error`` (str|null)     why the last try failed (the run stage appends the log's last
+                           lines); removed or null when the job goes on. Any stage.
+  ``failed_at`` (str)      when the classify or send stage moved it to ``failed/``.
+  ``recovered_at`` (str)   when ``Spool.recover`` last put it back from a dead worker's ``cur/``.
+  ``reason`` (str)         no stage of this dts writes it; ``dts requeue`` clears it with the
+                           other last-try keys.
+
+Classify stage (``dts.classifier``), on the job it classified:
+  ``classified_at`` (str)  when it was last classified.
+  ``classification`` (object stream -> StreamVerdict)  every stream's verdict.
+  ``unmatched`` (object str -> list of str)  why nothing ran: stream -> reasons, or
+                           ``{"own-result": [producing job ids]}`` for this station's own
+                           results; removed when a later classification matches.
+  ``children`` (list of str)   run job ids made from it, over every classification.
+  ``streams`` (list of str)    streams that matched in the last classification.
+  ``fanout_pending`` (object stream -> str)  the planned child ids while the fan-out is
+                           under way (a classifier that dies adopts them); removed once the
+                           job is in ``done/``.
+and on each run job it creates:
+  ``parent`` (str)         the job it was classified from.
+  ``selection`` (object str -> list of str)  selection name -> SeriesInstanceUIDs; the
+                           container's ``/input/<name>/<uid>/`` is built from it.
+  ``created_at`` (str)     when the run job was made.
+
+Run stage (``dts.runner``):
+  ``running`` (RunningInfo)  what is running for the job now, so that the next start after
+                           a ``kill -9`` stops the orphan; removed when the run ends.
+  ``run`` (RunInfo)        provenance and result of the last run.
+  ``outputs`` (list of OutputEntry)  the validated DICOM results the sender sends.
+  ``other_files`` (list of str)  non-DICOM files of ``output/``, relative to it.
+  ``failure`` (Failure)    the structured reason of a run that failed; removed on success.
+  ``last_error`` (str)     the last temporary failure (container engine unreachable).
+  ``orphans_stopped`` (list of str)  processes/containers of dead runs stopped on recovery,
+                           e.g. ``"process group 1234"``, ``"container 3f9a..."``.
+
+Send stage (``dts.sender``):
+  ``destinations`` (object name -> DestinationState)  per-destination delivery state; a
+                           retry sends only what is missing. ``dts requeue`` resets it.
+  ``next_attempt_at`` (str)  when the next try is due (backoff); absent: due now.
+  ``sent_at`` (str)        when every destination had everything.
+
+``dts requeue`` (``dts.requeue``):
+  ``requeued`` (list of RequeueEntry)  one entry per manual requeue, oldest first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+
+class Source(TypedDict, total=False):
+    """One association that carried part of a study (``sources``; receiver)."""
+
+    calling_ae: str
+    called_ae: str
+    peer: str
+    peer_port: int
+
+
+class StreamVerdict(TypedDict, total=False):
+    """One stream's classification (``classification``)."""
+
+    matched: bool
+    reasons: list[str]   # why it did not match (empty when it did)
+
+
+class RunningInfo(TypedDict, total=False):
+    """What runs for a job now (``running``); from the executor's ``started`` callback."""
+
+    executor: str        # "command" or "docker"
+    pid: int             # command: the process group leader
+    start_time: str | None   # command: the kernel's start time of pid (a recycled pid differs)
+    container: str       # docker: the container id
+    engine: str          # docker: the engine address (DOCKER_HOST)
+    started_at: str      # when the run began
+    pid_of_runner: int   # the dts process that started it
+
+
+class RunInfo(TypedDict, total=False):
+    """Provenance and result of the last run (``run``)."""
+
+    executor: str        # "command" or "docker"
+    command: list[str]   # command: the argv run
+    image: str           # docker: the stream's image as configured
+    image_id: str        # docker: the image id actually run
+    image_digests: list[str]  # docker: its repository digests
+    container: str       # docker: the container id
+    engine: str          # docker: the engine address
+    oom_killed: bool     # docker: the engine said the container ran out of memory
+    exit_code: int | None
+    duration_seconds: float
+    started_at: str
+    finished_at: str
+
+
+class OutputEntry(TypedDict, total=False):
+    """One validated DICOM result (``outputs``; ``validate.OutputObject``)."""
+
+    file: str            # relative to output/
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    study_uid: str
+    series_uid: str
+
+
+class ViolationEntry(TypedDict, total=False):
+    """One broken output rule (``failure.violations``; ``validate.Violation``)."""
+
+    file: str            # relative to output/
+    rule: str            # e.g. "foreign-patient"
+    detail: str
+
+
+class Failure(TypedDict, total=False):
+    """Why a run failed (``failure``)."""
+
+    stage: str           # "run"
+    reason: str          # no-stream, attempts, input, setup, timeout, oom, exit-code,
+                         # invalid-output, no-output, engine-unreachable
+    message: str
+    log_tail: str        # last lines of the processing's log ("" when there was no run)
+    time: str
+    violations: list[ViolationEntry]  # invalid-output only
+
+
+SendStatus = Literal["done", "failed", "retry"]
+
+
+class DestinationState(TypedDict, total=False):
+    """Delivery to one destination (``destinations.<name>``)."""
+
+    status: SendStatus   # absent: not tried yet (or reset by dts requeue)
+    sent: list[str]      # SOP Instance UIDs delivered (a warning status counts)
+    failed: dict[str, str]  # SOP Instance UID -> the refusal, e.g. "0xA900" or a reason
+    error: str           # why the destination failed or waits
+    via: str             # "@sender" when the stream named it so
+    path: str            # folder destination: where the results were put
+
+
+# The functional form: "from" is a Python keyword.
+RequeueEntry = TypedDict("RequeueEntry", {
+    "at": str,           # when
+    "by": str,           # who (the sudo caller or the login name)
+    "host": str,         # on which host
+    "from": str,         # where the job was, e.g. "failed" or "send/new"
+    "to": str,           # where it went, e.g. "run/new"
+}, total=False)
+
+
+class JobRecord(TypedDict, total=False):
+    """job.json; every key is documented in the module docstring."""
+
+    id: str
+    updated_at: str
+    study_uid: str
+    patient_id: str | None
+    accession: str | None
+    calling_ae: str | None
+    called_ae: str | None
+    peer: str | None
+    peer_port: int | None
+    received_at: str | None
+    completed_at: str
+    source: str
+    sources: list[Source]
+    duplicates: int
+    instances: int
+    series: dict[str, int]
+    stream: str | dict[str, Any] | None
+    attempts: int
+    error: str | None
+    failed_at: str
+    recovered_at: str
+    reason: str
+    classified_at: str
+    classification: dict[str, StreamVerdict]
+    unmatched: dict[str, list[str]]
+    children: list[str]
+    streams: list[str]
+    fanout_pending: dict[str, str]
+    parent: str
+    selection: dict[str, list[str]]
+    created_at: str
+    running: RunningInfo
+    run: RunInfo
+    outputs: list[OutputEntry]
+    other_files: list[str]
+    failure: Failure
+    last_error: str
+    orphans_stopped: list[str]
+    destinations: dict[str, DestinationState]
+    next_attempt_at: str
+    sent_at: str
+    requeued: list[RequeueEntry]
+
+
+# The identity keys a fan-out run job copies from its parent, typed so that mypy checks
+# each one against JobRecord.
+IdentityKey = Literal["study_uid", "patient_id", "accession", "calling_ae", "called_ae",
+                      "peer", "peer_port", "received_at", "completed_at", "source"]
+IDENTITY_KEYS: tuple[IdentityKey, ...] = (
+    "study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer", "peer_port",
+    "received_at", "completed_at", "source")
+
+__all__ = ["IDENTITY_KEYS", "DestinationState", "Failure", "IdentityKey", "JobRecord",
+           "OutputEntry", "RequeueEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",
+           "StreamVerdict", "ViolationEntry"]
