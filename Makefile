@@ -14,7 +14,7 @@ TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orth
              /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate \
              /usr/bin/systemd-analyze
 
-.PHONY: run test venv system-deps lint typecheck bench clean-venv
+.PHONY: run test unit venv system-deps lint typecheck bench clean-venv
 
 $(BIN)/dts: pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "installing python3-venv"; \
@@ -45,6 +45,10 @@ system-deps:
 test: system-deps venv
 	$(BIN)/mypy dts
 	$(BIN)/pytest -q tests
+
+## The tests that need no real peer (no root, no apt): a developer's quick check.
+unit: venv
+	$(BIN)/pytest -q -m "not peers and not slow" tests
 
 lint: venv
 	$(BIN)/ruff check dts tests

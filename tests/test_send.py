@@ -268,7 +268,7 @@ def test_association_rejected_for_good_fails_at_once(
     cfg = write_config(tmp_path, dicom_destination("archive", scp), ["archive"], retries=5)
     job_id, _, _ = queue_send_job(spool, n=1)
     proc = run_dts("send", "--once", config=cfg)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 1, (proc.stderr, job_data(spool, job_id).get("destinations"))
     assert where(spool, job_id) == "failed"
     data = job_data(spool, job_id)
     assert data["attempts"] == 1
