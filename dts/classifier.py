@@ -49,7 +49,7 @@ from .errors import ConfigError, UsageError
 from .jobrecord import IDENTITY_KEYS, JobRecord
 from .journal import Event, Stage, Status
 from .provenance import produced_by
-from .rules import RuleSet, load_rules_for_config
+from .rules import RuleSet, load_station_rules
 from .spool import (
     Claim,
     Job,
@@ -300,7 +300,7 @@ def _rules(station: Station) -> RuleSet | None:
     """The rules, re-read when the file changed; None (reported once) while it is broken:
     a long-running classifier then lets jobs wait instead of failing them."""
     try:
-        return load_rules_for_config(station.config)
+        return load_station_rules(station.config.rules_path, station.config.path)
     except ConfigError as exc:
         if str(exc) not in _REPORTED:
             _REPORTED.add(str(exc))
@@ -444,7 +444,7 @@ def explain(station: Station, job_id: str) -> dict[str, Any]:
     data = job.read()
     out: dict[str, Any] = {"job": job_id, "location": str(loc), "error": None,
                            "own_result": None, "outcome": None, "series": [], "streams": []}
-    rules = load_rules_for_config(station.config)
+    rules = load_station_rules(station.config.rules_path, station.config.path)
     try:
         study = build_study(job.input_dir, data, rules)
     except StudyError as exc:

@@ -552,7 +552,8 @@ def load(path: str | os.PathLike[str] | None = None,
     top.finish()
     config = Config(path=cfg_path.resolve(), station=station, destinations=destinations,
                     streams=tuple(streams), journal=journal)
-    rules.load_rules_for_config(config)  # a bad rule file is refused now, not at first use
+    # a bad rule file is refused now, not at the first classification
+    rules.load_station_rules(config.rules_path, config.path)
     return config
 
 

@@ -40,7 +40,7 @@ text compares the text; a SeriesLevel entry requires all images looked at to mat
 of the same type gave. Entries are evaluated in file order, series by series, so a
 ``ClassifyType`` clause sees every type earlier entries gave to any image of the series.
 
-``load_rules_for_config`` is called when the configuration loads (a bad file is refused
+``load_station_rules`` is called when the configuration loads (a bad file is refused
 with file, entry and reason); the parsed rules are cached per path, size and mtime so the
 classifier does not parse them again.
 """
@@ -55,7 +55,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -64,8 +64,6 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .config import Config
 
 OPERATORS = ("regexp", "contains", "==", "!=", "<", ">", "<=", ">=", "approx", "exist",
              "notexist")
@@ -650,11 +648,11 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
     return rules
 
 
-def load_rules_for_config(config: Config) -> RuleSet:
-    """The station's rules; refused with file, entry and reason when bad."""
-    path = config.station.classify_rules
+def load_station_rules(path: Path, config_file: Path | str) -> RuleSet:
+    """The station's rules (``[station] classify_rules`` of ``config_file``); refused with
+    file, entry and reason when bad."""
     if not path.exists():
-        raise ConfigError(str(config.path), "station.classify_rules", f"no such file: {path}")
+        raise ConfigError(str(config_file), "station.classify_rules", f"no such file: {path}")
     return load_rules(path)
 
 
