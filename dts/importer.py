@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .errors import UsageError
 from .journal import Stage, Status
-from .receiver import check_uids, job_data, read_header
+from .dicom.header import read_header
+from .receiver import check_uids, job_data
 from .spool import Queue, fsync_dir, isotime
 from .station import Station
 

@@ -1,0 +1,162 @@
+"""Owns dts's pynetdicom application entities: set-up with dts's defaults, presentation
+contexts, TLS contexts, C-ECHO, and who the peer of an association is.
+
+Every AE is made by ``make_ae``, which applies dts's changes to pynetdicom first
+(``dts.dicom.patches.tune``).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+from pynetdicom import AE
+from pynetdicom.presentation import PresentationContext
+
+from . import patches, takeover
+
+# What we advertise when configured with 0 (unlimited): peers then send large
+# P-DATA PDUs, far fewer per image (dcmtk fragments by the receiver's maximum).
+DEFAULT_MAX_PDU = 0
+
+
+class NetworkError(Exception):
+    """Something on the network went wrong (peer unreachable, association refused)."""
+
+
+def make_ae(ae_title: str, *, max_pdu: int = DEFAULT_MAX_PDU, acse_timeout: float = 30.0,
+            dimse_timeout: float = 60.0, network_timeout: float = 60.0,
+            connection_timeout: float | None = 10.0, max_associations: int = 16) -> AE:
+    """An AE with dts's defaults (tuned pynetdicom, timeouts, maximum PDU)."""
+    patches.tune()
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = max_pdu
+    ae.acse_timeout = acse_timeout
+    ae.dimse_timeout = dimse_timeout
+    ae.network_timeout = network_timeout
+    ae.connection_timeout = connection_timeout
+    ae.maximum_associations = max_associations
+    return ae
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """Every storage SOP class with every transfer syntax pynetdicom knows (compressed
+    ones included: a receiver stores the bytes as they come, it never decodes)."""
+    return [pynetdicom.build_context(str(cx.abstract_syntax), pynetdicom.ALL_TRANSFER_SYNTAXES)
+            for cx in pynetdicom.AllStoragePresentationContexts]
+
+
+def add_scp_contexts(ae: AE) -> None:
+    for cx in storage_contexts():
+        ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax)
+    ae.add_supported_context(pynetdicom.sop_class.Verification,  # type: ignore[attr-defined]
+                             pynetdicom.ALL_TRANSFER_SYNTAXES[:4])
+
+
+def server_ssl_context(certificate: Path, private_key: Path, ca_certificates: Path | None,
+                       require_client_certificate: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(certificate), str(private_key))
+    if ca_certificates is not None:
+        ctx.load_verify_locations(str(ca_certificates))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_NONE
+    return ctx
+
+
+def client_ssl_context(ca_certificates: Path | None = None, certificate: Path | None = None,
+                       private_key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(ca_certificates) if ca_certificates else None)
+    if ca_certificates is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if certificate is not None and private_key is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    return ctx
+
+
+def destination_ssl_context(ca_certificates: Path | None, certificate: Path | None,
+                            private_key: Path | None, verify_peer: bool) -> ssl.SSLContext:
+    """TLS towards a destination: its certificate checked against ``ca_certificates``
+    (or the system's), and ours presented when given. ssl.SSLError/OSError on bad files."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(ca_certificates) if ca_certificates else None)
+    if not verify_peer:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if certificate is not None and private_key is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    return ctx
+
+
+def tls_problem(host: str, port: int, ctx: ssl.SSLContext, server_name: str,
+                timeout: float = 10.0) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails (None if it succeeds or the peer is
+    not reachable at all): pynetdicom only logs it, an operator needs to read it."""
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.do_handshake()
+            # TLS 1.3: a refused client certificate shows only at the first read
+            tls.settimeout(0.5)
+            try:
+                if tls.recv(1) == b"":
+                    return "the peer closed the TLS connection (does it accept our client " \
+                           "certificate?)"
+            except (TimeoutError, socket.timeout):
+                pass
+        return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the peer's certificate is not trusted: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {exc.reason or exc}"
+    except OSError as exc:
+        return f"TLS handshake failed: {exc.strerror or exc}"
+    finally:
+        raw.close()
+
+
+def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
+         timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+         server_name: str | None = None) -> int:
+    """C-ECHO ``called_ae`` at ``host:port``; the status (0 = success).
+
+    Raises NetworkError when no association could be made or no answer came.
+    """
+    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
+                 network_timeout=timeout, connection_timeout=timeout)
+    ae.add_requested_context(pynetdicom.sop_class.Verification)  # type: ignore[attr-defined]
+    tls_args = (tls, server_name or host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    if assoc.is_rejected:
+        raise NetworkError(f"{called_ae} at {host}:{port} rejected the association")
+    if not assoc.is_established:
+        problem = tls_problem(host, port, tls, server_name or host) if tls else None
+        raise NetworkError(f"cannot reach {called_ae} at {host}:{port}"
+                           + (f": {problem}" if problem else ""))
+    try:
+        takeover.park_reactor(assoc)
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if status is None or "Status" not in status:
+        raise NetworkError(f"{called_ae} at {host}:{port} did not answer the C-ECHO")
+    return int(status.Status)
+
+
+def peer_of(assoc: Any) -> tuple[str, int]:
+    """(address, port) of the requestor of an accepted association."""
+    info = assoc.requestor.address_info
+    return str(info.address), int(info.port)
+
+
+def requested_sop_classes(contexts: Sequence[PresentationContext]) -> list[str]:
+    return sorted({str(cx.abstract_syntax) for cx in contexts})
