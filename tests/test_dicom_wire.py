@@ -20,9 +20,9 @@ def test_p_data_is_one_pdu_with_one_item() -> None:
     assert pdu == struct.pack(">BBI", 0x04, 0, 10) + _pdv(3, 0x03, b"abcd")
     assert wire.pdu_header(pdu[:6]) == (wire.P_DATA_TF, 10)
     assert [(cx, fl, bytes(fr)) for cx, fl, fr in wire.pdvs(pdu[6:])] == [(3, 0x03, b"abcd")]
-    buf = bytearray(16)
-    assert wire.pack_p_data_header(buf, 2, 3, 0x03, 4) == 14
-    assert bytes(buf[2:14]) == pdu[:12]
+    buf = bytearray(12)
+    wire.PDU_PDV_HEADER.pack_into(buf, 0, wire.P_DATA_TF, 0, 10, 6, 3, 0x03)
+    assert bytes(buf) == pdu[:12]
 
 
 def test_pdvs_of_a_body_with_several_items() -> None:

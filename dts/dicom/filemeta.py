@@ -15,8 +15,7 @@ a file received on the fast path is the file pynetdicom's own path would have wr
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import pynetdicom
 
@@ -28,6 +27,7 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _UNDEFINED = 0xFFFFFFFF
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_ELEMENT = struct.Struct("<HH2sH")  # tag, VR, and the length of a VR with a short one
 
 # Element numbers (group 0002)
 MEDIA_STORAGE_SOP_CLASS_UID = 0x0002
@@ -37,8 +37,7 @@ IMPLEMENTATION_CLASS_UID = 0x0012
 IMPLEMENTATION_VERSION_NAME = 0x0013
 
 
-@dataclass(frozen=True)
-class FileMeta:
+class FileMeta(NamedTuple):
     """The file meta of one file: its elements' values (element number -> value as
     stored, padding included) and the offset of the data set."""
 
@@ -76,24 +75,25 @@ def parse(buf: bytes | bytearray) -> FileMeta | None:
         return None
     if len(buf) >= end + 2 and _U16.unpack_from(buf, end)[0] == 0x0002:
         return None  # the group length does not cover the whole meta
+    buf = bytes(buf)
     elements: dict[int, bytes] = {}
     pos = HEAD
     while pos < end:
         if pos + 8 > end:
             return None
-        group, elem = struct.unpack_from("<HH", buf, pos)
-        vr = bytes(buf[pos + 4:pos + 6])
+        group, elem, vr, length = _ELEMENT.unpack_from(buf, pos)
         if group != 0x0002:
             return None
         if vr in _LONG_VRS:
             if pos + 12 > end:
                 return None
-            length, pos = _U32.unpack_from(buf, pos + 8)[0], pos + 12
+            length = _U32.unpack_from(buf, pos + 8)[0]
+            pos += 12
         else:
-            length, pos = _U16.unpack_from(buf, pos + 6)[0], pos + 8
+            pos += 8
         if length == _UNDEFINED or pos + length > end:
             return None
-        value = bytes(buf[pos:pos + length])
+        value = buf[pos:pos + length]
         if vr == b"UI" and not value.isascii():
             return None
         elements[elem] = value

@@ -105,7 +105,8 @@ class Sender:
             offset = meta.dataset_offset if meta is not None else split_dataset(item.path)[1]
             size = os.fstat(fh.fileno()).st_size - offset
             command = dimse.c_store_command(msg_id, item.sop_class, item.sop_uid)
-            head = wire.PDU_PDV_HEADER.size
+            # each PDU holds one PDV: the two headers, then the fragment
+            pack, head = wire.PDU_PDV_HEADER.pack_into, wire.PDU_PDV_HEADER.size
             step = self.max_pdu - 6 if self.max_pdu > 6 else max(size, len(command), 1)
             frags = max(1, -(-size // step))
             buf = bytearray(-(-len(command) // step) * head + len(command) + frags * head + size)
@@ -113,15 +114,16 @@ class Sender:
             pos = 0
             for start in range(0, len(command), step):
                 part = command[start:start + step]
-                last = wire.PDV_LAST if start + step >= len(command) else 0
-                pos = wire.pack_p_data_header(buf, pos, cx_id, wire.PDV_COMMAND | last, len(part))
-                buf[pos:pos + len(part)] = part
-                pos += len(part)
+                flags = wire.PDV_COMMAND | (wire.PDV_LAST if start + step >= len(command) else 0)
+                pack(buf, pos, wire.P_DATA_TF, 0, len(part) + 6, len(part) + 2, cx_id, flags)
+                buf[pos + head:pos + head + len(part)] = part
+                pos += head + len(part)
             fh.seek(offset)
             for k in range(frags):
                 part_len = min(step, size - k * step)
-                pos = wire.pack_p_data_header(buf, pos, cx_id,
-                                              wire.PDV_LAST if k == frags - 1 else 0, part_len)
+                pack(buf, pos, wire.P_DATA_TF, 0, part_len + 6, part_len + 2, cx_id,
+                     wire.PDV_LAST if k == frags - 1 else 0)
+                pos += head
                 if part_len and fh.readinto(view[pos:pos + part_len]) != part_len:
                     raise OSError(f"{item.path} changed while being sent")
                 pos += part_len

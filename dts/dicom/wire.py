@@ -144,11 +144,3 @@ def p_data(context_id: int, flags: int, fragment: bytes) -> bytes:
     return PDU_PDV_HEADER.pack(P_DATA_TF, 0, len(fragment) + PDV_HEADER_LEN, len(fragment) + 2,
                                context_id, flags) + fragment
 
-
-def pack_p_data_header(buf: bytearray, pos: int, context_id: int, flags: int,
-                       fragment_len: int) -> int:
-    """Write the headers of a one-PDV P-DATA-TF PDU into ``buf`` at ``pos`` (the fragment
-    goes right after them); the position of the fragment."""
-    PDU_PDV_HEADER.pack_into(buf, pos, P_DATA_TF, 0, fragment_len + PDV_HEADER_LEN,
-                             fragment_len + 2, context_id, flags)
-    return pos + PDU_PDV_HEADER.size
