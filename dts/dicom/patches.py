@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import linecache
 import logging
 import re
 import tempfile
@@ -154,12 +155,10 @@ def resolve(name: str) -> Any:
         return _originals[name]
     module_name, _, rest = name.partition(".")
     obj: Any = __import__(f"pynetdicom.{module_name}", fromlist=["_"])
-    for i, part in enumerate(rest.split(".")):
-        owner = obj
-        obj = owner.__dict__[part] if isinstance(owner, type) and part in owner.__dict__ \
-            else getattr(owner, part)
-        if isinstance(obj, property) and i == len(rest.split(".")) - 1:
-            return obj
+    for part in rest.split("."):
+        # from a class: the attribute as defined (a property, not its value on the class)
+        obj = obj.__dict__[part] if isinstance(obj, type) and part in obj.__dict__ \
+            else getattr(obj, part)
     return obj
 
 
@@ -171,8 +170,19 @@ def _code_of(obj: Any) -> Any:
 
 
 def source_of(name: str) -> str:
-    """The source code of a relied-on function, as pynetdicom wrote it."""
-    return inspect.getsource(_code_of(resolve(name)))
+    """The source code of a relied-on function, as pynetdicom wrote it: its lines from
+    the first to the last that holds code. (Cheaper than ``inspect.getsource``, which
+    tokenizes: ``tune()`` checks at every start of a dts command.)"""
+    code = _code_of(resolve(name)).__code__
+    lines = linecache.getlines(code.co_filename)
+    if not lines:
+        raise OSError(f"no source for {code.co_filename}")
+    return "".join(lines[code.co_firstlineno - 1:_last_line(code)])
+
+
+def _last_line(code: types.CodeType) -> int:
+    nested = [_last_line(c) for c in code.co_consts if isinstance(c, types.CodeType)]
+    return max([line for _start, _end, line in code.co_lines() if line is not None] + nested)
 
 
 def fingerprint(name: str) -> str:
