@@ -29,7 +29,7 @@ from pynetdicom import association, dimse, dimse_messages, dul, evt, service_cla
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dts.dicom import ae as dicom_ae
-from dts.dicom import patches, takeover
+from dts.dicom import patches
 from tests.helpers import free_port, make_instance, wait_for
 
 

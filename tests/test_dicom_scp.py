@@ -24,7 +24,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dts.dicom import ae as dicom_ae
-from dts.dicom import dimse, patches, scp, takeover
+from dts.dicom import dimse, patches, scp
 from tests.helpers import free_port, make_instance, wait_for
 
 
@@ -86,7 +86,7 @@ def _scu(port: int, syntax: str = ExplicitVRLittleEndian) -> Any:
     ae.add_requested_context(CTImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="FASTSCP")
     assert assoc.is_established
-    assert takeover.park_reactor(assoc)  # see its docstring: pynetdicom's own race
+    assert dicom_ae.park_reactor(assoc)  # see its docstring: pynetdicom's own race
     return assoc
 
 

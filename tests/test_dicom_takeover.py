@@ -103,5 +103,3 @@ def test_without_the_lock_installed_nothing_is_taken(pair: Any) -> None:
     dul = _UnlockedDUL(right)
     assert takeover.hold_socket(SimpleNamespace(dul=dul)) is None
     assert type(dul.socket) is transport.AssociationSocket
-    assoc = SimpleNamespace(dul=dul, _is_paused=True)
-    assert takeover.park_reactor(assoc) is False

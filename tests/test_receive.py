@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dts import receiver as receiver_mod
-from dts.dicom import takeover
+from dts.dicom import ae as dicom_ae
 from dts.spool import Job, Queue, State
 from dts.station import Station
 from tests.helpers import (
@@ -128,7 +128,7 @@ def _scu(port: int, aet: str = "PACS", aec: str = "DTS") -> Any:
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title=aec)
     assert assoc.is_established
-    assert takeover.park_reactor(assoc)  # see its docstring: pynetdicom's own race
+    assert dicom_ae.park_reactor(assoc)  # see its docstring: pynetdicom's own race
     return assoc
 
 

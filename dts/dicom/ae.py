@@ -1,5 +1,7 @@
 """Owns dts's pynetdicom application entities: set-up with dts's defaults, presentation
-contexts, TLS contexts, C-ECHO, and who the peer of an association is.
+contexts, TLS contexts, C-ECHO, who the peer of an association is, and parking a
+requestor's reactor (``park_reactor``; the SCU fast path waits for it with
+``wait_parked``).
 
 Every AE is made by ``make_ae``, which applies dts's changes to pynetdicom first
 (``dts.dicom.patches.tune``).
@@ -7,9 +9,12 @@ Every AE is made by ``make_ae``, which applies dts's changes to pynetdicom first
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import pynetdicom
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
 
-from . import patches, takeover
+from . import patches
 
 # What we advertise when configured with 0 (unlimited): peers then send large
 # P-DATA PDUs, far fewer per image (dcmtk fragments by the receiver's maximum).
@@ -123,6 +128,64 @@ def tls_problem(host: str, port: int, ctx: ssl.SSLContext, server_name: str,
         raw.close()
 
 
+def wait_parked(assoc: Any, timeout: float = 5.0) -> bool:
+    """Wait until an association's reactor blocks on its (closed) checkpoint: seen paused
+    twice, a few ms apart (pynetdicom sets ``_is_paused`` just before it waits, so one
+    look can catch a reactor that is passing through)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if assoc._is_paused:
+            time.sleep(0.004)
+            if assoc._is_paused:
+                return True
+        time.sleep(0.0002)
+    return False
+
+
+class _HeldCheckpoint(threading.Event):
+    """An association's reactor checkpoint that stays closed while ``holding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = True
+
+    def set(self) -> None:
+        if not self.holding:
+            super().set()
+
+
+def park_reactor(assoc: Any, timeout: float = 5.0) -> bool:
+    """Keep a requestor association's reactor away from the DIMSE queue until
+    ``release()`` or ``abort()``; True if it is parked.
+
+    pynetdicom 3.0's ``send_*()`` pause the reactor with a check that can pass while
+    the reactor is about to look at the queue, and open it again after every call: with
+    a peer that answers within microseconds (as dts's receiver does) the reactor now and
+    then takes the response meant for the caller, who then waits for the DIMSE timeout.
+    A requestor that only sends (dts echo, a test's SCU) does not need its reactor.
+    """
+    if not patches.version_ok():
+        return False  # internals of another pynetdicom: leave them alone
+    held = _HeldCheckpoint()
+    assoc._reactor_checkpoint = held
+    parked = wait_parked(assoc, timeout)
+
+    def let_go(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            held.holding = False
+            held.set()
+            return method(*args, **kwargs)
+        return call
+
+    assoc.release = let_go(assoc.release)
+    assoc.abort = let_go(assoc.abort)
+    if not parked:
+        held.holding = False
+        held.set()
+    return parked
+
+
 def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
          timeout: float = 10.0, tls: ssl.SSLContext | None = None,
          server_name: str | None = None) -> int:
@@ -142,7 +205,7 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
         raise NetworkError(f"cannot reach {called_ae} at {host}:{port}"
                            + (f": {problem}" if problem else ""))
     try:
-        takeover.park_reactor(assoc)
+        park_reactor(assoc)
         status = assoc.send_c_echo()
     finally:
         if assoc.is_established:

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 
+from . import ae as dicom_ae
 from . import dimse, filemeta, patches, takeover, wire
 
 _SEND_CHUNK = 1 << 20
@@ -75,7 +76,7 @@ class Sender:
             return  # internals of another pynetdicom: leave everything to it
         assoc = self.assoc
         assoc._reactor_checkpoint.clear()
-        sock = takeover.hold_socket(assoc) if takeover.wait_parked(assoc) else None
+        sock = takeover.hold_socket(assoc) if dicom_ae.wait_parked(assoc) else None
         if sock is None:
             assoc._reactor_checkpoint.set()
             return
