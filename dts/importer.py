@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dicom.header import read_header
 from .errors import UsageError
 from .journal import Event, Stage, Status
-from .receiver import check_uids, job_data, read_header
+from .receiver import check_uids, job_data
 from .spool import Queue, fsync_dir, isotime
 from .station import Station
 

@@ -9,12 +9,10 @@ and leaves the study unmatched instead of processing our own output again.
 from __future__ import annotations
 
 import os
-import re
 from typing import Iterable
 
+from .dicom.uid import valid_uid
 from .spool import Spool
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def register_produced(spool: Spool, sop_uids: Iterable[str], job_id: str) -> int:
@@ -22,7 +20,7 @@ def register_produced(spool: Spool, sop_uids: Iterable[str], job_id: str) -> int
     spool.produced.mkdir(parents=True, exist_ok=True)
     n = 0
     for uid in sop_uids:
-        if not (isinstance(uid, str) and len(uid) <= 64 and _UID.match(uid)):
+        if not valid_uid(uid):
             continue
         fd = os.open(spool.produced / uid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -40,7 +38,7 @@ def register_produced(spool: Spool, sop_uids: Iterable[str], job_id: str) -> int
 
 def produced_by(spool: Spool, sop_uid: str) -> str | None:
     """The id of the job that produced ``sop_uid``, or None if it is not ours."""
-    if not (isinstance(sop_uid, str) and len(sop_uid) <= 64 and _UID.match(sop_uid)):
+    if not valid_uid(sop_uid):
         return None
     try:
         return (spool.produced / sop_uid).read_text().strip() or "?"

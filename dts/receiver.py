@@ -1,7 +1,7 @@
 """Owns ``dts receive``: the DICOM C-STORE/C-ECHO service and ``incoming/``.
 
 Each instance arrives as a file under ``tmp/`` (pynetdicom writes the fragments
-there as they come, see ``dicomnet.set_receive_directory``), is fsynced, and is
+there as they come, see ``dts.dicom.patches.set_receive_directory``), is fsynced, and is
 renamed to ``incoming/<Study>/<Series>/<SOP>.dcm``; only then is success
 answered. The study's connection metadata is written once, durably, to
 ``incoming/<Study>/.study.json`` before its first instance is acknowledged.
@@ -26,21 +26,20 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
 import socketserver
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.filereader import read_partial
-from pydicom.tag import BaseTag
 from pynetdicom import evt
 
-from . import dicomnet, scp
+from .dicom import ae as dicom_ae
+from .dicom import patches, scp
+from .dicom.header import read_header
+from .dicom.uid import valid_uid
 from .errors import TemporaryFailure
 from .jobrecord import JobRecord
 from .journal import Event, Stage, Status
@@ -58,7 +57,6 @@ from .station import Station
 
 LOGGER = logging.getLogger(__name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STUDY_META = ".study.json"
 MARKER = ".receiving"
 
@@ -66,143 +64,6 @@ MARKER = ".receiving"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-
-_TAGS = {
-    0x00080018: "sop_uid",
-    0x00080050: "accession",
-    0x00100020: "patient_id",
-    0x0020000D: "study_uid",
-    0x0020000E: "series_uid",
-}
-_TAG_LIST: list[BaseTag | int] = [BaseTag(t) for t in _TAGS]
-
-
-def valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_RE.match(value))
-
-
-def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > 0x0020000E
-
-
-def read_header(path: Path | str) -> dict[str, str | None]:
-    """The UIDs, patient id and accession of a DICOM file, reading no further than the
-    Series Instance UID (pixel data is never touched). ValueError if it is not DICOM.
-
-    Little-endian files (nearly all) are scanned by ``scan_header`` without building a
-    pydicom data set: this runs once per received instance. pydicom reads the rest."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(_SCAN_BYTES)
-            fast = scan_header(head)
-            if fast is not None:
-                return fast
-            fh.seek(0)
-            ds = read_partial(fh, stop_when=_past_series_uid,  # type: ignore[arg-type]
-                              specific_tags=_TAG_LIST)
-    except Exception as exc:  # noqa: BLE001 (pydicom raises many kinds on garbage)
-        raise ValueError(f"not a DICOM file: {exc}") from None
-    out: dict[str, str | None] = {}
-    for tag, key in _TAGS.items():
-        elem = ds.get(tag)
-        value = None if elem is None or elem.value is None else str(elem.value).strip("\0 ")
-        out[key] = value or None
-    return out
-
-
-_SCAN_BYTES = 1 << 16
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
-_IMPLICIT_TS = "1.2.840.10008.1.2"
-_NOT_SCANNED_TS = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_TAG = struct.Struct("<HH")
-
-
-def scan_header(buf: bytes) -> dict[str, str | None] | None:
-    """``read_header`` for a little-endian DICOM file's first bytes; None when the file is
-    of another kind or the wanted elements are not within ``buf`` (then pydicom decides)."""
-    try:
-        if buf[128:132] != b"DICM" or buf[132:138] != b"\x02\x00\x00\x00UL":
-            return None
-        pos = 144 + _U32.unpack_from(buf, 140)[0]
-        meta: dict[int, bytes] = {}
-        _walk(buf, 144, False, meta, {0x00020010}, stop=None, end=pos)
-        ts = meta.get(0x00020010, b"").rstrip(b"\0 ").decode("ascii")
-        if not ts or ts in _NOT_SCANNED_TS:
-            return None
-        found: dict[int, bytes] = {}
-        _walk(buf, pos, ts == _IMPLICIT_TS, found, _TAGS.keys(), stop=0x0020000E, end=None)
-    except (IndexError, struct.error, UnicodeDecodeError, _Truncated):
-        return None
-    if not all(t in found for t in (0x0020000D, 0x0020000E, 0x00080018)):
-        return None  # pydicom has the last word on what is missing
-    out: dict[str, str | None] = {}
-    for tag, key in _TAGS.items():
-        raw = found.get(tag)
-        value = raw.decode("utf-8", "replace").strip("\0 ") if raw is not None else None
-        out[key] = value or None
-    return out
-
-
-class _Truncated(Exception):
-    pass
-
-
-def _walk(buf: bytes, pos: int, implicit: bool, found: dict[int, bytes], wanted: Any,
-          stop: int | None, end: int | None) -> int:
-    """Step over data elements from ``pos``; collect ``wanted`` top-level values. Returns
-    the position after an item delimiter (nested) or at the first tag past ``stop``."""
-    n = len(buf) if end is None else end
-    while True:
-        if pos + 8 > n:
-            if end is not None and pos == end:
-                return pos
-            raise _Truncated
-        group, elem = _TAG.unpack_from(buf, pos)
-        tag = group << 16 | elem
-        if tag == 0xFFFEE00D:  # item delimitation: end of a nested item
-            return pos + 8
-        if stop is not None and tag > stop:
-            return pos
-        if implicit:
-            length, start = _U32.unpack_from(buf, pos + 4)[0], pos + 8
-            nested_implicit = True
-        else:
-            vr = buf[pos + 4:pos + 6]
-            if vr in _LONG_VRS:
-                length, start = _U32.unpack_from(buf, pos + 8)[0], pos + 12
-            else:
-                length, start = _U16.unpack_from(buf, pos + 6)[0], pos + 8
-            nested_implicit = vr == b"UN"
-        if length == _UNDEFINED:  # a sequence: walk its items
-            pos = _skip_items(buf, start, implicit or nested_implicit)
-            continue
-        if tag in wanted:
-            if start + length > len(buf):
-                raise _Truncated
-            found[tag] = buf[start:start + length]
-        pos = start + length
-
-
-def _skip_items(buf: bytes, pos: int, implicit: bool) -> int:
-    while True:
-        if pos + 8 > len(buf):
-            raise _Truncated
-        group, elem = _TAG.unpack_from(buf, pos)
-        length = _U32.unpack_from(buf, pos + 4)[0]
-        tag = group << 16 | elem
-        if tag == 0xFFFEE0DD:  # sequence delimitation
-            return pos + 8
-        if tag != 0xFFFEE000:
-            raise _Truncated  # not what a sequence holds: let pydicom judge
-        if length == _UNDEFINED:
-            pos = _walk(buf, pos + 8, implicit, {}, (), stop=None, end=None)
-        else:
-            pos += 8 + length
-
 
 def check_uids(header: dict[str, str | None]) -> str | None:
     """Why these UIDs cannot become path components, or None when they are fine."""
@@ -305,18 +166,18 @@ class Receiver:
     def start(self) -> None:
         """Recover, then serve in background threads (returns at once)."""
         self.recover()
-        dicomnet.tune()
-        dicomnet.set_receive_directory(self.spool.tmp)
-        ae = dicomnet.make_ae(self.cfg.ae_title, max_pdu=self.cfg.max_pdu,
+        patches.tune()
+        patches.set_receive_directory(self.spool.tmp)
+        ae = dicom_ae.make_ae(self.cfg.ae_title, max_pdu=self.cfg.max_pdu,
                               dimse_timeout=self.cfg.dimse_timeout,
                               network_timeout=self.cfg.network_timeout,
                               max_associations=self.cfg.max_associations or 16)
-        dicomnet.add_scp_contexts(ae)
+        dicom_ae.add_scp_contexts(ae)
         scp.enable(ae, self._fast_store, self._tmp)
         ssl_context = None
         if self.cfg.tls is not None:
             tls = self.cfg.tls
-            ssl_context = dicomnet.server_ssl_context(tls.certificate, tls.private_key,
+            ssl_context = dicom_ae.server_ssl_context(tls.certificate, tls.private_key,
                                                       tls.ca_certificates,
                                                       tls.require_client_certificate)
         handlers: list[Any] = [
@@ -382,7 +243,7 @@ class Receiver:
         prim = assoc.requestor.primitive
         calling = _ae_text(prim.calling_ae_title)
         called = _ae_text(prim.called_ae_title)
-        peer, peer_port = dicomnet.peer_of(assoc)
+        peer, peer_port = dicom_ae.peer_of(assoc)
         conn = Connection(calling, called, peer, peer_port)
         reason, diagnostic = self._refusal(conn)
         if reason is not None:
@@ -432,13 +293,13 @@ class Receiver:
     def _connection(self, assoc: Any) -> Connection:
         conn = self._conns.get(id(assoc))
         if conn is None:  # EVT_REQUESTED always runs first; be safe anyway
-            peer, port = dicomnet.peer_of(assoc)
+            peer, port = dicom_ae.peer_of(assoc)
             conn = Connection(_ae_text(assoc.requestor.ae_title),
                               _ae_text(assoc.acceptor.ae_title), peer, port)
         return conn
 
     def _fast_store(self, assoc: Any, req: scp.StoreRequest) -> int:
-        """A C-STORE from the fast path (``dts.scp``): the data set is in ``req.path``, or
+        """A C-STORE from the fast path (``dts.dicom.scp``): the data set is in ``req.path``, or
         could not be written (``req.error``: refused like any write error)."""
         conn = self._connection(assoc)
         if req.error is not None:
@@ -792,4 +653,4 @@ def _release(fd: int | None) -> None:
             os.close(fd)
 
 
-__all__ = ["Receiver", "check_uids", "job_data", "new_job_id", "read_header", "valid_uid"]
+__all__ = ["Receiver", "check_uids", "job_data", "new_job_id"]

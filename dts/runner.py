@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 
 from . import worker
 from .config import Stream
+from .dicom.uid import valid_uid
 from .errors import JobFailed, TemporaryFailure
 from .executors import (
     Cancelled,
@@ -43,7 +44,7 @@ from .journal import Event, Stage, Status
 from .provenance import register_produced
 from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
 from .station import Station
-from .validate import InputFacts, InvalidOutput, check_output, valid_uid
+from .validate import InputFacts, InvalidOutput, check_output
 from .worker import Outcome, Tally
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def selection_of(job: Job, data: JobRecord) -> dict[str, list[str]]:
     for name, uids in raw.items():
         if not (isinstance(name, str) and _SELECTION_NAME.match(name) and name != TASK_FILE):
             raise JobFailed(f"job.json: selection name {name!r} is not usable as a folder name")
-        if not isinstance(uids, list) or not all(valid_uid(u) for u in uids):
+        if not isinstance(uids, list) or not all(valid_uid(u, conformant=True) for u in uids):
             raise JobFailed(f"job.json: selection {name!r} must list valid SeriesInstanceUIDs")
         out[name] = list(uids)
     return out

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from . import dicomnet, worker
+from . import worker
 from .config import Config, Destination, StationConfig, valid_ae_title
-from .cstore import (
+from .dicom import ae as dicom_ae
+from .dicom.store import (
     Delivery,
     Item,
     NetSettings,
@@ -151,7 +152,7 @@ def tls_context(dest: Destination) -> ssl.SSLContext | None:
     if t is None:
         return None
     try:
-        return dicomnet.destination_ssl_context(t.ca_certificates, t.certificate,
+        return dicom_ae.destination_ssl_context(t.ca_certificates, t.certificate,
                                                 t.private_key, t.verify_peer)
     except (ssl.SSLError, OSError) as exc:
         raise UsageError(f"destination {dest.name}: TLS files unusable: {exc}") from None

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,10 +44,10 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import IS, DSfloat, PersonName
 
+from .dicom.uid import valid_uid
 from .jobrecord import JobRecord
 from .rules import Facts, RuleSet
 
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MIN_SAMPLE = 3
 
 STUDY_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime",
@@ -140,7 +139,7 @@ def read_header(path: Path) -> Dataset:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=not marked)
         # a file without the DICM marker is only DICOM if it parses into an instance
         uid = ds.get(0x00080018)
-        ok = marked or (uid is not None and isinstance(uid.value, str) and UID.match(uid.value))
+        ok = marked or (uid is not None and valid_uid(uid.value))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError,
             AttributeError) as exc:
         raise StudyError(f"unreadable DICOM file {where}: {type(exc).__name__}: {exc}") from None

@@ -14,7 +14,6 @@ DICOM sender sends only what is listed as ``outputs``.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,19 +21,13 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from .dicom.uid import valid_uid
 from .errors import JobFailed
 from .jobrecord import JobRecord, OutputEntry
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # at most this many violations are listed in one message
 _MAX_LISTED = 10
-
-
-def valid_uid(value: object) -> bool:
-    """A DICOM UID that may also serve as a file name: digits and dots, at most 64."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_RE.match(value)) \
-        and not any(len(part) > 1 and part.startswith("0") for part in value.split("."))
 
 
 @dataclass(frozen=True)
@@ -229,7 +222,7 @@ def _check_dicom(path: Path, rel: str, facts: InputFacts,
     for keyword, value in values.items():
         if not value:
             problems.append(Violation(rel, "missing-attribute", f"{keyword} is missing"))
-        elif not valid_uid(value):
+        elif not valid_uid(value, conformant=True):
             problems.append(Violation(rel, "invalid-uid", f"{keyword} {value!r} is not a valid "
                                       "UID (digits and dots, at most 64 characters)"))
     if problems:

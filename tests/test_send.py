@@ -13,8 +13,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from dts import cstore, dimse, sender
+from dts import sender
 from dts.config import StationConfig
+from dts.dicom import dimse, filemeta, scu
+from dts.dicom import store as dicom_store
 from dts.spool import Job, Queue, Spool, State, isotime, utcnow
 from dts.station import Station
 from tests.helpers import (
@@ -353,18 +355,18 @@ def test_objects_go_as_encoded_or_converted_only_when_needed(
 
 def _data_set_bytes(path: Path) -> bytes:
     with open(path, "rb") as fh:
-        offset = cstore._dataset_offset(fh)
-        assert offset is not None
-        fh.seek(offset)
+        meta = filemeta.read(fh)
+        assert meta is not None
+        fh.seek(meta.dataset_offset)
         return fh.read()
 
 
 def test_proposes_each_syntax_plus_an_uncompressed_fallback() -> None:
-    items = [cstore.Item(Path("a"), "1.1", CT, ExplicitVRLittleEndian),
-             cstore.Item(Path("b"), "1.2", CT, RLELossless),
-             cstore.Item(Path("c"), "1.3", SC, ImplicitVRLittleEndian)]
+    items = [dicom_store.Item(Path("a"), "1.1", CT, ExplicitVRLittleEndian),
+             dicom_store.Item(Path("b"), "1.2", CT, RLELossless),
+             dicom_store.Item(Path("c"), "1.3", SC, ImplicitVRLittleEndian)]
     proposed = [(str(cx.abstract_syntax), [str(t) for t in cx.transfer_syntax])
-                for cx in cstore.propose(items)]
+                for cx in dicom_store.propose(items)]
     assert proposed == [(CT, [ExplicitVRLittleEndian]), (CT, [RLELossless]),
                         (CT, [ImplicitVRLittleEndian]),
                         (SC, [ImplicitVRLittleEndian]), (SC, [ExplicitVRLittleEndian])]
@@ -380,7 +382,7 @@ def test_header_reading_agrees_with_pydicom() -> None:
             meta = read_file_meta_info(path)
         except Exception:  # noqa: BLE001 - pydicom's deliberately broken samples
             continue
-        item = cstore.read_item(path)
+        item = dicom_store.read_item(path)
         if not meta.get("MediaStorageSOPInstanceUID") or item is None or not item.has_meta:
             continue
         assert (item.sop_uid, item.sop_class, item.transfer_syntax) == (
@@ -579,34 +581,35 @@ def test_serves_the_queue_until_stopped(tmp_path: Path, storescp: StoreSCP) -> N
         stop_process(proc)
 
 
-@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("supported", [True, False])
 def test_fast_path_and_pynetdicom_fallback_deliver_the_same(
         tmp_path: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch,
-        pinned: bool) -> None:
-    """With the pinned pynetdicom the sender writes and reads PDUs itself; with any other
-    version it leaves the exchange to pynetdicom's send_c_store. Both must deliver."""
-    from dts import dicomnet
+        supported: bool) -> None:
+    """With a supported pynetdicom the sender writes and reads PDUs itself; with a version
+    outside the range it leaves the exchange to pynetdicom's send_c_store. Both must
+    deliver."""
+    from dts.dicom import patches
 
     calls = {"fast": 0}
-    original = cstore._Sender.store
+    original = scu.Sender.store
 
     def counting(self: Any, *args: Any) -> Any:
         calls["fast"] += 1
         return original(self, *args)
 
-    monkeypatch.setattr(cstore._Sender, "store", counting)
-    if not pinned:
-        monkeypatch.setattr(dicomnet, "version_ok", lambda: False)
+    monkeypatch.setattr(scu.Sender, "store", counting)
+    if not supported:
+        monkeypatch.setattr(patches, "version_ok", lambda: False)
     folder = tmp_path / "in"
     uids = {str(dcmread(make_instance(folder / f"{i}.dcm", study_uid="1.2.3",
                                       series_uid="1.2.3.4", instance_number=i + 1,
                                       rows=64, cols=64)).SOPInstanceUID) for i in range(20)}
-    items, _ = cstore.scan([folder])
-    peer = cstore.Peer("archive", storescp.aet, "127.0.0.1", storescp.port, "DTS")
-    result = cstore.store(peer, items, cstore.NetSettings(dimse_timeout=10))
+    items, _ = dicom_store.scan([folder])
+    peer = dicom_store.Peer("archive", storescp.aet, "127.0.0.1", storescp.port, "DTS")
+    result = dicom_store.store(peer, items, dicom_store.NetSettings(dimse_timeout=10))
     assert result.temporary is None and result.refused is None and not result.failed
     assert set(result.sent) == uids == storescp.sop_uids()
-    assert calls["fast"] == (20 if pinned else 0)
+    assert calls["fast"] == (20 if supported else 0)
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .. import dicomnet
+from ..dicom import ae as dicom_ae
 from ..config import valid_ae_title
 from ..errors import TemporaryFailure, UsageError
 from ..sender import tls_context
@@ -40,7 +40,7 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
             else "127.0.0.1"
         port, called, name = config.station.port, ae_title or config.station.ae_title, "station"
         if config.station.tls is not None:
-            tls = dicomnet.client_ssl_context()
+            tls = dicom_ae.client_ssl_context()
     elif dest in config.destinations:
         d = config.destinations[dest]
         if d.is_folder or not (d.host and d.port and d.ae_title):
@@ -62,9 +62,9 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
             raise UsageError(f"not a valid AE title: {title!r}")
     t0 = time.monotonic()
     try:
-        status = dicomnet.echo(host, port, called_ae=called, calling_ae=calling,
+        status = dicom_ae.echo(host, port, called_ae=called, calling_ae=calling,
                                timeout=timeout, tls=tls, server_name=server_name)
-    except dicomnet.NetworkError as exc:
+    except dicom_ae.NetworkError as exc:
         raise TemporaryFailure(str(exc)) from None
     ms = (time.monotonic() - t0) * 1000
     if status != 0:

@@ -1,30 +1,17 @@
-"""Owns everything dts does to pynetdicom: tuning its internals, building AEs, C-ECHO.
+"""Owns dts's pynetdicom application entities: set-up with dts's defaults, presentation
+contexts, TLS contexts, C-ECHO, who the peer of an association is, and parking a
+requestor's reactor (``park_reactor``; the SCU fast path waits for it with
+``wait_parked``).
 
-pynetdicom 3.0 polls: its DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever a
-loop finds nothing to do, and ``Association._run_reactor`` sleeps 1 ms before every
-look for a complete DIMSE message. It sets neither ``TCP_NODELAY`` nor
-``TCP_QUICKACK``, so against a sender that leaves Nagle's algorithm on (Debian's
-dcmtk by default) every small message waits for a delayed ACK (~40 ms), and it
-reads the socket 4 KiB at a time. ``tune()`` fixes all of that for the pinned
-version only; ``tests/test_dicomnet.py`` fails when the installed pynetdicom
-stops looking like the one these changes were written against.
-
-Receiving into files: ``set_receive_directory()`` makes pynetdicom write every
-C-STORE data set straight to a file in the given folder (the spool's ``tmp/``) as
-its fragments arrive, so a receiver never holds a whole instance in memory and
-never joins fragments; the store handler finds it at ``event.dataset_path``.
+Every AE is made by ``make_ae``, which applies dts's changes to pynetdicom first
+(``dts.dicom.patches.tune``).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import logging
-import os
-import secrets
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,206 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
-from pynetdicom import AE, _config, association, dimse_messages, dul, transport
+from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
 
-LOGGER = logging.getLogger(__name__)
+from . import patches
 
-PINNED_VERSION = "3.0.4"
-# Polling delay of both reactor threads once tuned (pynetdicom's default: 1 ms).
-FAST_DELAY = 0.0001
-# How long an association counts as busy after its last activity, and how long an
-# idle reactor loop takes at most (a longer one did some work).
-LINGER = 0.5
-BUSY_LOOP = 0.0003
-# The read size of one recv() call; pynetdicom reads 4 KiB at a time.
-RECV_CHUNK = 1 << 20
 # What we advertise when configured with 0 (unlimited): peers then send large
 # P-DATA PDUs, far fewer per image (dcmtk fragments by the receiver's maximum).
 DEFAULT_MAX_PDU = 0
-
-_tuned = False
-_tune_lock = threading.Lock()
-_HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
 
 
 class NetworkError(Exception):
     """Something on the network went wrong (peer unreachable, association refused)."""
 
 
-def version_ok() -> bool:
-    return str(pynetdicom.__version__) == PINNED_VERSION
-
-
-def is_tuned() -> bool:
-    return _tuned
-
-
-def _set_nodelay(sock: socket.socket | None) -> None:
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # not a TCP socket (e.g. closed meanwhile): nothing to tune
-        pass
-
-
-def _quickack(sock: socket.socket) -> None:
-    # Not sticky: Linux falls back to delayed ACKs after a while, so re-arm per read.
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-    except OSError:
-        pass
-
-
-class _ShortSleepTime:
-    """Stands in for the ``time`` module inside ``pynetdicom.association``: only the
-    reactor's 1 ms poll changes. It becomes ``FAST_DELAY`` while the association is
-    busy (a loop that took longer than an idle one did some work within ``LINGER``)
-    and stays 1 ms on an idle association, which would otherwise cost CPU for nothing."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self._local = threading.local()
-
-    def sleep(self, seconds: float) -> None:
-        if seconds != 0.001:
-            time.sleep(seconds)
-            return
-        local = self._local
-        now = time.monotonic()
-        if now - getattr(local, "woke", 0.0) > BUSY_LOOP:
-            local.busy_until = now + LINGER
-        time.sleep(self.delay if now < getattr(local, "busy_until", 0.0) else seconds)
-        local.woke = time.monotonic()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def _dul_delay(self: dul.DULServiceProvider) -> float:
-    """``DULServiceProvider._run_loop_delay``: short while PDUs arrive, 1 ms when idle."""
-    last = getattr(self.socket, "_dts_last_rx", 0.0)
-    return FAST_DELAY if time.monotonic() - last < LINGER else 0.001
-
-
-def _ignore_delay(self: dul.DULServiceProvider, value: float) -> None:
-    pass  # pynetdicom's __init__ assigns its 1 ms; the property decides
-
-
-def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading large chunks straight into the result buffer
-    and re-arming TCP_QUICKACK before each read. Same contract as the original:
-    blocks until ``nr_bytes`` are read, returns less only when the peer closed."""
-    sock = self.socket
-    assert sock is not None
-    self._dts_last_rx = time.monotonic()  # type: ignore[attr-defined]
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    nr_read = 0
-    try:
-        while nr_read < nr_bytes:
-            if _HAS_QUICKACK:
-                _quickack(sock)
-            n = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, RECV_CHUNK))
-            if not n:
-                break
-            nr_read += n
-    finally:
-        view.release()
-    if nr_read < nr_bytes:
-        del buf[nr_read:]
-    return buf
-
-
-def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(original)
-    def __init__(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        # Requestor sockets are tuned before connect(), accepted ones right away;
-        # TLS wraps the same descriptor, so the options survive the handshake.
-        _set_nodelay(self.socket)
-
-    __init__._dts_tuned = True  # type: ignore[attr-defined]
-    return __init__
-
-
-def tune() -> bool:
-    """Apply dts's changes to pynetdicom once per process; True when applied.
-
-    With another pynetdicom version than the pinned one nothing is changed (the
-    station still works, only slower) and a warning says so.
-    """
-    global _tuned
-    with _tune_lock:
-        if _tuned:
-            return True
-        if not version_ok():
-            LOGGER.warning("pynetdicom %s is installed, dts is tuned for %s: running "
-                           "without its network tuning", pynetdicom.__version__, PINNED_VERSION)
-            return False
-        association.time = _ShortSleepTime(FAST_DELAY)  # type: ignore[assignment]
-        dul.DULServiceProvider._run_loop_delay = property(  # type: ignore[assignment]
-            _dul_delay, _ignore_delay)
-        transport.AssociationSocket.__init__ = _patch_socket_init(  # type: ignore[method-assign]
-            transport.AssociationSocket.__init__)
-        transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
-        from . import scp
-
-        scp.install()
-        _tuned = True
-        return True
-
-
-class ReceiveFile:
-    """What pynetdicom writes a received data set into (it expects a NamedTemporaryFile:
-    ``write``, ``file.flush()``, ``name``, ``close()``), made cheaper: an unbuffered file
-    with a short unique name and no wrapper (pynetdicom writes whole PDU fragments)."""
-
-    _counter = itertools.count()
-    _prefix = f".rx-{os.getpid()}-{secrets.token_hex(3)}-"
-
-    def __init__(self, folder: str) -> None:
-        self.name = os.path.join(folder, f"{self._prefix}{next(self._counter)}.dcm")
-        self.file = open(self.name, "xb", buffering=0)  # noqa: SIM115 (closed by pynetdicom)
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        return self.file.write(data) or 0
-
-    def fileno(self) -> int:
-        return self.file.fileno()
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-        self.file.close()
-
-
-def set_receive_directory(path: Path | None) -> None:
-    """Have pynetdicom write received C-STORE data sets into files under ``path``
-    (the spool's ``tmp/``: same filesystem, so the handler can rename them into
-    place); None goes back to holding them in memory. Process-wide."""
-    if path is None:
-        _config.STORE_RECV_CHUNKED_DATASET = False
-        dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore
-        return
-    folder = str(path)
-
-    def factory(*args: Any, **kwargs: Any) -> ReceiveFile:
-        return ReceiveFile(folder)
-
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = factory  # type: ignore
-
-
 def make_ae(ae_title: str, *, max_pdu: int = DEFAULT_MAX_PDU, acse_timeout: float = 30.0,
             dimse_timeout: float = 60.0, network_timeout: float = 60.0,
             connection_timeout: float | None = 10.0, max_associations: int = 16) -> AE:
     """An AE with dts's defaults (tuned pynetdicom, timeouts, maximum PDU)."""
-    tune()
+    patches.tune()
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = acse_timeout
@@ -352,14 +158,14 @@ def park_reactor(assoc: Any, timeout: float = 5.0) -> bool:
     """Keep a requestor association's reactor away from the DIMSE queue until
     ``release()`` or ``abort()``; True if it is parked.
 
-    pynetdicom 3.0.4's ``send_*()`` pause the reactor with a check that can pass while
+    pynetdicom 3.0's ``send_*()`` pause the reactor with a check that can pass while
     the reactor is about to look at the queue, and open it again after every call: with
     a peer that answers within microseconds (as dts's receiver does) the reactor now and
     then takes the response meant for the caller, who then waits for the DIMSE timeout.
     A requestor that only sends (dts echo, a test's SCU) does not need its reactor.
     """
-    if not version_ok():
-        return False
+    if not patches.version_ok():
+        return False  # internals of another pynetdicom: leave them alone
     held = _HeldCheckpoint()
     assoc._reactor_checkpoint = held
     parked = wait_parked(assoc, timeout)

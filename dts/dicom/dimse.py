@@ -2,16 +2,31 @@
 
 A command set is group 0000, implicit VR little endian (PS3.7 6.3, 9.3, E.1); the
 C-STORE exchange on an established association is done by dts on both sides
-(``dts.cstore`` sends, ``dts.scp`` receives), so these few elements are all it needs.
+(``dts.dicom.scu`` sends, ``dts.dicom.scp`` receives), so these few elements are all it
+needs.
 """
 
 from __future__ import annotations
 
 import struct
 
+from . import wire
+
+# Command Field values
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+# Command Data Set Type: no data set follows (any other value: one does)
 NO_DATA_SET = 0x0101
+
+# Element numbers (group 0000) of the command sets used here
+AFFECTED_SOP_CLASS_UID = 0x0002
+COMMAND_FIELD = 0x0100
+MESSAGE_ID = 0x0110
+MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
+COMMAND_DATA_SET_TYPE = 0x0800
+STATUS = 0x0900
+ERROR_COMMENT = 0x0902
+AFFECTED_SOP_INSTANCE_UID = 0x1000
 
 
 def command_fields(command: bytes) -> dict[int, bytes]:
@@ -76,5 +91,4 @@ def c_store_response(msg_id: int, sop_class: bytes, sop_uid: bytes, status: int)
 
 def p_data_command(context_id: int, command: bytes) -> bytes:
     """One P-DATA-TF PDU carrying a whole command set as its last fragment."""
-    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+    return wire.p_data(context_id, wire.PDV_COMMAND | wire.PDV_LAST, command)

@@ -1,4 +1,4 @@
-"""The fast C-STORE SCP path (dts.scp) against a real pynetdicom requestor.
+"""The fast C-STORE SCP path (dts.dicom.scp) against a real pynetdicom requestor.
 
 The SCP is a tuned pynetdicom AE with the fast path enabled, in this process, so that
 the test sees which path served each request: pynetdicom's handler (EVT_C_STORE) or
@@ -19,13 +19,12 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
-from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dts import dicomnet, dimse, scp
+from dts.dicom import ae as dicom_ae
+from dts.dicom import dimse, patches, scp
 from tests.helpers import free_port, make_instance, wait_for
 
 
@@ -68,9 +67,9 @@ def fast_scp(tmp_path: Path) -> Iterator[tuple[int, Recorder]]:
     rx = tmp_path / "rx"
     rx.mkdir()
     rec = Recorder(rx)
-    ae = dicomnet.make_ae("FASTSCP", network_timeout=5)
-    dicomnet.add_scp_contexts(ae)
-    dicomnet.set_receive_directory(rx)
+    ae = dicom_ae.make_ae("FASTSCP", network_timeout=5)
+    dicom_ae.add_scp_contexts(ae)
+    patches.set_receive_directory(rx)
     scp.enable(ae, rec.fast_store, str(rx))
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
@@ -78,16 +77,16 @@ def fast_scp(tmp_path: Path) -> Iterator[tuple[int, Recorder]]:
                                            (evt.EVT_C_ECHO, lambda e: 0)])
     yield port, rec
     server.shutdown()
-    dicomnet.set_receive_directory(None)
+    patches.set_receive_directory(None)
 
 
 def _scu(port: int, syntax: str = ExplicitVRLittleEndian) -> Any:
-    ae = dicomnet.make_ae("SCU")
+    ae = dicom_ae.make_ae("SCU")
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="FASTSCP")
     assert assoc.is_established
-    assert dicomnet.park_reactor(assoc)  # see its docstring: pynetdicom's own race
+    assert dicom_ae.park_reactor(assoc)  # see its docstring: pynetdicom's own race
     return assoc
 
 
@@ -105,16 +104,6 @@ def _instances(tmp_path: Path, n: int, rows: int = 64) -> list[Path]:
 
 def _rx_files(rec: Recorder) -> list[str]:
     return sorted(os.listdir(rec.rx))
-
-
-def test_file_meta_is_what_pynetdicom_writes() -> None:
-    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"):
-        sop = generate_uid()
-        ref = io.BytesIO()
-        ref.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(ref, create_file_meta(sop_class_uid=CTImageStorage,  # type: ignore
-                                                   sop_instance_uid=sop, transfer_syntax=ts))
-        assert scp.file_meta(str(CTImageStorage), sop, ts) == ref.getvalue()
 
 
 def test_a_stream_of_c_stores_is_served_by_the_fast_path(fast_scp: Any, tmp_path: Path) -> None:
@@ -256,7 +245,7 @@ def test_a_disk_that_fails_is_answered_with_a_status_and_the_association_goes_on
     try:
         assert assoc.send_c_store(files[0]).Status == 0
         assert assoc.send_c_store(files[1]).Status == 0
-        monkeypatch.setattr(dicomnet.ReceiveFile, "__init__", disk_full)
+        monkeypatch.setattr(scp.ReceiveFile, "__init__", disk_full)
         assert assoc.send_c_store(files[2]).Status == 0  # its file was made before
         assert assoc.send_c_store(files[3]).Status == 0xA700   # creating the file
         monkeypatch.undo()

@@ -10,38 +10,32 @@ few times within one call. Retries over time, state and events are the send stag
 (``dts.sender``).
 
 Speed: the exchange of C-STORE requests and responses on an established association is
-done here (``_Sender``), not by pynetdicom's per-fragment machinery; association,
-release and abort stay pynetdicom's (tuned by ``dts.dicomnet``). With a pynetdicom other
-than the pinned one, pynetdicom's ``send_c_store`` does it all.
+done by ``dts.dicom.scu``, not by pynetdicom's per-fragment machinery; association,
+release and abort stay pynetdicom's (tuned by ``dts.dicom.patches``). With a pynetdicom
+outside the supported range, pynetdicom's ``send_c_store`` does it all.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
-import struct
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config
 from pynetdicom.association import Association
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.transport import AssociationSocket
 
-from . import dicomnet, dimse, scp
-from .config import StationConfig
-from .errors import UsageError
+from ..config import StationConfig
+from ..errors import UsageError
+from . import ae as dicom_ae
+from . import filemeta, patches, scu
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +58,14 @@ class Item:
     has_meta: bool = True  # file meta present: it can be streamed from disk as encoded
 
 
-def _meta_fields(path: Path) -> dict[int, str] | None:
-    """The file meta elements of a DICOM file, read without pydicom (it is the cost of
-    ``dts send --to`` over thousands of files); None if the file is not laid out as the
-    standard says (pydicom then looks)."""
-    with open(path, "rb") as fh:
-        head = fh.read(144)
-        if len(head) < 144 or head[128:138] != b"DICM\x02\x00\x00\x00UL":
-            return None
-        meta = fh.read(struct.unpack_from("<I", head, 140)[0])
-    fields: dict[int, str] = {}
-    pos = 0
-    while pos + 8 <= len(meta):
-        group, elem = struct.unpack_from("<HH", meta, pos)
-        vr = meta[pos + 4:pos + 6]
-        if group != 0x0002:
-            return None
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length, pos = struct.unpack_from("<I", meta, pos + 8)[0], pos + 12
-        else:
-            length, pos = struct.unpack_from("<H", meta, pos + 6)[0], pos + 8
-        if vr == b"UI":
-            fields[elem] = meta[pos:pos + length].rstrip(b"\0 ").decode("ascii", "replace")
-        pos += length
-    return fields if pos == len(meta) else None
-
-
 def read_item(path: Path) -> Item | None:
     """The identity of a DICOM file from its header; None for a file that is not DICOM."""
     try:
-        fields = _meta_fields(path)
-        if fields and fields.get(0x0002) and fields.get(0x0003) and fields.get(0x0010):
-            return Item(path, fields[0x0003], fields[0x0002], fields[0x0010])
-    except (OSError, struct.error):
+        with open(path, "rb") as fh:
+            fm = filemeta.read(fh)
+        if fm and fm.sop_class and fm.sop_instance and fm.transfer_syntax:
+            return Item(path, fm.sop_instance, fm.sop_class, fm.transfer_syntax)
+    except OSError:
         pass
     try:
         meta = read_file_meta_info(path)
@@ -197,9 +166,8 @@ OnResult = Callable[[Item, str, int | None], None]  # item, "sent"|"warning"|"fa
 
 def tune() -> None:
     """pynetdicom as dts wants it for sending (idempotent)."""
-    dicomnet.tune()  # short reactor polls, TCP_NODELAY and TCP_QUICKACK
-    # Stream files from disk as encoded instead of decoding and re-encoding them.
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    patches.tune()  # short reactor polls, TCP_NODELAY and TCP_QUICKACK
+    patches.send_files_as_encoded()
 
 
 def propose(items: Iterable[Item]) -> list[PresentationContext]:
@@ -238,215 +206,9 @@ def _groups(items: list[Item]) -> list[list[Item]]:
     return [g for g in groups if g]
 
 
-# A peer that leaves Nagle's algorithm on (dcmtk by default) sends the end of a response
-# only once we acknowledge its start; acknowledge at once instead of ~40 ms later.
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-_PDV_HEADER = struct.Struct(">BBIIBB")  # P-DATA-TF: type, reserved, length; PDV: length, id, flags
-_SEND_CHUNK = 1 << 20
-
-
-class _FileError(Exception):
-    """A result file could not be read (a fault of the job, not of the network)."""
-
-
-class _Sender:
-    """C-STORE requests and responses straight over an established association's socket.
-
-    pynetdicom 3.0 hands every 16 KiB fragment of a data set as its own primitive from
-    the caller's thread to its DUL thread, through a queue and its state machine, and
-    every response back the same way, decoded with pydicom; on a 2-core machine that
-    costs more than the network and the peer together. Exchanging P-DATA-TF PDUs does
-    not change the state of an established association, so for a batch of C-STOREs
-    this class takes the socket over: the association's reactor is parked at its
-    checkpoint (so it cannot take a response off the DIMSE queue either: pynetdicom
-    3.0.4 occasionally does that between two ``send_c_store`` calls and then waits for
-    the DIMSE timeout), the DUL thread is kept off the socket, each request is encoded
-    here as whole PDUs with the data set read from its file into place, and each
-    response is read and decoded here (a command set of a few elements). Everything
-    else (association, release, abort) stays pynetdicom's. Used only with the pinned
-    pynetdicom version (``dicomnet.version_ok()``); ``send_c_store`` otherwise.
-    """
-
-    def __init__(self, assoc: Association, timeout: float) -> None:
-        self.assoc = assoc
-        self.sock = assoc.dul.socket.socket if assoc.dul.socket else None
-        self.max_pdu = int(assoc.acceptor.maximum_length or 0)
-        self.msg_id = 0
-        self.timeout = timeout
-        self.held = False
-        self._next: tuple[tuple[str, int], bytearray] | None = None
-
-    def __enter__(self) -> _Sender:
-        self.take()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.give()
-
-    def take(self) -> None:
-        """Park the association's reactor and keep the DUL thread off the socket."""
-        if not dicomnet.version_ok():
-            return  # internals of another pynetdicom: leave everything to it
-        assoc = self.assoc
-        assoc._reactor_checkpoint.clear()
-        parked = dicomnet.wait_parked(assoc)
-        wrapper = assoc.dul.socket
-        if not parked or self.sock is None or type(wrapper) is not AssociationSocket:
-            assoc._reactor_checkpoint.set()
-            return
-        wrapper.__class__ = scp.QuietSocket
-        # A DUL loop that looked at the socket just before the swap is done with it well
-        # within this pause; nothing is expected from the peer until we send.
-        time.sleep(0.005)
-        self.sock.settimeout(self.timeout)
-        self.held = True
-
-    def give(self) -> None:
-        """Hand the socket back to pynetdicom (between two complete exchanges)."""
-        if not self.held:
-            return
-        self.held = False
-        wrapper = self.assoc.dul.socket
-        if type(wrapper) is scp.QuietSocket:
-            wrapper.__class__ = AssociationSocket  # type: ignore[assignment]
-        if self.sock is not None:
-            try:
-                self.sock.settimeout(None)
-            except OSError:
-                pass
-        self.assoc.dul._idle_timer.restart()  # it saw none of our traffic
-        self.assoc._reactor_checkpoint.set()
-
-    def _message(self, item: Item, cx_id: int, msg_id: int) -> bytearray:
-        """The whole C-STORE-RQ as P-DATA-TF PDUs: command, then the data set read
-        from the file straight into place (no decoding, no extra copy)."""
-        with open(item.path, "rb") as fh:
-            offset = _dataset_offset(fh)
-            if offset is None:
-                offset = split_dataset(item.path)[1]
-            size = os.fstat(fh.fileno()).st_size - offset
-            command = dimse.c_store_command(msg_id, item.sop_class, item.sop_uid)
-            step = self.max_pdu - 6 if self.max_pdu > 6 else max(size, len(command), 1)
-            frags = max(1, -(-size // step))
-            buf = bytearray(-(-len(command) // step) * 12 + len(command) + frags * 12 + size)
-            view = memoryview(buf)
-            pos = 0
-            for start in range(0, len(command), step):
-                part = command[start:start + step]
-                flags = 0x03 if start + step >= len(command) else 0x01
-                _PDV_HEADER.pack_into(buf, pos, 0x04, 0, len(part) + 6, len(part) + 2, cx_id,
-                                      flags)
-                buf[pos + 12:pos + 12 + len(part)] = part
-                pos += 12 + len(part)
-            fh.seek(offset)
-            for k in range(frags):
-                part_len = min(step, size - k * step)
-                _PDV_HEADER.pack_into(buf, pos, 0x04, 0, part_len + 6, part_len + 2, cx_id,
-                                      0x02 if k == frags - 1 else 0x00)
-                pos += 12
-                if part_len and fh.readinto(view[pos:pos + part_len]) != part_len:
-                    raise OSError(f"{item.path} changed while being sent")
-                pos += part_len
-            view.release()
-        return buf
-
-    def store(self, item: Item, cx_id: int, after: tuple[Item, int] | None = None) -> Dataset:
-        """C-STORE ``item`` (its file as encoded) on context ``cx_id``; the response's
-        status elements, or an empty Dataset when none came (timeout, abort).
-        ``after``: the object that comes next, prepared while the peer works on this one."""
-        assert self.sock is not None
-        self.msg_id = self.msg_id % 65535 + 1
-        msg_id = self.msg_id
-        if self._next is not None and self._next[0] == (item.sop_uid, cx_id):
-            buf = self._next[1]
-        else:
-            try:
-                buf = self._message(item, cx_id, msg_id)
-            except OSError as exc:
-                raise _FileError(str(exc)) from None
-        self._next = None
-        view = memoryview(buf)
-        for start in range(0, len(buf), _SEND_CHUNK):
-            self.sock.sendall(view[start:start + _SEND_CHUNK])
-        view.release()
-        if after is not None:
-            try:
-                nxt = self._message(after[0], after[1], msg_id % 65535 + 1)
-                self._next = ((after[0].sop_uid, after[1]), nxt)
-            except (OSError, ValueError, EOFError):
-                pass  # found again, and reported, when its turn comes
-        return self._response(msg_id)
-
-    def _read(self, n: int) -> bytearray:
-        assert self.sock is not None
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            if _QUICKACK is not None:  # not sticky: re-armed before every read
-                try:
-                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-                except OSError:
-                    pass
-            k = self.sock.recv_into(view[got:], n - got)
-            if not k:
-                raise ConnectionError("the peer closed the connection")
-            got += k
-        view.release()
-        return buf
-
-    def _response(self, msg_id: int) -> Dataset:
-        """Read PDUs up to the end of the C-STORE-RSP to ``msg_id``; its status elements.
-        Anything else from the peer (an A-ABORT, a release request) ends the batch."""
-        command = bytearray()
-        fields: dict[int, bytes] | None = None
-        while True:
-            head = self._read(6)
-            body = self._read(struct.unpack_from(">I", head, 2)[0])
-            if head[0] != 0x04:
-                what = {0x05: "a release request", 0x07: "an A-ABORT"}.get(head[0], "a PDU "
-                                                                             f"0x{head[0]:02X}")
-                raise ConnectionError(f"the peer sent {what} instead of a C-STORE response")
-            pos, finished = 0, False
-            while pos + 6 <= len(body):
-                length, flags = struct.unpack_from(">I", body, pos)[0], body[pos + 5]
-                if flags & 0x01:
-                    command += body[pos + 6:pos + 4 + length]
-                    if flags & 0x02:
-                        fields = dimse.command_fields(bytes(command))
-                        finished = fields.get(0x0800) == b"\x01\x01"  # no data set follows
-                elif flags & 0x02:
-                    finished = True  # the last fragment of a data set we do not need
-                pos += 4 + length
-            if finished and fields is not None:
-                break
-        status = Dataset()
-        if (dimse.u16(fields, 0x0100) == 0x8001 and dimse.u16(fields, 0x0120) == msg_id
-                and 0x0900 in fields):
-            status.Status = dimse.u16(fields, 0x0900)
-            if fields.get(0x0902):
-                status.ErrorComment = fields[0x0902].decode("ascii", "replace").strip(" \0")
-            return status
-        raise ConnectionError(f"the peer answered C-STORE {msg_id} with something else")
-
-
-def _dataset_offset(fh: Any) -> int | None:
-    """Where the data set starts in a DICOM file whose meta starts with its group length
-    (as files written by pydicom, dcmtk and dts do); None to look the slow way."""
-    head = fh.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
-        return None
-    offset = 144 + struct.unpack_from("<I", head, 140)[0]
-    fh.seek(offset)
-    tag = fh.read(2)
-    if len(tag) == 2 and struct.unpack("<H", tag)[0] == 0x0002:
-        return None  # the group length does not cover the whole meta
-    return offset
-
-
 def _associate(peer: Peer, contexts: list[PresentationContext],
                net: NetSettings) -> Association:
-    ae = dicomnet.make_ae(peer.calling_ae, acse_timeout=net.acse_timeout,
+    ae = dicom_ae.make_ae(peer.calling_ae, acse_timeout=net.acse_timeout,
                           dimse_timeout=net.dimse_timeout, network_timeout=net.network_timeout,
                           connection_timeout=net.connect_timeout)
     ae.requested_contexts = contexts
@@ -465,7 +227,7 @@ def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
     if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return f"{peer} aborted the association during negotiation", False
     if peer.tls is not None:
-        problem = dicomnet.tls_problem(peer.host, peer.port, peer.tls,
+        problem = dicom_ae.tls_problem(peer.host, peer.port, peer.tls,
                                        peer.server_name or peer.host)
         if problem:
             return f"{peer}: {problem}", False
@@ -497,7 +259,7 @@ def _as_is(item: Item, accepted: Accepted) -> int | None:
     return accepted.get(item.sop_class, {}).get(item.transfer_syntax) if item.has_meta else None
 
 
-def _send_one(assoc: Association, item: Item, accepted: Accepted, fast: _Sender | None,
+def _send_one(assoc: Association, item: Item, accepted: Accepted, fast: scu.Sender | None,
               after: Item | None = None) -> tuple[Dataset | None, tuple[str, str] | None]:
     """C-STORE one object: (status, None), or (None, (failed status, why)) when it
     cannot be sent over this association."""
@@ -545,7 +307,7 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
             str(cx.transfer_syntax[0]), int(cx.context_id or 0))
     missing: list[Item] = []
     why_missing: str | None = None
-    with _Sender(assoc, net.dimse_timeout) as sender:
+    with scu.Sender(assoc, net.dimse_timeout) as sender:
         fast = sender if sender.held else None
         for i, item in enumerate(items):
             if not assoc.is_established:
@@ -557,7 +319,7 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
             try:
                 after = items[i + 1] if i + 1 < len(items) else None
                 status, why = _send_one(assoc, item, accepted, fast, after)
-            except (_FileError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+            except (scu.FileError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
                 status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
             except TimeoutError:
                 missing, why_missing = items[i:], (f"{peer}: no C-STORE response within "

@@ -15,45 +15,43 @@ for its response, is silent) the reactor thread keeps the socket for itself:
   P-DATA-TF (a release request, an A-ABORT) is left for pynetdicom, the socket is
   handed back and pynetdicom goes on exactly as it would have;
 - a C-STORE-RQ's data set is streamed into a file in the spool's ``tmp/`` behind the
-  same file meta pynetdicom writes, the handler is called with the file, and the
-  C-STORE-RSP is encoded and sent here; when the file cannot be written (disk full)
-  the rest of the data set is read and dropped, and the handler is called with the
-  error, so that the peer gets the handler's failure status, not a broken association;
+  same file meta pynetdicom writes (``filemeta.encode``), the handler is called with
+  the file, and the C-STORE-RSP is encoded and sent here; when the file cannot be
+  written (disk full) the rest of the data set is read and dropped, and the handler is
+  called with the error, so that the peer gets the handler's failure status, not a
+  broken association;
 - any other request (a C-ECHO) is handed to pynetdicom's DIMSE layer as it came, with
   the socket, and served by pynetdicom.
 
-Used only with the pinned pynetdicom (``dicomnet.version_ok()``) and on plain TCP; a TLS
-association is served by pynetdicom alone.
+The socket is taken over as on the requestor side (``takeover.hold_socket``). Hooked
+into pynetdicom by ``dts.dicom.patches`` (supported versions only) and used on plain TCP;
+a TLS association is served by pynetdicom alone. ``ReceiveFile`` is the file a received
+data set is written into, on this path and on pynetdicom's.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import secrets
 import socket
-import ssl
-import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pynetdicom
-from pynetdicom import association, dul, transport
+from pynetdicom import association
 from pynetdicom.pdu_primitives import P_DATA
 
-from . import dimse
+from . import dimse, filemeta, takeover, wire
 
 LOGGER = logging.getLogger(__name__)
 
-P_DATA_TF = 0x04
 MAX_COMMAND = 64 * 1024  # a command set is a few hundred bytes; more is not a peer we serve
 CHUNK = 1 << 20
 HANDLER_FAILED = 0xC211  # what pynetdicom answers when its handler raised
 POLL = 0.5  # how often a wait for the next PDU looks whether the association was ended
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 @dataclass
@@ -72,65 +70,37 @@ class StoreRequest:
 StoreHandler = Callable[[Any, StoreRequest], int]
 
 
-class QuietSocket(transport.AssociationSocket):
-    """An association's socket while dts reads from it: pynetdicom's DUL thread finds
-    nothing to read (and naps 2 ms instead of polling) until the socket is handed back.
-    Primitives it is given to send (an abort) still go out."""
+class ReceiveFile:
+    """What pynetdicom writes a received data set into (it expects a NamedTemporaryFile:
+    ``write``, ``file.flush()``, ``name``, ``close()``), made cheaper: an unbuffered file
+    with a short unique name and no wrapper (pynetdicom writes whole PDU fragments)."""
 
-    @property
-    def ready(self) -> bool:
-        time.sleep(0.002)
-        return False
+    _counter = itertools.count()
+    _prefix = f".rx-{os.getpid()}-{secrets.token_hex(3)}-"
+
+    def __init__(self, folder: str) -> None:
+        self.name = os.path.join(folder, f"{self._prefix}{next(self._counter)}.dcm")
+        self.file = open(self.name, "xb", buffering=0)  # noqa: SIM115 (closed by pynetdicom)
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data) or 0
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.file.close()
 
 
 def enable(ae: Any, store: StoreHandler, receive_dir: str) -> None:
     """Serve the C-STOREs of ``ae``'s accepted associations on the fast path: ``store``
     is called with each request once its data set is in a file under ``receive_dir``."""
     ae._dts_store = (store, receive_dir)
-
-
-# -- what dicomnet.tune() installs ---------------------------------------------------------
-
-_original_serve: Callable[..., None] | None = None
-_original_transport_event: Callable[..., bool] | None = None
-
-
-def install() -> None:
-    """Hook the fast path into pynetdicom (by ``dicomnet.tune()``, pinned version only)."""
-    global _original_serve, _original_transport_event
-    if _original_serve is not None:
-        return
-    _original_serve = association.Association._serve_request
-    _original_transport_event = dul.DULServiceProvider._is_transport_event
-    association.Association._serve_request = _serve_request  # type: ignore[method-assign]
-    dul.DULServiceProvider._is_transport_event = _is_transport_event  # type: ignore
-
-
-def _rx_lock(provider: Any) -> threading.Lock:
-    lock = provider.__dict__.get("_dts_rx")
-    if lock is None:
-        lock = provider.__dict__.setdefault("_dts_rx", threading.Lock())
-    return lock  # type: ignore[no-any-return]
-
-
-def _is_transport_event(self: dul.DULServiceProvider) -> bool:
-    """pynetdicom's, under a lock, so that taking the socket can wait out a read."""
-    assert _original_transport_event is not None
-    with _rx_lock(self):
-        return _original_transport_event(self)
-
-
-def _serve_request(self: association.Association, msg: Any, context_id: int) -> None:
-    assert _original_serve is not None
-    loop = _Loop.take(self, msg)
-    try:
-        _original_serve(self, msg, context_id)
-    except BaseException:
-        if loop is not None:
-            loop.give()
-        raise
-    if loop is not None:
-        loop.run()
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -141,6 +111,12 @@ class _HandBack(Exception):
 
 class _Abort(Exception):
     """The peer broke the protocol: the association is aborted."""
+
+
+def take(assoc: association.Association, msg: Any) -> _Loop | None:
+    """The fast path for the rest of ``assoc`` once ``msg`` is served, or None when it
+    does not apply (see ``_Loop.take``)."""
+    return _Loop.take(assoc, msg)
 
 
 class _Loop:
@@ -165,16 +141,11 @@ class _Loop:
             return None
         if not assoc.is_established or assoc._kill:
             return None
-        wrapper = assoc.dul.socket
-        sock = getattr(wrapper, "socket", None)
-        if type(wrapper) is not transport.AssociationSocket or sock is None \
-                or isinstance(sock, ssl.SSLSocket):
+        sock = takeover.hold_socket(assoc)
+        if sock is None:
             return None
-        wrapper.__class__ = QuietSocket
-        with _rx_lock(assoc.dul):
-            pass  # a read that started before the swap is over
         if assoc.dimse.message is not None or not assoc.dimse.msg_queue.empty():
-            wrapper.__class__ = transport.AssociationSocket  # more came in: pynetdicom's
+            takeover.release_socket(assoc)  # more came in: pynetdicom's
             return None
         store, receive_dir = hook
         return cls(assoc, sock, store, receive_dir)
@@ -184,9 +155,7 @@ class _Loop:
         if not self.held:
             return
         self.held = False
-        wrapper = self.assoc.dul.socket
-        if type(wrapper) is QuietSocket:
-            wrapper.__class__ = transport.AssociationSocket  # type: ignore[assignment]
+        takeover.release_socket(self.assoc)
         try:
             self.sock.settimeout(self.saved_timeout)
         except OSError:
@@ -237,23 +206,9 @@ class _Loop:
                         return False  # quiet for network_timeout: pynetdicom's timer says so
                     continue
                 assoc.dul._idle_timer.restart()
-                return bool(head) and head[0] == P_DATA_TF  # else pynetdicom's (or closed)
+                return bool(head) and head[0] == wire.P_DATA_TF  # else pynetdicom's (or closed)
         finally:
             sock.settimeout(self.timeout)
-
-    def _read(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < n:
-                k = self.sock.recv_into(view[got:], n - got)
-                if not k:
-                    raise ConnectionError("the peer closed the connection")
-                got += k
-        finally:
-            view.release()
-        return buf
 
     def _copy(self, n: int, fd: int | None) -> OSError | None:
         """Stream ``n`` bytes from the socket into file descriptor ``fd`` (None: read and
@@ -276,13 +231,6 @@ class _Loop:
             view.release()
         return failed
 
-    def _quickack(self) -> None:
-        if _QUICKACK is not None:  # not sticky: re-armed for every message
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
-
     # -- one message ---------------------------------------------------------------------
     def _message(self) -> None:
         """Read one whole C-STORE-RQ (the next PDU is a P-DATA-TF), store it, answer it."""
@@ -298,26 +246,21 @@ class _Loop:
                 if not first and not self._next_is_p_data():
                     raise _HandBack()  # cut off (an A-ABORT, a close): pynetdicom's to tell
                 first = False
-                self._quickack()
-                head = self._read(6)
-                if head[0] != P_DATA_TF:
-                    raise _Abort(f"PDU type 0x{head[0]:02X} in the middle of a message")
-                left = struct.unpack_from(">I", head, 2)[0]
+                # QUICKACK is not sticky: re-armed for every PDU
+                pdu_type, left = wire.pdu_header(
+                    wire.read_exact(self.sock, wire.PDU_HEADER_LEN, ack=True))
+                if pdu_type != wire.P_DATA_TF:
+                    raise _Abort(f"PDU type 0x{pdu_type:02X} in the middle of a message")
                 while left:
-                    if left < 6:
-                        raise _Abort("a P-DATA-TF PDU with a broken item")
-                    pdv_len, cx, flags = struct.unpack(">IBB", self._read(6))
-                    n = pdv_len - 2
-                    if n < 0 or pdv_len + 4 > left:
-                        raise _Abort("a P-DATA-TF PDU with a broken item")
-                    left -= pdv_len + 4
-                    if flags & 0x01:  # command
+                    n, cx, flags = self._pdv_header(left)
+                    left -= wire.PDV_HEADER_LEN + n
+                    if flags & wire.PDV_COMMAND:
                         if fields is not None or len(command) + n > MAX_COMMAND:
                             raise _Abort("a command set out of place or too long")
-                        data = self._read(n)
+                        data = wire.read_exact(self.sock, n)
                         command += data
                         raw.append((cx, bytes((flags,)) + data))
-                        if flags & 0x02:
+                        if flags & wire.PDV_LAST:
                             fields = dimse.command_fields(bytes(command))
                             context_id = cx
                             if not self._ours(fields, cx):
@@ -332,7 +275,7 @@ class _Loop:
                     failed = self._copy(n, rx.fileno() if error is None else None)
                     if failed is not None and error is None:
                         error = f"cannot write: {failed.strerror or failed}"
-                    if flags & 0x02:
+                    if flags & wire.PDV_LAST:
                         if left:
                             raise _Abort("data after the last fragment of a data set")
                         self._answer(fields, context_id, rx, error)
@@ -343,10 +286,20 @@ class _Loop:
                 rx.close()
                 _unlink(rx.name)
 
+    def _pdv_header(self, left: int) -> tuple[int, int, int]:
+        """(fragment length, context id, flags) of the next PDV item; ``left``: what is
+        left of its PDU."""
+        if left < wire.PDV_HEADER_LEN:  # not even room for the header: do not read it
+            raise _Abort("a P-DATA-TF PDU with a broken item")
+        try:
+            return wire.pdv_header(wire.read_exact(self.sock, wire.PDV_HEADER_LEN), left)
+        except wire.BrokenPDU as exc:
+            raise _Abort(str(exc)) from None
+
     def _ours(self, fields: dict[int, bytes], cx: int) -> bool:
-        if dimse.u16(fields, 0x0100) != dimse.C_STORE_RQ:
+        if dimse.u16(fields, dimse.COMMAND_FIELD) != dimse.C_STORE_RQ:
             return False
-        if dimse.u16(fields, 0x0800) in (None, dimse.NO_DATA_SET):
+        if dimse.u16(fields, dimse.COMMAND_DATA_SET_TYPE) in (None, dimse.NO_DATA_SET):
             return False
         context = self.assoc._accepted_cx.get(cx)
         return context is not None and bool(context.transfer_syntax)
@@ -356,11 +309,11 @@ class _Loop:
         (with the rest of its PDU), and the socket with it."""
         pdvs: list[list[Any]] = [[cx, data] for cx, data in raw]
         while left:
-            pdv_len, cx, flags = struct.unpack(">IBB", self._read(6))
-            if pdv_len < 2 or pdv_len + 4 > left or pdv_len > MAX_COMMAND:
+            n, cx, flags = self._pdv_header(left)
+            if n > MAX_COMMAND:
                 raise _Abort("a P-DATA-TF PDU with a broken item")
-            left -= pdv_len + 4
-            pdvs.append([cx, bytes((flags,)) + self._read(pdv_len - 2)])
+            left -= wire.PDV_HEADER_LEN + n
+            pdvs.append([cx, bytes((flags,)) + wire.read_exact(self.sock, n)])
         primitive = P_DATA()
         primitive.presentation_data_value_list = pdvs  # type: ignore[assignment]
         self.give()
@@ -368,15 +321,14 @@ class _Loop:
         raise _HandBack()
 
     def _open(self, fields: dict[int, bytes], cx: int) -> Any:
-        from .dicomnet import ReceiveFile  # dicomnet installs this module
-
         context = self.assoc._accepted_cx[cx]
         rx, self.spare = self.spare, None
         if rx is None:
             rx = ReceiveFile(self.receive_dir)
         try:
-            rx.write(file_meta(dimse.text(fields, 0x0002), dimse.text(fields, 0x1000),
-                               str(context.transfer_syntax[0])))
+            rx.write(filemeta.encode(dimse.text(fields, dimse.AFFECTED_SOP_CLASS_UID),
+                                     dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE_UID),
+                                     str(context.transfer_syntax[0])))
         except BaseException:
             rx.close()
             _unlink(rx.name)
@@ -385,9 +337,10 @@ class _Loop:
 
     def _answer(self, fields: dict[int, bytes], cx: int, rx: Any, error: str | None) -> None:
         context = self.assoc._accepted_cx[cx]
-        msg_id = dimse.u16(fields, 0x0110) or 0
-        req = StoreRequest(AffectedSOPClassUID=dimse.text(fields, 0x0002),
-                           AffectedSOPInstanceUID=dimse.text(fields, 0x1000),
+        msg_id = dimse.u16(fields, dimse.MESSAGE_ID) or 0
+        req = StoreRequest(AffectedSOPClassUID=dimse.text(fields, dimse.AFFECTED_SOP_CLASS_UID),
+                           AffectedSOPInstanceUID=dimse.text(fields,
+                                                             dimse.AFFECTED_SOP_INSTANCE_UID),
                            MessageID=msg_id, transfer_syntax=str(context.transfer_syntax[0]),
                            path=rx.name if rx is not None else "", _dataset_file=rx,
                            error=error)
@@ -400,13 +353,11 @@ class _Loop:
             if rx is not None:
                 rx.close()
                 _unlink(rx.name)  # refused, or the handler moved it away already
-        rsp = dimse.c_store_response(msg_id, fields.get(0x0002, b""), fields.get(0x1000, b""),
-                                     status)
+        rsp = dimse.c_store_response(msg_id, fields.get(dimse.AFFECTED_SOP_CLASS_UID, b""),
+                                     fields.get(dimse.AFFECTED_SOP_INSTANCE_UID, b""), status)
         self.sock.sendall(dimse.p_data_command(cx, rsp))
         # Creating a file costs as much as a sixth of an instance: done now, while the
         # peer reads its response and sends the next request, not after it arrived.
-        from .dicomnet import ReceiveFile
-
         try:
             self.spare = ReceiveFile(self.receive_dir)
         except OSError:
@@ -423,31 +374,4 @@ def _unlink(path: str) -> None:
         pass
 
 
-# -- the file meta pynetdicom writes before a received data set ----------------------------
-
-def _explicit(elem: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB",):
-        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group, as pydicom writes them for
-    pynetdicom's ``create_file_meta`` (tests compare the two)."""
-    body = b"".join((
-        _explicit(0x0001, b"OB", b"\x00\x01"),
-        _explicit(0x0002, b"UI", _padded(sop_class, b"\0")),
-        _explicit(0x0003, b"UI", _padded(sop_uid, b"\0")),
-        _explicit(0x0010, b"UI", _padded(transfer_syntax, b"\0")),
-        _explicit(0x0012, b"UI", _padded(str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID), b"\0")),
-        _explicit(0x0013, b"SH", _padded(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-    ))
-    return b"\0" * 128 + b"DICM" + _explicit(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-__all__ = ["QuietSocket", "StoreRequest", "enable", "file_meta", "install"]
+__all__ = ["ReceiveFile", "StoreRequest", "enable", "take"]

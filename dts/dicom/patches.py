@@ -1,0 +1,400 @@
+"""Owns every change dts makes to pynetdicom, the range of versions it is made for, and the
+check that the installed pynetdicom still looks like the one the changes were written
+against (docs/performance.md says what each change buys).
+
+pynetdicom 3.0 polls: its DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever a loop
+finds nothing to do, and ``Association._run_reactor`` sleeps 1 ms before every look for
+a complete DIMSE message. It sets neither ``TCP_NODELAY`` nor ``TCP_QUICKACK``, so
+against a sender that leaves Nagle's algorithm on (Debian's dcmtk by default) every
+small message waits for a delayed ACK (~40 ms), and it reads the socket 4 KiB at a time.
+``tune()`` changes that, and hooks in the SCP fast path (``dts.dicom.scp``) and the
+receive lock both fast paths take the socket over with (``dts.dicom.takeover``):
+
+======================================  ==================================================
+pynetdicom                              changed to
+======================================  ==================================================
+``association.time``                    ``_ShortSleepTime``: the reactor's 1 ms poll is
+                                        0.1 ms while the association is busy
+``DULServiceProvider._run_loop_delay``  a property: 0.1 ms while PDUs arrive, else 1 ms
+``AssociationSocket.__init__``          wrapped: ``TCP_NODELAY`` on every socket
+``AssociationSocket.recv``              replaced: large reads into place, QUICKACK re-armed
+``DULServiceProvider                    wrapped: under the receive lock
+._is_transport_event``
+``Association._serve_request``          wrapped: the SCP fast path takes over after it
+``dimse_messages.NamedTemporaryFile``   ``scp.ReceiveFile`` (``set_receive_directory``)
+======================================  ==================================================
+
+They are made only when the installed version is in ``SUPPORTED`` and ``problems()``
+finds nothing amiss; otherwise dts runs on pynetdicom as it is (slower, both fast paths
+off) and says so once in a warning. tests/test_dicom_patches.py proves the range: the
+installed version is in it, ``problems()`` is empty, and the code of every function
+relied on is the one reviewed (``REVIEWED``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import linecache
+import logging
+import re
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+from pynetdicom import _config, association, dimse_messages, dul, transport
+
+from . import scp, takeover, wire
+
+LOGGER = logging.getLogger(__name__)
+
+# The pynetdicom versions the changes are made for: >= the first, < the second.
+SUPPORTED = ((3, 0, 0), (3, 1, 0))
+SUPPORTED_TEXT = "pynetdicom>=3.0.0,<3.1"  # as pyproject.toml says it (a test compares)
+
+# Polling delay of both reactor threads once tuned (pynetdicom's default: 1 ms).
+FAST_DELAY = 0.0001
+# How long an association counts as busy after its last activity, and how long an
+# idle reactor loop takes at most (a longer one did some work).
+LINGER = 0.5
+BUSY_LOOP = 0.0003
+
+_tuned = False
+_tune_lock = threading.Lock()
+_originals: dict[str, Any] = {}  # what tune() replaced, by the name used in INTERNALS
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """(major, minor, micro) of a version string such as ``3.0.4`` or ``3.1.0rc1``."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
+
+
+def in_range(version: str) -> bool:
+    parsed = parse_version(version)
+    return parsed is not None and SUPPORTED[0] <= parsed < SUPPORTED[1]
+
+
+def version_ok() -> bool:
+    """Whether the installed pynetdicom is one the changes are made for."""
+    return in_range(str(pynetdicom.__version__))
+
+
+def is_tuned() -> bool:
+    return _tuned
+
+
+# -- what the changes rely on --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Internal:
+    """One pynetdicom internal a change relies on, and how it must look."""
+
+    name: str                        # below ``pynetdicom``, e.g. "dul.DULServiceProvider.run"
+    why: str
+    source: tuple[str, ...] = ()     # fragments its code must hold
+    params: tuple[str, ...] | None = None  # its parameters, for one that is called or replaced
+
+
+INTERNALS: tuple[Internal, ...] = (
+    Internal("association.time", "the reactor's sleeps go through this module attribute"),
+    Internal("association.Association._run_reactor",
+             "short reactor polls; the SCP fast path runs from _serve_request; parking",
+             source=("time.sleep(0.001)", "self._serve_request(msg, cast(int, context_id))",
+                     "self._is_paused = True", "self._reactor_checkpoint.wait()",
+                     "self.dimse.get_msg(block=False)")),
+    Internal("association.Association._serve_request", "wrapped: the SCP fast path",
+             params=("self", "msg", "context_id")),
+    Internal("association.Association.__init__", "attributes the fast paths read or set",
+             source=("self._accepted_cx", "self._reactor_checkpoint", "self._is_paused",
+                     "self._kill")),
+    Internal("dul.DULServiceProvider.__init__", "replaced by a property: _run_loop_delay",
+             source=("self._run_loop_delay = 0.001", "self._idle_timer")),
+    Internal("dul.DULServiceProvider.run_reactor", "the DUL's poll is _run_loop_delay",
+             source=("time.sleep(self._run_loop_delay)", "self._is_transport_event()")),
+    Internal("dul.DULServiceProvider._is_transport_event",
+             "wrapped under the receive lock: it looks at the socket and reads a PDU",
+             source=("self.socket.ready", "self._read_pdu_data()"), params=("self",)),
+    Internal("dul.DULServiceProvider._read_pdu_data", "reads a PDU through socket.recv()",
+             source=("self.socket.recv(6)",)),
+    Internal("transport.AssociationSocket.__init__", "wrapped: TCP_NODELAY",
+             source=("self.socket = client_socket", "self._create_socket(")),
+    Internal("transport.AssociationSocket.recv", "replaced: exact reads in large chunks",
+             params=("self", "nr_bytes")),
+    Internal("transport.AssociationSocket.ready", "QuietSocket overrides this property"),
+    Internal("dimse.DIMSEServiceProvider.receive_primitive",
+             "the SCP fast path hands a request it does not serve to it",
+             source=("self.message = None", "self.msg_queue.put("), params=("self", "primitive")),
+    Internal("dimse_messages.DIMSEMessage.decode_msg",
+             "received data sets go into files made by NamedTemporaryFile",
+             source=("NamedTemporaryFile(delete=False", "_config.STORE_RECV_CHUNKED_DATASET")),
+    Internal("dimse_messages.NamedTemporaryFile", "replaced: scp.ReceiveFile"),
+    Internal("service_class.StorageServiceClass.SCP",
+             "removes a received file the handler left (ReceiveFile has .name)",
+             source=("os.unlink(req._dataset_file.name)",)),
+    Internal("dsutils.create_file_meta", "filemeta.encode writes what pydicom writes of it",
+             source=("PYNETDICOM_IMPLEMENTATION_UID", "PYNETDICOM_IMPLEMENTATION_VERSION")),
+    Internal("_config.STORE_RECV_CHUNKED_DATASET", "received data sets into files"),
+    Internal("_config.STORE_SEND_CHUNKED_DATASET", "files sent as encoded"),
+    Internal("pdu_primitives.P_DATA.presentation_data_value_list",
+             "the SCP fast path builds a P-DATA for pynetdicom's DIMSE layer"),
+)
+
+
+def resolve(name: str) -> Any:
+    """The object ``pynetdicom.<name>`` as pynetdicom defines it (before dts's changes);
+    AttributeError/ImportError when it does not exist."""
+    if name in _originals:
+        return _originals[name]
+    module_name, _, rest = name.partition(".")
+    obj: Any = __import__(f"pynetdicom.{module_name}", fromlist=["_"])
+    for part in rest.split("."):
+        # from a class: the attribute as defined (a property, not its value on the class)
+        obj = obj.__dict__[part] if isinstance(obj, type) and part in obj.__dict__ \
+            else getattr(obj, part)
+    return obj
+
+
+def _code_of(obj: Any) -> Any:
+    obj = obj.fget if isinstance(obj, property) else obj
+    while hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
+def source_of(name: str) -> str:
+    """The source code of a relied-on function, as pynetdicom wrote it: its lines from
+    the first to the last that holds code. (Cheaper than ``inspect.getsource``, which
+    tokenizes: ``tune()`` checks at every start of a dts command.)"""
+    code = _code_of(resolve(name)).__code__
+    lines = linecache.getlines(code.co_filename)
+    if not lines:
+        raise OSError(f"no source for {code.co_filename}")
+    return "".join(lines[code.co_firstlineno - 1:_last_line(code)])
+
+
+def _last_line(code: types.CodeType) -> int:
+    nested = [_last_line(c) for c in code.co_consts if isinstance(c, types.CodeType)]
+    return max([line for _start, _end, line in code.co_lines() if line is not None] + nested)
+
+
+def fingerprint(name: str) -> str:
+    """A short digest of ``source_of(name)``: it changes whenever that code changes."""
+    return hashlib.sha256(source_of(name).encode()).hexdigest()[:16]
+
+
+def fingerprints() -> dict[str, str]:
+    """``fingerprint`` of every relied-on function pynetdicom defines (not of plain
+    attributes, nor of what it imports from elsewhere)."""
+    out: dict[str, str] = {}
+    for internal in INTERNALS:
+        try:
+            code = _code_of(resolve(internal.name))
+        except (AttributeError, ImportError, KeyError):
+            continue
+        if inspect.isfunction(code) and code.__module__.startswith("pynetdicom"):
+            out[internal.name] = fingerprint(internal.name)
+    return out
+
+
+def problems() -> list[str]:
+    """Why the changes would not fit the installed pynetdicom ([] when they do)."""
+    found: list[str] = []
+    for internal in INTERNALS:
+        try:
+            obj = resolve(internal.name)
+        except (AttributeError, ImportError, KeyError):
+            found.append(f"pynetdicom.{internal.name} is gone ({internal.why})")
+            continue
+        if internal.source:
+            try:
+                code = source_of(internal.name)
+            except (OSError, TypeError):
+                found.append(f"pynetdicom.{internal.name}: its source cannot be read")
+                continue
+            missing = [s for s in internal.source if s not in code]
+            if missing:
+                found.append(f"pynetdicom.{internal.name} changed ({internal.why}): no "
+                             + ", ".join(repr(s) for s in missing))
+        if internal.params is not None:
+            try:
+                params = tuple(inspect.signature(_code_of(obj)).parameters)
+            except (TypeError, ValueError):
+                params = ()
+            if params != internal.params:
+                found.append(f"pynetdicom.{internal.name} takes {params}, not "
+                             f"{internal.params} ({internal.why})")
+    try:
+        if not isinstance(resolve("association.time"), types.ModuleType):
+            found.append("pynetdicom.association.time is not the time module")
+    except AttributeError:
+        pass  # said above
+    return found
+
+
+# The code of the functions relied on, as reviewed: pynetdicom 3.0.0, 3.0.1, 3.0.3 and
+# 3.0.4 (there is no 3.0.2 on PyPI) all have exactly this code. A new pynetdicom whose
+# code differs fails tests/test_dicom_patches.py until someone has read the difference,
+# made sure every change here still holds, and recorded the new digest.
+REVIEWED: dict[str, str] = {
+    "association.Association._run_reactor": "f28838c5559e462a",
+    "association.Association._serve_request": "2f24c1759cdf6c8c",
+    "association.Association.__init__": "eb07516b8009ad8f",
+    "dul.DULServiceProvider.__init__": "c82dafa9438ddf70",
+    "dul.DULServiceProvider.run_reactor": "e3a10eb3a0931e48",
+    "dul.DULServiceProvider._is_transport_event": "8725ed03bb8fbdef",
+    "dul.DULServiceProvider._read_pdu_data": "19f2d4e38c13c835",
+    "transport.AssociationSocket.__init__": "1f0325fdef2cc353",
+    "transport.AssociationSocket.recv": "6bc20a33b1b7cfe7",
+    "transport.AssociationSocket.ready": "3eb58e3d39dc076d",
+    "dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
+    "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a76be",
+    "service_class.StorageServiceClass.SCP": "63afca7fc6c6e7ee",
+    "dsutils.create_file_meta": "035ed415f5aeea15",
+    "pdu_primitives.P_DATA.presentation_data_value_list": "9f2d171cdd1e929b",
+}
+
+
+# -- the changes ---------------------------------------------------------------------------
+
+class _ShortSleepTime:
+    """Stands in for the ``time`` module inside ``pynetdicom.association``: only the
+    reactor's 1 ms poll changes. It becomes ``FAST_DELAY`` while the association is
+    busy (a loop that took longer than an idle one did some work within ``LINGER``)
+    and stays 1 ms on an idle association, which would otherwise cost CPU for nothing."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._local = threading.local()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds != 0.001:
+            time.sleep(seconds)
+            return
+        local = self._local
+        now = time.monotonic()
+        if now - getattr(local, "woke", 0.0) > BUSY_LOOP:
+            local.busy_until = now + LINGER
+        time.sleep(self.delay if now < getattr(local, "busy_until", 0.0) else seconds)
+        local.woke = time.monotonic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _dul_delay(self: dul.DULServiceProvider) -> float:
+    """``DULServiceProvider._run_loop_delay``: short while PDUs arrive, 1 ms when idle."""
+    last = getattr(self.socket, "_dts_last_rx", 0.0)
+    return FAST_DELAY if time.monotonic() - last < LINGER else 0.001
+
+
+def _ignore_delay(self: dul.DULServiceProvider, value: float) -> None:
+    pass  # pynetdicom's __init__ assigns its 1 ms; the property decides
+
+
+def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading large chunks straight into the result buffer
+    and re-arming TCP_QUICKACK before each read. Same contract as the original:
+    blocks until ``nr_bytes`` are read, returns less only when the peer closed."""
+    sock = self.socket
+    assert sock is not None
+    self._dts_last_rx = time.monotonic()  # type: ignore[attr-defined]
+    return wire.recv_exact(sock, nr_bytes, ack=True)
+
+
+def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def __init__(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        # Requestor sockets are tuned before connect(), accepted ones right away;
+        # TLS wraps the same descriptor, so the options survive the handshake.
+        wire.set_nodelay(self.socket)
+
+    __init__._dts_tuned = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def _serve_request(self: association.Association, msg: Any, context_id: int) -> None:
+    """``Association._serve_request``, after which the SCP fast path may keep the
+    association's socket (``scp.take``)."""
+    loop = scp.take(self, msg)
+    try:
+        _originals["association.Association._serve_request"](self, msg, context_id)
+    except BaseException:
+        if loop is not None:
+            loop.give()
+        raise
+    if loop is not None:
+        loop.run()
+
+
+def tune() -> bool:
+    """Apply dts's changes to pynetdicom once per process; True when applied.
+
+    With a pynetdicom outside ``SUPPORTED``, or one whose internals do not look as
+    expected, nothing is changed (the station still works, only slower) and a warning
+    says so.
+    """
+    global _tuned
+    with _tune_lock:
+        if _tuned:
+            return True
+        if not version_ok():
+            LOGGER.warning("pynetdicom %s is installed, dts is tuned for %s: running "
+                           "without its network tuning", pynetdicom.__version__,
+                           SUPPORTED_TEXT)
+            return False
+        found = problems()
+        if found:
+            LOGGER.warning("pynetdicom %s does not look as dts expects, running without its "
+                           "network tuning: %s", pynetdicom.__version__, "; ".join(found))
+            return False
+        _originals.update({
+            "association.time": association.time,
+            "association.Association._serve_request": association.Association._serve_request,
+            "dul.DULServiceProvider._is_transport_event":
+                dul.DULServiceProvider._is_transport_event,
+            "transport.AssociationSocket.recv": transport.AssociationSocket.recv,
+            "transport.AssociationSocket.__init__": transport.AssociationSocket.__init__,
+        })
+        association.time = _ShortSleepTime(FAST_DELAY)  # type: ignore[assignment]
+        dul.DULServiceProvider._run_loop_delay = property(  # type: ignore[assignment]
+            _dul_delay, _ignore_delay)
+        transport.AssociationSocket.__init__ = _patch_socket_init(  # type: ignore[method-assign]
+            transport.AssociationSocket.__init__)
+        transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        association.Association._serve_request = _serve_request  # type: ignore[method-assign]
+        locked = takeover.locked_transport_event(dul.DULServiceProvider._is_transport_event)
+        dul.DULServiceProvider._is_transport_event = locked  # type: ignore
+        _tuned = True
+        return True
+
+
+def set_receive_directory(path: Path | None) -> None:
+    """Have pynetdicom write received C-STORE data sets into files under ``path``
+    (the spool's ``tmp/``: same filesystem, so the handler can rename them into
+    place); None goes back to holding them in memory. Process-wide."""
+    if path is None:
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore
+        return
+    folder = str(path)
+
+    def factory(*args: Any, **kwargs: Any) -> scp.ReceiveFile:
+        return scp.ReceiveFile(folder)
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = factory  # type: ignore
+
+
+def send_files_as_encoded() -> None:
+    """pynetdicom's ``send_c_store(path)`` streams a file's data set as encoded instead
+    of decoding and re-encoding it."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
