@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+from pynetdicom import acse
 
 from dts import sender
 from dts.config import StationConfig
@@ -275,6 +276,30 @@ def test_association_rejected_for_good_fails_at_once(
     data = job_data(spool, job_id)
     assert data["attempts"] == 1
     assert "rejected the association" in data["error"] and "Permanent" in data["error"]
+
+
+def test_a_rejection_pynetdicom_read_too_early_is_still_for_good(
+        tmp_path: Path, storescp_factory: Callable[..., StoreSCP],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """storescp --refuse rejects and closes at once. When pynetdicom's DUL thread has read
+    the rejection and closed the socket before the requestor looks at it (a busy machine),
+    pynetdicom aborts with the A-ASSOCIATE-RJ unread: the store still says "for good".
+    The requestor is made late on purpose; the peer is real."""
+    scp = storescp_factory("REFUSES", args=["--refuse"])
+    original = acse.ACSE.send_request
+
+    def late(self: Any) -> None:
+        original(self)
+        wait_for(lambda: self.dul.to_user_queue.qsize() and not self.socket._is_connected,
+                 timeout=10, what="the DUL thread reading the rejection and closing")
+
+    monkeypatch.setattr(acse.ACSE, "send_request", late)
+    path = make_instance(tmp_path / "a.dcm", study_uid=generate_uid(), series_uid=generate_uid())
+    items, _ = dicom_store.scan([path])
+    peer = dicom_store.Peer("archive", scp.aet, "127.0.0.1", scp.port, "DTS")
+    result = dicom_store.store(peer, items, dicom_store.NetSettings(dimse_timeout=10))
+    assert result.temporary is None, result.temporary
+    assert result.refused is not None and "Rejected Permanent" in result.refused
 
 
 def test_peer_aborting_every_store_is_temporary(

@@ -20,6 +20,7 @@ from typing import Any
 
 import pynetdicom
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
 from . import patches
@@ -46,6 +47,25 @@ def make_ae(ae_title: str, *, max_pdu: int = DEFAULT_MAX_PDU, acse_timeout: floa
     ae.connection_timeout = connection_timeout
     ae.maximum_associations = max_associations
     return ae
+
+
+def associate(ae: AE, host: str, port: int, *, ae_title: str,
+              tls_args: tuple[ssl.SSLContext, str] | None = None) -> Any:
+    """``ae.associate()``, with the peer's rejection even when pynetdicom lost it.
+
+    pynetdicom 3.0's requestor looks whether its socket is still connected only after it
+    sent the A-ASSOCIATE-RQ. A peer that rejects and closes at once (dcmtk's ``storescp
+    --refuse`` does) may have been read and closed by the DUL thread by then: pynetdicom
+    aborts, and the A-ASSOCIATE-RJ it received waits unread in the DUL's queue. Taken from
+    there, a rejection for good is reported as one instead of as an unreachable peer."""
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    if not assoc.is_established and not assoc.is_rejected and patches.version_ok():
+        rejection = next((p for p in list(assoc.dul.to_user_queue.queue)
+                          if isinstance(p, A_ASSOCIATE) and p.result in (0x01, 0x02)), None)
+        if rejection is not None:
+            assoc.acceptor.primitive = rejection
+            assoc.is_rejected, assoc.is_aborted = True, False
+    return assoc
 
 
 def storage_contexts() -> list[PresentationContext]:
@@ -197,7 +217,7 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
                  network_timeout=timeout, connection_timeout=timeout)
     ae.add_requested_context(pynetdicom.sop_class.Verification)  # type: ignore[attr-defined]
     tls_args = (tls, server_name or host) if tls is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    assoc = associate(ae, host, port, ae_title=called_ae, tls_args=tls_args)
     if assoc.is_rejected:
         raise NetworkError(f"{called_ae} at {host}:{port} rejected the association")
     if not assoc.is_established:

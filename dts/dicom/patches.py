@@ -145,6 +145,11 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("_config.STORE_SEND_CHUNKED_DATASET", "files sent as encoded"),
     Internal("pdu_primitives.P_DATA.presentation_data_value_list",
              "the SCP fast path builds a P-DATA for pynetdicom's DIMSE layer"),
+    Internal("acse.ACSE._negotiate_as_requestor",
+             "ae.associate: a rejection read before the socket check stays in to_user_queue",
+             source=("if not socket._is_connected:", "self.dul.receive_pdu(wait=True")),
+    Internal("dul.DULServiceProvider.receive_pdu", "the queue ae.associate looks in",
+             source=("self.to_user_queue.get(",)),
 )
 
 
@@ -259,6 +264,8 @@ REVIEWED: dict[str, str] = {
     "service_class.StorageServiceClass.SCP": "63afca7fc6c6e7ee",
     "dsutils.create_file_meta": "035ed415f5aeea15",
     "pdu_primitives.P_DATA.presentation_data_value_list": "9f2d171cdd1e929b",
+    "acse.ACSE._negotiate_as_requestor": "507959152c5896c6",
+    "dul.DULServiceProvider.receive_pdu": "fa67339834ca998c",
 }
 
 

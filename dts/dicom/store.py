@@ -213,7 +213,8 @@ def _associate(peer: Peer, contexts: list[PresentationContext],
                           connection_timeout=net.connect_timeout)
     ae.requested_contexts = contexts
     tls_args = (peer.tls, peer.server_name or peer.host) if peer.tls is not None else None
-    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    return dicom_ae.associate(ae, peer.host, peer.port, ae_title=peer.ae_title,
+                              tls_args=tls_args)
 
 
 def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
