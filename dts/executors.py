@@ -1,6 +1,6 @@
 """Owns how a stream's processing is run: in a container (Docker Engine API) or as a command.
 
-Both executors keep one contract (DESIGN.md "dts run"): the processing reads a
+Both executors keep one contract (README "What the processing sees"): the processing reads a
 prepared input view (``/input`` in a container, ``{input}`` for a command), writes
 into an output folder, gets the stream's parameters and ``DTS_INPUT``,
 ``DTS_OUTPUT``, ``DTS_JOB`` in its environment, is killed at its timeout, and its

@@ -8,8 +8,8 @@ so survives a read, change, write by any stage. Nested objects keep unknown keys
 way. Values are what JSON gives: strings, numbers, booleans, null, lists, objects; times
 are ISO-8601 UTC strings (``spool.isotime()``, ``2026-11-26T10:57:00.123456Z``).
 
-Keys, grouped by who writes them (DESIGN.md "A job folder" and the sections after it are
-the contract: no key is renamed or removed).
+Keys, grouped by who writes them. They are a contract that scripts and outside tests rely
+on (the README's job folder, docs/architecture.md): none is renamed or removed.
 
 Every write (``Job.write``):
   ``id`` (str)             the job id, the folder's name; rewritten on every write.

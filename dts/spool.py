@@ -1,12 +1,12 @@
 """Owns the spool: the Maildir-style queue folders every stage hands work through.
 
-Protocol (see DESIGN.md): everything is written under ``tmp/`` first and published
-with one ``rename()`` into ``<queue>/new/``; a worker claims a job by taking an
-exclusive ``flock`` on ``<job>/.lock`` and renaming it into ``<queue>/cur/``; it
-keeps the lock while it works and finishes with one more rename. A worker that
-dies leaves its job in ``cur/`` with the lock released by the kernel: ``recover()``
-takes such locks and moves the jobs back to ``new/``. Nothing else in dts moves
-or deletes job folders.
+Protocol (README "The spool", docs/architecture.md): everything is written under
+``tmp/`` first and published with one ``rename()`` into ``<queue>/new/``; a worker
+claims a job by taking an exclusive ``flock`` on ``<job>/.lock`` and renaming it into
+``<queue>/cur/``; it keeps the lock while it works and finishes with one more rename. A
+worker that dies leaves its job in ``cur/`` with the lock released by the kernel:
+``recover()`` takes such locks and moves the jobs back to ``new/``. Nothing else in dts
+moves or deletes job folders.
 
 What job.json holds is ``dts.jobrecord``'s: ``Job.read()`` returns a ``JobRecord`` and
 ``Job.write()`` takes one (re-exported here), so every reader and writer is type-checked.

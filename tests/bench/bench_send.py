@@ -5,7 +5,7 @@ each by default) is sent to one storescp (writing files, ``-od``) over one assoc
 alternately by ``dts send --to`` and by ``/usr/bin/storescu``, ``--runs`` times each, each
 timed as a whole command (start-up included); the medians of images/s and their ratio are
 printed (target: dts ≥ 0.8 × storescu). Both dcmtk programs run with ``TCP_NODELAY=1``
-in their environment (dcmtk leaves Nagle's algorithm on otherwise, see PERFORMANCE.md);
+in their environment (dcmtk leaves Nagle's algorithm on otherwise, see docs/performance.md);
 ``--no-nodelay`` measures the dcmtk defaults instead.
 Only 127.0.0.1 is used.
 

@@ -40,7 +40,7 @@ output folder, and returns when its port accepts connections. Options:
 - ``args=()``: more storescp options, e.g. ``["--abort-after"]``, ``["--refuse"]``,
   ``["+xi"]`` (implicit VR only), ``["--sleep-after", "1"]``.
 - ``nodelay=True``: run with ``TCP_NODELAY=1`` in its environment (dcmtk leaves Nagle on
-  otherwise; see PERFORMANCE.md).
+  otherwise; see docs/performance.md).
 - ``out_dir=None``: where files go (a fresh folder under ``tmp_path`` by default).
 
 A ``StoreSCP`` has ``aet``, ``host``, ``port``, ``out_dir``, ``log``, ``proc``, and methods
