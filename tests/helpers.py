@@ -34,6 +34,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets (client, server side): a peer made by hand."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    left = socket.create_connection(srv.getsockname())
+    right, _ = srv.accept()
+    srv.close()
+    return left, right
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
              what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from dts.dicom import ae as dicom_ae
 from dts.dicom import patches
-from tests.helpers import free_port, make_instance, wait_for
+from tests.helpers import free_port, make_instance, tcp_pair, wait_for
 
 
 def _original(fn: Any) -> Any:
@@ -237,7 +237,7 @@ def test_quickack_is_rearmed_before_reads() -> None:
         def recv_into(self, *args: Any) -> int:
             return self.sock.recv_into(*args)
 
-    left, right = _tcp_pair()
+    left, right = tcp_pair()
     try:
         holder = transport.AssociationSocket.__new__(transport.AssociationSocket)
         holder.socket = Recorder(right)  # type: ignore[assignment]
@@ -250,16 +250,6 @@ def test_quickack_is_rearmed_before_reads() -> None:
     finally:
         left.close()
         right.close()
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    left = socket.create_connection(srv.getsockname())
-    right, _ = srv.accept()
-    srv.close()
-    return left, right
 
 
 def test_echo_helper_reachable_and_closed_port(scp: Any) -> None:

@@ -12,16 +12,7 @@ import pytest
 from pynetdicom import transport
 
 from dts.dicom import takeover
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    left = socket.create_connection(srv.getsockname())
-    right, _ = srv.accept()
-    srv.close()
-    return left, right
+from tests.helpers import tcp_pair
 
 
 class _Reading:
@@ -53,7 +44,7 @@ class _UnlockedDUL(_Reading):
 
 @pytest.fixture
 def pair() -> Any:
-    left, right = _tcp_pair()
+    left, right = tcp_pair()
     yield left, right
     left.close()
     right.close()

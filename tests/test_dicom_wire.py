@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import struct
 import threading
 
 import pytest
 
 from dts.dicom import wire
+from tests.helpers import tcp_pair
 
 
 def _pdv(cx: int, flags: int, data: bytes) -> bytes:
@@ -51,18 +51,8 @@ def test_pdv_header_checks_against_what_is_left() -> None:
         wire.pdv_header(head, 5)
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    left = socket.create_connection(srv.getsockname())
-    right, _ = srv.accept()
-    srv.close()
-    return left, right
-
-
 def test_exact_reads_across_segments_and_a_closed_peer() -> None:
-    left, right = _tcp_pair()
+    left, right = tcp_pair()
     try:
         sender = threading.Thread(target=lambda: [left.sendall(b"x" * 70000),
                                                   left.sendall(b"y" * 10)])
