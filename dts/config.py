@@ -333,6 +333,13 @@ def _parameters(value: Any) -> dict[str, str]:
     return out
 
 
+def _default_rules(base: Path) -> Path:
+    """``classifyRules.json`` beside the configuration, else the one dts ships (a station
+    configured in /etc/dts with a few keys classifies with the default rules)."""
+    beside = base / "classifyRules.json"
+    return beside if beside.exists() else PACKAGED_CONFIG.parent / "classifyRules.json"
+
+
 def _station(file: str, data: Any, base: Path) -> StationConfig:
     t = _Table(file, "station", data)
     d = StationConfig()
@@ -359,7 +366,7 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         allowed_hosts=t.convert("allowed_hosts", _string_list(_host_pattern), ()),
         min_free_mb=t.convert("min_free_mb", _positive_int, d.min_free_mb),
         max_parallel_runs=t.convert("max_parallel_runs", _positive_int, d.max_parallel_runs),
-        classify_rules=t.convert("classify_rules", _path(base), base / "classifyRules.json"),
+        classify_rules=t.convert("classify_rules", _path(base), _default_rules(base)),
         max_pdu=t.convert("max_pdu", _positive_int, d.max_pdu),
         max_associations=t.convert("max_associations", _positive_int, d.max_associations),
         dimse_timeout=t.convert("dimse_timeout", _duration, d.dimse_timeout),

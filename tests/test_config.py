@@ -145,6 +145,20 @@ def test_packaged_default_keeps_its_spool_outside_the_package(
     assert config.load(spool=tmp_path / "mine").station.spool == tmp_path / "mine"
 
 
+def test_rule_file_beside_the_configuration_else_the_shipped_one(tmp_path: Path) -> None:
+    path = tmp_path / "dts.toml"
+    path.write_text(f'[station]\nspool = "{tmp_path / "spool"}"\n')
+    assert config.load(path).station.classify_rules == \
+        config.PACKAGED_CONFIG.parent / "classifyRules.json"
+    (tmp_path / "classifyRules.json").write_text("[]")
+    assert config.load(path).station.classify_rules == tmp_path / "classifyRules.json"
+    named = tmp_path / "named.toml"
+    named.write_text('[station]\nclassify_rules = "missing.json"\n')
+    with pytest.raises(ConfigError) as err:  # a file named but missing is an error
+        config.load(named)
+    assert err.value.key == "station.classify_rules" and "no such file" in err.value.reason
+
+
 def test_folder_in_the_spool_follows_the_spool(tmp_path: Path) -> None:
     path = _write(tmp_path, f'spool = "{tmp_path / "a"}"\n'
                   '[[destination]]\nname = "out"\nfolder = "{spool}/results"\n')
@@ -234,6 +248,19 @@ def test_wheel_install_runs_without_a_configuration(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=60, check=False)
         assert check.returncode == 0, check.stderr
         assert f"{site}/dts/data/dts.toml: ok" in check.stdout
+        broken = tmp_path / "broken.toml"
+        broken.write_text('[station]\nmax_attempts = "many"\n')
+        refused = subprocess.run([python, "-m", "dts", "config", "check", str(broken)],
+                                 cwd=empty, env=env, capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert refused.returncode == 2 and "station.max_attempts" in refused.stderr
+        secret = tmp_path / "secret.toml"
+        secret.write_text('[journal]\nurl = "postgresql://user:s3cr3t-pw@host/db"\n')
+        shown = subprocess.run([python, "-m", "dts", "--config", str(secret), "config", "show",
+                                "--json"], cwd=empty, env=env, capture_output=True, text=True,
+                               timeout=60, check=False)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["journal"]["url"] == "postgresql://user:***@host/db"
         assert list(empty.iterdir()) == []
     finally:
         if created and expected == "/var/spool/dts":
