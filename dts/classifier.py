@@ -322,7 +322,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         return _fail(station, claim, data, str(exc))
     study_bytes = dump_json(study.doc)
     write_file_durably(claim.job.path / "study.json", study_bytes)
-    counts = {"series": len(study.series), "instances": study.images,
+    counts: dict[str, Any] = {"series": len(study.series), "instances": study.images,
               "headers_read": study.headers_read}
     data.pop("error", None)
     data["classified_at"] = isotime()

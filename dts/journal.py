@@ -10,8 +10,10 @@ a SQL database is ``dts.journaldb``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -88,6 +90,8 @@ class Event(StrEnum):
     JOURNAL_DB_UNUSABLE = "journal-db-unusable"  # [journal] url cannot be used at all
     JOURNAL_DB_DOWN = "journal-db-down"          # the journal database became unreachable
     JOURNAL_DB_UP = "journal-db-up"              # it is reachable again
+    # any stage
+    JOURNAL_LOST = "journal-lost"                # lines that could not be written (disk full)
 
 
 # Keys every event has (the journal database has one column for each; the rest of an
@@ -98,27 +102,109 @@ EVENT_KEYS = ("time", "job", "stage", "event", "status", "message", "study_uid",
 _FROM_JOB: tuple[Literal["study_uid", "accession", "stream"], ...] = (
     "study_uid", "accession", "stream")
 _HOST = socket.gethostname()
+LOGGER = logging.getLogger(__name__)
 
 
 def _append_line(path: Path, line: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, line)
+        view = memoryview(line)
+        while view:  # a short write (the disk filled up) ends in an OSError, not silently
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
 
 
+@dataclass
+class _Lost:
+    """Journal lines a ``best_effort`` emit could not write, until they are reported."""
+
+    count: int
+    stage: str
+    first: str
+    last: str
+    reason: str
+    events: dict[str, int]
+
+
 class Journal:
-    """Writes events of one station."""
+    """Writes events of one station.
+
+    A line that must not hold up what it records (the receiver refuses an instance because
+    the disk is full: the refusal must go out even though its line cannot be written) is
+    emitted with ``best_effort=True``: when it cannot be written it is counted, said once on
+    stderr, and the count is written as one ``journal-lost`` event before the next line that
+    can be written (or at ``report_lost()``, which the receiver calls as it polls). The
+    count lives in this process only: a process that dies before the disk has room again
+    leaves only its stderr line."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
+        self._lost_lock = threading.Lock()
+        self._lost: _Lost | None = None
 
     def emit(self, stage: Stage | str, event: Event, status: Status | str = Status.INFO,
              message: str = "", *, job: Job | None = None,
-             job_data: JobRecord | None = None, **fields: Any) -> dict[str, Any]:
+             job_data: JobRecord | None = None, best_effort: bool = False,
+             **fields: Any) -> dict[str, Any]:
         """Record one event and return it. ``job_data`` saves re-reading job.json.
-        ValueError for an event that is not an ``Event`` (nor the value of one)."""
+        ValueError for an event that is not an ``Event`` (nor the value of one). OSError
+        when the line cannot be written, unless ``best_effort``: then it is counted for a
+        later ``journal-lost`` event (see the class)."""
+        record = self._record(stage, event, status, message, job, job_data, fields)
+        if self._lost is not None and event != Event.JOURNAL_LOST:
+            self.report_lost()
+        try:
+            # A line after lost ones starts on a line of its own: one of them may have
+            # been cut short by the full disk.
+            self._write(record, job, lead=b"\n" if event == Event.JOURNAL_LOST else b"")
+        except OSError as exc:
+            if not best_effort:
+                raise
+            self._count_lost(record, exc)
+        return record
+
+    def report_lost(self) -> bool:
+        """Write the ``journal-lost`` event of the lines counted so far, if any and if it can
+        be written now; True when nothing remains unreported."""
+        with self._lost_lock:
+            lost = self._lost
+            if lost is None:
+                return True
+            try:
+                self.emit(lost.stage, Event.JOURNAL_LOST, Status.ERROR,
+                          f"{lost.count} journal line(s) could not be written between "
+                          f"{lost.first} and {lost.last}: {lost.reason}",
+                          lost=lost.count, first_lost=lost.first, last_lost=lost.last,
+                          reason=lost.reason, lost_events=dict(lost.events))
+            except OSError:
+                return False
+            self._lost = None
+        LOGGER.warning("the journal can be written again; %d line(s) were lost (reported as "
+                       "a journal-lost event)", lost.count)
+        return True
+
+    def lost(self) -> int:
+        """How many lines wait to be reported as lost."""
+        lost = self._lost
+        return lost.count if lost is not None else 0
+
+    def _count_lost(self, record: dict[str, Any], exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        with self._lost_lock:
+            lost = self._lost
+            if lost is None:
+                self._lost = lost = _Lost(0, record["stage"], record["time"], record["time"],
+                                          reason, {})
+                LOGGER.error("the journal cannot be written (%s); lines are counted and "
+                             "reported as a journal-lost event once it can", reason)
+            lost.count += 1
+            lost.last = record["time"]
+            lost.events[record["event"]] = lost.events.get(record["event"], 0) + 1
+
+    def _record(self, stage: Stage | str, event: Event, status: Status | str, message: str,
+                job: Job | None, job_data: JobRecord | None,
+                fields: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {
             "time": isotime(),
             "job": job.id if job is not None else fields.pop("job", None),
@@ -140,7 +226,10 @@ class Journal:
         record["host"] = _HOST
         record["pid"] = os.getpid()
         record.update({k: v for k, v in fields.items() if v is not None})
-        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        return record
+
+    def _write(self, record: dict[str, Any], job: Job | None, lead: bytes = b"") -> None:
+        line = lead + (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         if job is not None:
             try:
                 _append_line(job.events_file, line)
@@ -148,7 +237,6 @@ class Journal:
                 pass  # job moved on meanwhile; the station log still has it
         self.spool.log_dir.mkdir(parents=True, exist_ok=True)
         _append_line(self.log_file(record["time"]), line)
-        return record
 
     def log_file(self, time_text: str) -> Path:
         return self.spool.log_dir / f"{time_text[:10]}.jsonl"

@@ -161,6 +161,7 @@ class Receiver:
         self._incoming = str(self.spool.incoming)
         self._tmp = str(self.spool.tmp)
         self._free_ok = True
+        self._unfinished = False  # a publication failed after its files moved to tmp/
 
     # -- life cycle -----------------------------------------------------------
     def start(self) -> None:
@@ -198,7 +199,7 @@ class Receiver:
         self._checker.start()
         self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STARTED, Status.INFO,
                                   f"listening on {self.host}:{self.port} as {self.cfg.ae_title}",
-                                  port=self.port, ae_title=self.cfg.ae_title)
+                                  port=self.port, ae_title=self.cfg.ae_title, best_effort=True)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let open associations finish (up to ``timeout``, then abort
@@ -227,12 +228,20 @@ class Receiver:
             self._checker.join(10)
         self.publish_stable()
         self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STOPPED, Status.INFO,
-                                  "receiver stopped", port=self.port)
+                                  "receiver stopped", port=self.port, best_effort=True)
 
     def _check_loop(self) -> None:
         interval = min(0.5, max(0.05, self.cfg.stable_seconds / 5))
         while not self._stop.wait(interval):
             try:
+                self.station.journal.report_lost()  # refusals a full disk kept out of it
+                if self._unfinished:  # e.g. job.json could not be written: disk full
+                    self._unfinished = False
+                    try:
+                        self._recover_tmp(live=True)
+                    except BaseException:
+                        self._unfinished = True
+                        raise
                 self.publish_stable()
             except Exception:  # keep serving; the next round tries again
                 LOGGER.exception("publishing stable studies failed")
@@ -250,7 +259,7 @@ class Receiver:
             self.station.journal.emit(
                 Stage.RECEIVE, Event.ASSOCIATION_REFUSED, Status.WARNING,
                 f"refused association from {calling}@{peer} to {called}: {reason}",
-                **conn.as_dict(), reason=reason)
+                **conn.as_dict(), reason=reason, best_effort=True)
             assoc.acse.send_reject(0x01, 0x01, diagnostic)
             return
         with self._lock:
@@ -333,6 +342,8 @@ class Receiver:
             header = read_header(path)
         except ValueError as exc:
             return self._refuse(conn, CANNOT_UNDERSTAND, str(exc), None)
+        except OSError as exc:
+            return self._refuse(conn, OUT_OF_RESOURCES, f"cannot read: {exc}", None)
         command_sop = str(req.AffectedSOPInstanceUID or "")
         if not header.get("sop_uid"):
             header["sop_uid"] = command_sop
@@ -393,16 +404,25 @@ class Receiver:
 
     def _refuse(self, conn: Connection, status: int, reason: str,
                 header: dict[str, str | None] | None) -> int:
+        """Journal the refusal and return ``status``. The status goes out whatever happens
+        to the line: on a full disk the line cannot be written (``best_effort``: counted and
+        reported later), and an exception here would reach the peer as 0xC211, a permanent
+        failure, instead of the 0xA700 that tells it to try again."""
         study = (header or {}).get("study_uid")
         sop = (header or {}).get("sop_uid")
-        self.station.journal.emit(
-            Stage.RECEIVE, Event.INSTANCE_REFUSED,
-            Status.ERROR if status == OUT_OF_RESOURCES else Status.WARNING,
-            f"refused an instance from {conn.calling_ae}@{conn.peer} with 0x{status:04X}: "
-            f"{reason}",
-            study_uid=study if valid_uid(study) else None,
-            sop_uid=sop if valid_uid(sop) else None,
-            dimse_status=f"0x{status:04X}", reason=reason, **conn.as_dict())
+        try:
+            self.station.journal.emit(
+                Stage.RECEIVE, Event.INSTANCE_REFUSED,
+                Status.ERROR if status == OUT_OF_RESOURCES else Status.WARNING,
+                f"refused an instance from {conn.calling_ae}@{conn.peer} with 0x{status:04X}: "
+                f"{reason}",
+                study_uid=study if valid_uid(study) else None,
+                sop_uid=sop if valid_uid(sop) else None,
+                dimse_status=f"0x{status:04X}", reason=reason, **conn.as_dict(),
+                best_effort=True)
+        except Exception:
+            LOGGER.exception("cannot journal the refusal of an instance (0x%04X: %s)",
+                             status, reason)
         return status
 
     def _enter(self, study_uid: str, assoc_key: int, conn: Connection,
@@ -498,13 +518,13 @@ class Receiver:
                         jobs.append(job_id)
                 except Exception as exc:
                     LOGGER.exception("cannot publish study %s", st.uid)
+                    with self._lock:  # try again later (first: the journal may be full too)
+                        st.last = time.monotonic()
+                        self._studies.setdefault(st.uid, st)
                     self.station.journal.emit(Stage.RECEIVE, Event.PUBLISH_FAILED, Status.ERROR,
                                               f"cannot publish study {st.uid}: {exc}; it stays "
                                               "in incoming/ and is tried again",
-                                              study_uid=st.uid)
-                    with self._lock:  # try again later
-                        st.last = time.monotonic()
-                        self._studies.setdefault(st.uid, st)
+                                              study_uid=st.uid, best_effort=True)
                 finally:
                     with self._lock:
                         done = self._moving.pop(st.uid, None)
@@ -519,14 +539,22 @@ class Receiver:
             return None
         job = spool.create_tmp_job()
         fd = _hold(job.path)
+        moved = False
         try:
             write_file_durably(job.path / MARKER, dump_json({"study_uid": st.uid,
                                                              "duplicates": st.duplicates}))
             fsync_dir(spool.tmp)
             os.rename(study_dir, job.input_dir)  # step 2: the files move with their folder
+            moved = True
             fsync_dir(spool.incoming)
             fsync_dir(job.path)
             return self._finish(job, st.uid, st.duplicates)
+        except BaseException:
+            if moved:  # the files are in tmp/<job>: finished from there (_recover_tmp)
+                self._unfinished = True
+            else:  # nothing moved: no empty job left behind for every retry
+                shutil.rmtree(job.path, ignore_errors=True)
+            raise
         finally:
             _release(fd)
 
@@ -557,10 +585,37 @@ class Receiver:
     def recover(self) -> list[str]:
         """Finish publications a crash interrupted and adopt studies left in incoming/.
         Returns the ids of jobs published now."""
+        published = self._recover_tmp()
+        now = time.monotonic()
+        with self._lock:
+            for entry in os.scandir(self.spool.incoming):
+                if not entry.is_dir() or entry.name in self._studies:
+                    continue
+                study_dir = Path(entry.path)
+                if not valid_uid(entry.name):
+                    continue  # not ours: leave it be
+                if not any(e.is_dir() for e in os.scandir(study_dir)):
+                    shutil.rmtree(study_dir, ignore_errors=True)  # nothing acknowledged in it
+                    continue
+                try:
+                    meta = json.loads((study_dir / STUDY_META).read_bytes())
+                except (OSError, ValueError):
+                    meta = {}
+                st = _Study(entry.name, meta=meta, last=now,
+                            series={e.name for e in os.scandir(study_dir) if e.is_dir()},
+                            sources=list(meta.get("sources") or []))
+                self._studies[entry.name] = st
+        return published
+
+    def _recover_tmp(self, *, live: bool = False) -> list[str]:
+        """Finish every marked publication in tmp/ that nobody holds (a crash, or, while
+        ``live``, a publication that failed after its files moved: the disk was full)."""
         spool = self.spool
         published: list[str] = []
         for entry in sorted(os.scandir(spool.tmp), key=lambda e: e.name):
             if entry.name.startswith(".rx-") and entry.is_file():
+                if live:
+                    continue  # may be an instance arriving right now
                 try:  # half-received instances of a dead receiver: never acknowledged
                     if time.time() - entry.stat().st_mtime > 60:
                         os.unlink(entry.path)
@@ -594,25 +649,6 @@ class Receiver:
                 published.append(self._finish(job, study_uid, int(marker.get("duplicates") or 0)))
             finally:
                 _release(fd)
-        now = time.monotonic()
-        with self._lock:
-            for entry in os.scandir(spool.incoming):
-                if not entry.is_dir() or entry.name in self._studies:
-                    continue
-                study_dir = Path(entry.path)
-                if not valid_uid(entry.name):
-                    continue  # not ours: leave it be
-                if not any(e.is_dir() for e in os.scandir(study_dir)):
-                    shutil.rmtree(study_dir, ignore_errors=True)  # nothing acknowledged in it
-                    continue
-                try:
-                    meta = json.loads((study_dir / STUDY_META).read_bytes())
-                except (OSError, ValueError):
-                    meta = {}
-                st = _Study(entry.name, meta=meta, last=now,
-                            series={e.name for e in os.scandir(study_dir) if e.is_dir()},
-                            sources=list(meta.get("sources") or []))
-                self._studies[entry.name] = st
         return published
 
     def pending(self) -> list[str]:

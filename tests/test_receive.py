@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -480,3 +481,137 @@ def test_aborted_association_keeps_what_was_acknowledged(start_receiver: Any,
     assoc.abort()
     (job,) = rx.wait_jobs(1)
     assert set().union(*_input_sops(job).values()) == {f.stem for f in files[:2]}
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last block; the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        chunk = b"\0" * (1 << 20)
+        while chunk:
+            try:
+                fh.write(chunk)
+            except OSError:
+                chunk = chunk[:len(chunk) // 2]  # down to single bytes: every block taken
+    return filler
+
+
+def _store_statuses(output: str) -> list[str]:
+    """Each ``Received Store Response (...)`` of ``storescu -v`` output, in order."""
+    return re.findall(r"Received Store Response \(([^)]*)\)", output)
+
+
+@contextlib.contextmanager
+def _small_spool(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path/spool`` on a tmpfs of 8 MB of its own (unmounted afterwards)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(spool)], check=True,
+                   timeout=30)
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False, timeout=30)
+
+
+def _instances(folder: Path, n: int, study: str) -> dict[Path, str]:
+    """``n`` instances of 64x64 (3 pages of 4 KiB each on disk), one series each: path ->
+    SOP Instance UID."""
+    out = {}
+    for i in range(n):
+        sop = generate_uid()
+        out[make_instance(folder / f"{i:03}.dcm", study_uid=study, series_uid=generate_uid(),
+                          sop_uid=sop, rows=64, cols=64, instance_number=i + 1)] = sop
+    return out
+
+
+def _journal(rx: RunningReceiver, event: str) -> tuple[list[dict[str, Any]], int]:
+    """The station journal's ``event`` lines, and how many lines were cut short (skipped,
+    as ``dts log`` does)."""
+    out, cut = [], 0
+    for f in sorted((rx.spool / "log").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line) if line else None
+            except ValueError:
+                cut += 1
+                continue
+            if rec is not None and rec["event"] == event:
+                out.append(rec)
+    return out, cut
+
+
+def _kept(rx: RunningReceiver) -> set[str]:
+    """SOP Instance UIDs in published jobs and in incoming/."""
+    files = [p for j in rx.jobs() for p in j.input_dir.rglob("*.dcm")]
+    files += list((rx.spool / "incoming").rglob("*.dcm"))
+    return {p.name[:-4] for p in files}
+
+
+@pytest.mark.peers
+def test_full_disk_refuses_with_out_of_resources_and_keeps_what_it_acknowledged(
+        start_receiver: Any, tmp_path: Path) -> None:
+    """Issue 17: on a full spool filesystem every refusal is 0xA700 (retry later), even the
+    ones whose journal line cannot be written; the lost lines are reported once there is
+    room again, and nothing acknowledged is lost."""
+    with _small_spool(tmp_path) as spool:
+        rx = start_receiver(station="min_free_mb = 0")
+        try:
+            study = generate_uid()
+            sops = _instances(tmp_path / "exam", 34, study)
+            files = list(sops)
+            first = rx.storescu(*files[:4], extra=("-v",))
+            assert _store_statuses(first.stdout + first.stderr) == ["Success"] * 4, first.stderr
+            acknowledged = {sops[f] for f in files[:4]}
+            filler = _fill(spool)
+            # Room for one instance: the first C-STORE of an association is pynetdicom's
+            # (see test_full_disk_on_an_association_s_first_instance), the rest are the
+            # fast path's; their journal lines soon find no room either.
+            with open(filler, "r+b") as fh:
+                fh.truncate(os.path.getsize(filler) - 4 * 4096)
+            full = rx.storescu(*files[4:28], extra=("-v", "--no-halt"))
+            statuses = _store_statuses(full.stdout + full.stderr)
+            assert len(statuses) == 24, full.stderr
+            acknowledged |= {sops[f] for f, s in zip(files[4:28], statuses) if s == "Success"}
+            refused = [s for s in statuses if s != "Success"]
+            assert len(refused) >= 20, statuses
+            assert set(refused) == {"Refused: OutOfResources"}, statuses
+            # room again: the lost journal lines are reported, new instances are taken
+            filler.unlink()
+            lost = wait_for(lambda: _journal(rx, "journal-lost")[0], 20,
+                            what="journal-lost event")
+            assert len(lost) == 1 and lost[0]["status"] == "error", lost
+            logged, cut = _journal(rx, "instance-refused")
+            assert cut <= 1  # the one the full disk cut short (it is counted as lost)
+            assert all(e["dimse_status"] == "0xA700" for e in logged), logged
+            assert lost[0]["lost"] >= 1
+            assert lost[0]["lost"] + len(logged) == len(refused), (lost, logged)
+            assert lost[0]["lost_events"] == {"instance-refused": lost[0]["lost"]}
+            again = rx.storescu(*files[28:], extra=("-v",))
+            assert _store_statuses(again.stdout + again.stderr) == ["Success"] * 6, again.stderr
+            acknowledged |= {sops[f] for f in files[28:]}
+            wait_for(lambda: acknowledged <= _kept(rx), 30, what="every acknowledged instance")
+            # and every one is published in the end (a publication that failed for the
+            # full disk is finished, not left in tmp/)
+            wait_for(lambda: not list((rx.spool / "incoming").iterdir()), 30,
+                     what="incoming/ empty")
+            assert acknowledged <= _kept(rx)
+        finally:
+            stop_process(rx.proc)  # before the unmount (the fixture's stop is then a no-op)
+
+
+@pytest.mark.peers
+@pytest.mark.xfail(strict=True, reason="pynetdicom's path (an association's first C-STORE) "
+                   "aborts the association when its data set cannot be written: "
+                   "dts.dicom.scp.ReceiveFile.write raises in pynetdicom's DUL thread")
+def test_full_disk_on_an_association_s_first_instance(start_receiver: Any,
+                                                      tmp_path: Path) -> None:
+    with _small_spool(tmp_path) as spool:
+        rx = start_receiver(station="min_free_mb = 0")
+        try:
+            (path,) = _instances(tmp_path / "exam", 1, generate_uid())
+            _fill(spool)
+            done = rx.storescu(path, extra=("-v",))
+            assert _store_statuses(done.stdout + done.stderr) == ["Refused: OutOfResources"], done.stderr
+        finally:
+            stop_process(rx.proc)
