@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -32,21 +33,32 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The longest duration any key or option takes: ten years (of 365.25 days). Longer is a
+# typo (or TOML's inf), and would overflow the timedelta and datetime arithmetic later.
+MAX_DURATION = 10 * 365.25 * 86400.0
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``; ValueError otherwise."""
+    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``; ValueError otherwise,
+    also for NaN, infinity and anything longer than ``MAX_DURATION`` (ten years)."""
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
+    seconds: float | None = None
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):  # TOML has nan and inf; nan passes every comparison
+            raise ValueError(f"not a duration: {value!r}")
         if value < 0:
             raise ValueError(f"negative duration: {value!r}")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"not a duration (seconds, or a number with ms/s/m/h/d/w): {value!r}")
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(f"not a duration (seconds, or a number with ms/s/m/h/d/w): {value!r}")
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"longer than ten years: {value!r}")
+    return seconds
 
 
 def valid_ae_title(value: str) -> bool:
@@ -308,6 +320,14 @@ def _folder(base: Path, spool: Path) -> Callable[[Any], Path]:
     return convert
 
 
+def _cpus(value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a number more than 0, got {value!r}")
+    return value
+
+
 def _duration(value: Any) -> float:
     return parse_duration(value)
 
@@ -477,7 +497,7 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         parameters=t.convert("parameters", _parameters, {}),
         timeout=t.convert("timeout", _duration, 3600.0),
         memory=t.convert("memory", _memory),
-        cpus=t.get("cpus", (int, float)),
+        cpus=t.convert("cpus", _cpus),
         gpus=t.get("gpus", str),
         user=t.get("user", str),
         network=t.get("network", bool, False),
@@ -492,8 +512,6 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         raise ConfigError(file, t.prefix, "give exactly one of image or command")
     if stream.command is not None and not stream.command:
         raise ConfigError(file, f"{t.prefix}.command", "must not be empty")
-    if stream.cpus is not None and stream.cpus <= 0:
-        raise ConfigError(file, f"{t.prefix}.cpus", "must be more than 0")
     for dest in stream.destinations:
         if dest != "@sender" and dest not in destinations:
             raise ConfigError(file, f"{t.prefix}.destinations",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,10 +42,47 @@ def test_durations(value: object, seconds: float) -> None:
     assert config.parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["soon", "-5s", -1, True, "5 parsecs", None])
+@pytest.mark.parametrize("value", ["soon", "-5s", -1, True, "5 parsecs", None,
+                                   float("nan"), float("inf"), float("-inf"), "nan", "inf",
+                                   3.2e8, "3653d", "522w", 2**63 - 1])
 def test_bad_durations(value: object) -> None:
     with pytest.raises(ValueError):
         config.parse_duration(value)
+
+
+def test_ten_years_is_the_longest_duration() -> None:
+    assert config.parse_duration("3652d") == 3652 * 86400.0
+    assert config.parse_duration(config.MAX_DURATION) == config.MAX_DURATION
+
+
+STATION_DURATIONS = ["stable_seconds", "dimse_timeout", "network_timeout", "send_backoff",
+                     "send_backoff_max", "rescan_seconds", "retention"]
+
+
+def test_every_station_duration_key_is_listed() -> None:
+    floats = {f.name for f in dataclasses.fields(config.StationConfig)
+              if "float" in str(f.type)}
+    assert floats == set(STATION_DURATIONS)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e12", '"4000d"'])
+@pytest.mark.parametrize("key", STATION_DURATIONS + ["stream.timeout", "stream.cpus"])
+def test_nan_infinite_and_absurd_numbers_are_refused(tmp_path: Path, key: str,
+                                                     value: str) -> None:
+    """TOML allows nan and inf, and nan passes every `< 0` check: each is refused at load."""
+    if key.startswith("stream."):
+        if key == "stream.cpus" and value in ("1e12", '"4000d"'):
+            return  # a number of CPUs has no ceiling here, and a string is refused anyway
+        name = key.split(".")[1]
+        body = f'[[stream]]\nname = "a"\ncommand = ["true"]\n{name} = {value}\n'
+        where = f"stream.a.{name}"
+    else:
+        body, where = f"{key} = {value}\n", f"station.{key}"
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert (err.value.file, err.value.key) == (str(path), where), err.value.reason
+    assert value.strip('"') in err.value.reason or "ten years" in err.value.reason
 
 
 @pytest.mark.parametrize("body, key, reason", [
