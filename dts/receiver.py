@@ -234,17 +234,23 @@ class Receiver:
         interval = min(0.5, max(0.05, self.cfg.stable_seconds / 5))
         while not self._stop.wait(interval):
             try:
-                self.station.journal.report_lost()  # refusals a full disk kept out of it
-                if self._unfinished:  # e.g. job.json could not be written: disk full
-                    self._unfinished = False
-                    try:
-                        self._recover_tmp(live=True)
-                    except BaseException:
-                        self._unfinished = True
-                        raise
-                self.publish_stable()
+                self.poll()
             except Exception:  # keep serving; the next round tries again
                 LOGGER.exception("publishing stable studies failed")
+
+    def poll(self) -> list[str]:
+        """One round of the background loop: report journal lines a full disk kept out,
+        finish publications that failed halfway, publish what is stable; the new job ids."""
+        self.station.journal.report_lost()
+        published = []
+        if self._unfinished:  # e.g. job.json could not be written: the disk was full
+            self._unfinished = False
+            try:
+                published = self._recover_tmp(live=True)
+            except BaseException:
+                self._unfinished = True
+                raise
+        return published + self.publish_stable()
 
     # -- association handling ----------------------------------------------------
     def _on_requested(self, event: Any) -> None:

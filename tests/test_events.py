@@ -83,3 +83,48 @@ def test_emit_writes_the_value_and_refuses_an_unknown_name(tmp_path: Path) -> No
     assert [e["event"] for e in read_events(spool)] == events
     # dts log's filter takes the plain string
     assert [e["message"] for e in read_events(spool, EventFilter(event="sent"))] == ["done"]
+
+
+def test_a_line_that_cannot_be_written_is_counted_and_reported_once_it_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """best_effort: a full disk does not raise out of emit; the lost lines become one
+    journal-lost event before the next line that can be written."""
+    import errno
+
+    from dts import journal as journal_mod
+
+    spool = Spool(tmp_path / "spool").ensure()
+    journal = Journal(spool)
+    journal.emit(Stage.RECEIVE, Event.RECEIVER_STARTED, Status.INFO, "up")
+    real = journal_mod._append_line
+    cut: list[bytes] = []
+
+    def full(path: Path, line: bytes) -> None:
+        if not cut:  # the first one gets half its line out before the disk is full
+            cut.append(line)
+            with open(path, "ab") as fh:
+                fh.write(line[:20])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_mod, "_append_line", full)
+    for i in range(3):
+        rec = journal.emit(Stage.RECEIVE, Event.INSTANCE_REFUSED, Status.ERROR, f"r{i}",
+                           best_effort=True)
+        assert rec["event"] == "instance-refused"
+    journal.emit(Stage.RECEIVE, Event.ASSOCIATION_REFUSED, Status.WARNING, "a",
+                 best_effort=True)
+    with pytest.raises(OSError):  # without best_effort the caller learns it
+        journal.emit(Stage.RECEIVE, Event.RECEIVED, Status.OK, "r")
+    assert journal.lost() == 4
+    assert journal.report_lost() is False  # still full: nothing written, still counted
+    monkeypatch.setattr(journal_mod, "_append_line", real)
+    journal.emit(Stage.RECEIVE, Event.RECEIVER_STOPPED, Status.INFO, "down")
+    assert journal.lost() == 0 and journal.report_lost() is True
+    events = list(read_events(spool))  # the half line is skipped, nothing else
+    assert [e["event"] for e in events] == ["receiver-started", "journal-lost",
+                                            "receiver-stopped"]
+    lost = events[1]
+    assert (lost["stage"], lost["status"], lost["lost"]) == ("receive", "error", 4)
+    assert lost["lost_events"] == {"instance-refused": 3, "association-refused": 1}
+    assert lost["first_lost"] <= lost["last_lost"] and "No space left" in lost["reason"]
+    assert "4 journal line(s) could not be written" in lost["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -456,6 +457,40 @@ def test_restart_adopts_incoming_and_publishes_when_stable(tmp_path: Path) -> No
     assert data["study_uid"] == study and data["instances"] == 2
     assert data["received_at"] == "2026-11-26T10:00:00.000000Z"
 
+
+
+def _no_space(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("cut", ["marker", "job.json"])
+def test_publication_that_a_full_disk_stopped_is_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str) -> None:
+    """The disk fills up while a study is published: before its files moved (the marker)
+    nothing is left in tmp/ and the study is published later; after they moved (job.json)
+    the next round finishes it from tmp/ (it used to wait there for a restart)."""
+    station = _station(tmp_path)
+    study = _incoming_study(station, tmp_path)
+    rx = receiver_mod.Receiver(station)
+    rx.recover()
+    with monkeypatch.context() as m:
+        if cut == "marker":
+            m.setattr(receiver_mod, "write_file_durably", _no_space)
+        else:
+            m.setattr(Job, "write", _no_space)
+        assert rx.publish_stable(force=True) == []
+    failed = [line for f in station.spool.log_dir.glob("*.jsonl")
+              for line in f.read_text().splitlines() if '"publish-failed"' in line]
+    assert len(failed) == 1
+    left = [e.name for e in station.spool.tmp.iterdir() if not e.name.startswith(".")]
+    assert len(left) == (0 if cut == "marker" else 1), left
+    published = rx.poll() + rx.publish_stable(force=True)
+    assert len(published) == 1, published
+    (job_id,) = station.spool.list(Queue.CLASSIFY, State.NEW)
+    data = Job(station.spool.dir(Queue.CLASSIFY, State.NEW) / job_id).read()
+    assert data["study_uid"] == study and data["instances"] == 3
+    assert not [e for e in station.spool.tmp.iterdir() if not e.name.startswith(".")]
+    assert not list(station.spool.incoming.iterdir())
 
 def test_tls_station_answers_tls_echo_only(start_receiver: Any, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
