@@ -590,8 +590,16 @@ class Receiver:
     # -- recovery ---------------------------------------------------------------------
     def recover(self) -> list[str]:
         """Finish publications a crash interrupted and adopt studies left in incoming/.
-        Returns the ids of jobs published now."""
-        published = self._recover_tmp()
+        Returns the ids of jobs published now. A publication that cannot be finished now
+        (the disk is full) is tried again by ``poll()``: the receiver starts anyway and
+        refuses with 0xA700 until there is room."""
+        try:
+            published = self._recover_tmp()
+        except OSError as exc:
+            LOGGER.error("cannot finish a publication left in %s (%s); tried again while "
+                         "serving", self.spool.tmp, exc)
+            self._unfinished = True
+            published = []
         now = time.monotonic()
         with self._lock:
             for entry in os.scandir(self.spool.incoming):

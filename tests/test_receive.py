@@ -492,6 +492,21 @@ def test_publication_that_a_full_disk_stopped_is_finished(
     assert not [e for e in station.spool.tmp.iterdir() if not e.name.startswith(".")]
     assert not list(station.spool.incoming.iterdir())
 
+
+def test_a_restart_on_a_full_disk_serves_and_finishes_the_publication_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    station = _station(tmp_path)
+    study = _incoming_study(station, tmp_path)
+    job = station.spool.create_tmp_job()
+    (job.path / receiver_mod.MARKER).write_text(json.dumps({"study_uid": study}))
+    os.rename(station.spool.incoming / study, job.input_dir)
+    rx = receiver_mod.Receiver(station)
+    with monkeypatch.context() as m:
+        m.setattr(Job, "write", _no_space)
+        assert rx.recover() == []  # no exception: the receiver can start
+    assert rx.poll() == [job.id]
+    assert station.spool.list(Queue.CLASSIFY, State.NEW) == [job.id]
+
 def test_tls_station_answers_tls_echo_only(start_receiver: Any, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
