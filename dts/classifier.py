@@ -323,7 +323,7 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     study_bytes = dump_json(study.doc)
     write_file_durably(claim.job.path / "study.json", study_bytes)
     counts: dict[str, Any] = {"series": len(study.series), "instances": study.images,
-              "headers_read": study.headers_read}
+                              "headers_read": study.headers_read}
     data.pop("error", None)
     data["classified_at"] = isotime()
 
