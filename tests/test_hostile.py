@@ -5,6 +5,7 @@ for an association request, else an A-ABORT), the connection is closed, and real
 
 Each peer is a ``tests.rawpeer.RawPeer`` writing hand-made PDUs to a real ``dts receive``
 started as a subprocess; its memory is read from /proc/<pid>/status while the test waits.
+The last test turns it round: a peer that answers dts's C-STORE with such a header.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 import pytest
 from pydicom.uid import generate_uid
+from pynetdicom import evt
 
-from dts.dicom import dimse, wire
+from dts.dicom import ae as dicom_ae
+from dts.dicom import dimse, filemeta, scu, wire
 from tests.helpers import (
     ECHOSCU,
     STORESCU,
@@ -32,7 +36,7 @@ from tests.helpers import (
     wait_for,
     wait_port,
 )
-from tests.rawpeer import CT_IMAGE, RawPeer
+from tests.rawpeer import CT_IMAGE, EXPLICIT_LE, RawPeer
 
 # What a refusal may cost the receiver: far less than what the header announces.
 RSS_BOUND = 100 * 1024 * 1024
@@ -191,3 +195,47 @@ def test_unlimited_streams_a_huge_p_data_without_holding_it(start_receiver: Any,
     peer.close()
     wait_for(lambda: not receiving(), 10, what="the cut-off data set removed")
     _serves_real_peers(rx, tmp_path)
+
+
+
+@dataclass
+class _Item:
+    path: Path
+    sop_uid: str
+    sop_class: str = CT_IMAGE
+
+
+def test_a_peer_answering_a_c_store_with_a_4_gb_header_costs_the_sender_nothing(
+        tmp_path: Path) -> None:
+    """The requestor side (dts send's C-STORE path): a response PDU announcing more than
+    accepted ends the batch as a lost connection, before anything is allocated for it."""
+
+    def answer_hostile(event: Any) -> int:
+        event.assoc.dul.socket.socket.sendall(
+            struct.pack(">BBI", wire.P_DATA_TF, 0, 0xFFFF_FFF0))
+        return 0
+
+    scp_ae = pynetdicom.AE(ae_title="HOSTILE")
+    scp_ae.add_supported_context(CT_IMAGE, pynetdicom.ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp_ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, answer_hostile)])
+    assert server is not None
+    try:
+        ae = dicom_ae.make_ae("DTS", network_timeout=5, dimse_timeout=5)
+        ae.add_requested_context(CT_IMAGE, EXPLICIT_LE)
+        assoc = dicom_ae.associate(ae, "127.0.0.1", port, ae_title="HOSTILE")
+        assert assoc.is_established
+        path = _instance(tmp_path)
+        meta = filemeta.parse(path.read_bytes())
+        assert meta is not None and meta.sop_instance
+        cx = assoc.accepted_contexts[0].context_id
+        try:
+            with scu.Sender(assoc, 5) as sender:
+                assert sender.held
+                with pytest.raises(ConnectionError, match="4294967280 bytes, more than"):
+                    sender.store(_Item(path, meta.sop_instance), cx)
+        finally:
+            assoc.abort()
+    finally:
+        server.shutdown()

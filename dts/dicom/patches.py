@@ -351,7 +351,8 @@ def _refuse(self: transport.AssociationSocket, sock: Any, pdu_type: int, length:
     rq = pdu_type == wire.A_ASSOCIATE_RQ and assoc is not None and assoc.is_acceptor \
         and not assoc.is_established
     try:
-        peer = "%s:%s" % sock.getpeername()[:2]
+        host, port = sock.getpeername()[:2]
+        peer = f"{host}:{port}"
     except OSError:
         peer = "a peer"
     LOGGER.warning("%s from %s announces %d bytes, more than the %d accepted: %s",
