@@ -104,7 +104,9 @@ class StationConfig:
     min_free_mb: int = 1024
     max_parallel_runs: int = 1
     classify_rules: Path = Path("classifyRules.json")
-    max_pdu: int = 0  # 0: unlimited, the receiver's advertised maximum PDU length
+    # The receiver's advertised and accepted maximum PDU length (dts.dicom.wire.DEFAULT_MAX_PDU;
+    # 0: unlimited, see docs/architecture.md, "Bounded memory")
+    max_pdu: int = 1048576
     max_associations: int = 16
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

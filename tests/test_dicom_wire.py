@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import tracemalloc
 
 import pytest
 
@@ -66,3 +67,43 @@ def test_exact_reads_across_segments_and_a_closed_peer() -> None:
     finally:
         left.close()
         right.close()
+
+
+def test_a_read_grows_with_what_arrives_not_with_what_was_announced() -> None:
+    left, right = tcp_pair()
+    try:
+        left.sendall(b"z" * 3000)
+        left.close()
+        tracemalloc.start()
+        data = wire.recv_exact(right, 4 << 30)  # 4 GiB announced, 3,000 bytes sent
+        _now, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert data == b"z" * 3000
+        assert peak < 4 * wire.RECV_CHUNK
+    finally:
+        right.close()
+
+
+def test_a_long_read_is_whole() -> None:
+    left, right = tcp_pair()
+    payload = bytes(range(256)) * (3 * wire.RECV_CHUNK // 256 + 7)
+    sender = threading.Thread(target=left.sendall, args=(payload,))
+    sender.start()
+    try:
+        assert wire.recv_exact(right, len(payload)) == payload
+    finally:
+        sender.join()
+        left.close()
+        right.close()
+
+
+def test_what_dts_accepts() -> None:
+    for pdu_type in wire.PDU_TYPES - {wire.P_DATA_TF}:
+        assert wire.pdu_limit(pdu_type, 0) == wire.pdu_limit(pdu_type, 16384) \
+            == wire.MAX_CONTROL_PDU
+    assert wire.pdu_limit(wire.P_DATA_TF, 16384) == 16384
+    assert wire.pdu_limit(wire.P_DATA_TF, 16384, streamed=True) == 16384
+    assert wire.pdu_limit(wire.P_DATA_TF, 0) == wire.MAX_BUFFERED_PDU
+    assert wire.pdu_limit(wire.P_DATA_TF, 0, streamed=True) is None
+    assert wire.a_abort() == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
+    assert wire.a_associate_rj() == b"\x03\x00\x00\x00\x00\x04\x00\x01\x03\x02"

@@ -23,11 +23,11 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
-from . import patches
+from . import patches, wire
 
-# What we advertise when configured with 0 (unlimited): peers then send large
-# P-DATA PDUs, far fewer per image (dcmtk fragments by the receiver's maximum).
-DEFAULT_MAX_PDU = 0
+# What an AE advertises, and accepts, unless told otherwise (wire.DEFAULT_MAX_PDU: as
+# fast as "unlimited", and a length a peer announces above it is refused unread).
+DEFAULT_MAX_PDU = wire.DEFAULT_MAX_PDU
 
 
 class NetworkError(Exception):

@@ -17,7 +17,8 @@ pynetdicom                              changed to
                                         0.1 ms while the association is busy
 ``DULServiceProvider._run_loop_delay``  a property: 0.1 ms while PDUs arrive, else 1 ms
 ``AssociationSocket.__init__``          wrapped: ``TCP_NODELAY`` on every socket
-``AssociationSocket.recv``              replaced: large reads into place, QUICKACK re-armed
+``AssociationSocket.recv``              replaced: large reads into place, QUICKACK re-armed,
+                                        a PDU longer than accepted refused unread
 ``DULServiceProvider                    wrapped: under the receive lock
 ._is_transport_event``
 ``Association._serve_request``          wrapped: the SCP fast path takes over after it
@@ -122,12 +123,20 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("dul.DULServiceProvider._is_transport_event",
              "wrapped under the receive lock: it looks at the socket and reads a PDU",
              source=("self.socket.ready", "self._read_pdu_data()"), params=("self",)),
-    Internal("dul.DULServiceProvider._read_pdu_data", "reads a PDU through socket.recv()",
-             source=("self.socket.recv(6)",)),
+    Internal("dul.DULServiceProvider._read_pdu_data",
+             "reads a PDU through socket.recv(): the header, then the body it announces; "
+             "an empty header is a closed connection",
+             source=("self.socket.recv(6)", "self.socket.recv(pdu_length)",
+                     "except struct.error:", 'self.event_queue.put("Evt17")')),
     Internal("transport.AssociationSocket.__init__", "wrapped: TCP_NODELAY",
              source=("self.socket = client_socket", "self._create_socket(")),
-    Internal("transport.AssociationSocket.recv", "replaced: exact reads in large chunks",
+    Internal("transport.AssociationSocket.recv",
+             "replaced: exact reads in large chunks, PDUs longer than accepted refused",
              params=("self", "nr_bytes")),
+    Internal("transport.AssociationSocket.close",
+             "the SCP fast path closes a connection whose PDU it refuses",
+             source=("self._shutdown_socket()", 'self.event_queue.put("Evt17")'),
+             params=("self",)),
     Internal("transport.AssociationSocket.ready", "QuietSocket overrides this property"),
     Internal("dimse.DIMSEServiceProvider.receive_primitive",
              "the SCP fast path hands a request it does not serve to it",
@@ -259,6 +268,7 @@ REVIEWED: dict[str, str] = {
     "transport.AssociationSocket.__init__": "1f0325fdef2cc353",
     "transport.AssociationSocket.recv": "6bc20a33b1b7cfe7",
     "transport.AssociationSocket.ready": "3eb58e3d39dc076d",
+    "transport.AssociationSocket.close": "c726c8db53813d55",
     "dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
     "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a76be",
     "service_class.StorageServiceClass.SCP": "63afca7fc6c6e7ee",
@@ -309,11 +319,51 @@ def _ignore_delay(self: dul.DULServiceProvider, value: float) -> None:
 def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` reading large chunks straight into the result buffer
     and re-arming TCP_QUICKACK before each read. Same contract as the original:
-    blocks until ``nr_bytes`` are read, returns less only when the peer closed."""
+    blocks until ``nr_bytes`` are read, returns less only when the peer closed.
+
+    pynetdicom reads a PDU as its 6-byte header, then a body of the length the header
+    announced (``DULServiceProvider._read_pdu_data``). A header announcing more than dts
+    accepts (``wire.pdu_limit``) is refused before its body is read: the peer gets an
+    A-ABORT (an A-ASSOCIATE-RJ for an association request) and pynetdicom is told the
+    connection closed (nothing read), which it then closes."""
     sock = self.socket
     assert sock is not None
     self._dts_last_rx = time.monotonic()  # type: ignore[attr-defined]
-    return wire.recv_exact(sock, nr_bytes, ack=True)
+    body = self.__dict__.pop("_dts_body", None)  # the header's length, when read last
+    data = wire.recv_exact(sock, nr_bytes, ack=True)
+    if body is None and nr_bytes == wire.PDU_HEADER_LEN == len(data):
+        pdu_type, length = wire.pdu_header(data)
+        if pdu_type in wire.PDU_TYPES:  # else pynetdicom reads no body
+            if _refuse(self, sock, pdu_type, length):
+                return bytearray()
+            self._dts_body = length  # type: ignore[attr-defined]
+    return data
+
+
+def _refuse(self: transport.AssociationSocket, sock: Any, pdu_type: int, length: int) -> bool:
+    """Refuse a PDU announcing ``length`` bytes if that is more than dts accepts on this
+    association (``wire.pdu_limit`` of the maximum length it advertised); True if so."""
+    assoc = getattr(self, "_assoc", None)
+    local = None if assoc is None else assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    limit = wire.pdu_limit(pdu_type, int(getattr(local, "maximum_length", 0) or 0))
+    if limit is None or length <= limit:
+        return False
+    rq = pdu_type == wire.A_ASSOCIATE_RQ and assoc is not None and assoc.is_acceptor \
+        and not assoc.is_established
+    try:
+        host, port = sock.getpeername()[:2]
+        peer = f"{host}:{port}"
+    except OSError:
+        peer = "a peer"
+    LOGGER.warning("%s from %s announces %d bytes, more than the %d accepted: %s",
+                   wire.pdu_name(pdu_type), peer, length, limit,
+                   "rejected" if rq else "aborted")
+    try:
+        sock.settimeout(1.0)  # a peer that does not read gets no answer, not our thread
+        sock.sendall(wire.a_associate_rj() if rq else wire.a_abort())
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:

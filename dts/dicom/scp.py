@@ -14,6 +14,10 @@ for its response, is silent) the reactor thread keeps the socket for itself:
 - each following PDU is looked at before it is read (``MSG_PEEK``): anything but a
   P-DATA-TF (a release request, an A-ABORT) is left for pynetdicom, the socket is
   handed back and pynetdicom goes on exactly as it would have;
+- a P-DATA-TF longer than the maximum length dts advertised (``wire.pdu_limit``) is
+  answered with an A-ABORT and the connection closed at once, before its body is read;
+  memory never depends on a length the peer announces (a command set is held, at most
+  ``MAX_COMMAND``; a data set goes through one ``CHUNK`` buffer);
 - a C-STORE-RQ's data set is streamed into a file in the spool's ``tmp/`` behind the
   same file meta pynetdicom writes (``filemeta.encode``), the handler is called with
   the file, and the C-STORE-RSP is encoded and sent here; when the file cannot be
@@ -113,6 +117,10 @@ class _Abort(Exception):
     """The peer broke the protocol: the association is aborted."""
 
 
+class _Refuse(Exception):
+    """The peer announced a PDU longer than accepted: A-ABORT, the connection closed."""
+
+
 def take(assoc: association.Association, msg: Any) -> _Loop | None:
     """The fast path for the rest of ``assoc`` once ``msg`` is served, or None when it
     does not apply (see ``_Loop.take``)."""
@@ -127,6 +135,9 @@ class _Loop:
         self.store = store
         self.receive_dir = receive_dir
         self.timeout = assoc.network_timeout
+        max_pdu = int(assoc.acceptor.maximum_length or 0)
+        self.limit = wire.pdu_limit(wire.P_DATA_TF, max_pdu, streamed=True)
+        self.held_limit = wire.pdu_limit(wire.P_DATA_TF, max_pdu)  # a PDU kept in memory
         self.saved_timeout = sock.gettimeout()
         self.buf = bytearray(CHUNK)
         self.held = True
@@ -168,6 +179,10 @@ class _Loop:
                 self._message()
         except _HandBack:
             pass
+        except _Refuse as exc:
+            LOGGER.warning("aborting the association from %s: %s",
+                           self.assoc.requestor.address, exc)
+            self._refuse()
         except _Abort as exc:
             LOGGER.warning("aborting the association from %s: %s",
                            self.assoc.requestor.address, exc)
@@ -210,6 +225,18 @@ class _Loop:
         finally:
             sock.settimeout(self.timeout)
 
+    def _refuse(self) -> None:
+        """Answer with an A-ABORT and close the connection at once: pynetdicom then ends
+        the association as for a peer that closed it, and reads nothing more of it."""
+        try:
+            self.sock.settimeout(1.0)  # a peer that does not read gets no answer
+            self.sock.sendall(wire.a_abort())
+        except OSError:
+            pass
+        wrapper = self.assoc.dul.socket
+        if wrapper is not None:
+            wrapper.close()
+
     def _copy(self, n: int, fd: int | None) -> OSError | None:
         """Stream ``n`` bytes from the socket into file descriptor ``fd`` (None: read and
         drop them); the write error, if writing failed (the rest is then dropped)."""
@@ -251,6 +278,9 @@ class _Loop:
                     wire.read_exact(self.sock, wire.PDU_HEADER_LEN, ack=True))
                 if pdu_type != wire.P_DATA_TF:
                     raise _Abort(f"PDU type 0x{pdu_type:02X} in the middle of a message")
+                if self.limit is not None and left > self.limit:
+                    raise _Refuse(f"a P-DATA-TF of {left} bytes, more than the "
+                                  f"{self.limit} accepted")
                 while left:
                     n, cx, flags = self._pdv_header(left)
                     left -= wire.PDV_HEADER_LEN + n
@@ -308,6 +338,9 @@ class _Loop:
         """Give a request that is not a C-STORE to pynetdicom's DIMSE layer, as it came
         (with the rest of its PDU), and the socket with it."""
         pdvs: list[list[Any]] = [[cx, data] for cx, data in raw]
+        if self.held_limit is not None and left > self.held_limit:
+            raise _Refuse(f"a request of {left} more bytes for pynetdicom to hold, more "
+                          f"than the {self.held_limit} accepted")
         while left:
             n, cx, flags = self._pdv_header(left)
             if n > MAX_COMMAND:

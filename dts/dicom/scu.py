@@ -58,6 +58,7 @@ class Sender:
         self.assoc = assoc
         self.sock: socket.socket | None = None
         self.max_pdu = int(assoc.acceptor.maximum_length or 0)
+        self.local_max_pdu = int(assoc.requestor.maximum_length or 0)  # what we accept
         self.msg_id = 0
         self.timeout = timeout
         self.held = False
@@ -169,6 +170,10 @@ class Sender:
             # the peer's response may wait for our ACK (Nagle): QUICKACK before each read
             pdu_type, length = wire.pdu_header(
                 wire.read_exact(self.sock, wire.PDU_HEADER_LEN, ack=True))
+            limit = wire.pdu_limit(pdu_type, self.local_max_pdu)
+            if limit is not None and length > limit:
+                raise ConnectionError(f"the peer announced {wire.pdu_name(pdu_type)} of "
+                                      f"{length} bytes, more than the {limit} accepted")
             body = wire.read_exact(self.sock, length, ack=True)
             if pdu_type != wire.P_DATA_TF:
                 raise ConnectionError(f"the peer sent {wire.pdu_name(pdu_type)} instead of a "

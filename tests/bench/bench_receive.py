@@ -39,7 +39,8 @@ def _env(nodelay: bool) -> dict[str, str]:
     return env
 
 
-def start_dts(work: Path, port: int, env: dict[str, str], max_pdu: int) -> subprocess.Popen[bytes]:
+def start_dts(work: Path, port: int, env: dict[str, str],
+              max_pdu: int | None) -> subprocess.Popen[bytes]:
     cfg = work / "dts.toml"
     cfg.write_text(f"""
 [station]
@@ -49,7 +50,7 @@ port = {port}
 spool = "{work / 'spool'}"
 stable_seconds = 2
 min_free_mb = 0
-max_pdu = {max_pdu}
+{'' if max_pdu is None else f'max_pdu = {max_pdu}'}
 classify_rules = "{REPO / 'configuration' / 'classifyRules.json'}"
 """)
     env = {k: v for k, v in env.items() if k != "TCP_NODELAY"}  # dts sets its own options
@@ -91,7 +92,7 @@ def send(port: int, aec: str, data: Path, env: dict[str, str]) -> float:
     return elapsed
 
 
-def one_run(peer: str, data: Path, images: int, nodelay: bool, max_pdu: int) -> float:
+def one_run(peer: str, data: Path, images: int, nodelay: bool, max_pdu: int | None) -> float:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{peer}-", dir=data.parent))
     port = free_port()
     env = _env(nodelay)
@@ -123,7 +124,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peers", default="dts,storescp,orthanc")
     ap.add_argument("--modes", default="default,nodelay")
-    ap.add_argument("--max-pdu", type=int, default=0, help="[station] max_pdu of dts")
+    ap.add_argument("--max-pdu", type=int, default=None,
+                    help="[station] max_pdu of dts (default: not set, dts's default)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "dts-bench")
     args = ap.parse_args()
     size = args.size or (64 if args.small else 512)

@@ -1,0 +1,241 @@
+"""``dts receive`` against a hostile peer (issue 17, bounded memory): a PDU header that
+announces gigabytes costs the receiver nothing; it is refused at once (an A-ASSOCIATE-RJ
+for an association request, else an A-ABORT), the connection is closed, and real peers
+(dcmtk echoscu and storescu) are served right after.
+
+Each peer is a ``tests.rawpeer.RawPeer`` writing hand-made PDUs to a real ``dts receive``
+started as a subprocess; its memory is read from /proc/<pid>/status while the test waits.
+The last test turns it round: a peer that answers dts's C-STORE with such a header.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import evt
+
+from dts.dicom import ae as dicom_ae
+from dts.dicom import dimse, filemeta, scu, wire
+from tests.helpers import (
+    ECHOSCU,
+    STORESCU,
+    free_port,
+    make_instance,
+    start_dts,
+    station_config,
+    stop_process,
+    wait_for,
+    wait_port,
+)
+from tests.rawpeer import CT_IMAGE, EXPLICIT_LE, RawPeer
+
+# What a refusal may cost the receiver: far less than what the header announces.
+RSS_BOUND = 100 * 1024 * 1024
+CLOSE_WITHIN = 5.0  # seconds from the header to the closed connection
+
+
+@dataclass
+class Receiver:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def rss(self) -> int:
+        """The receiver's resident memory in bytes (VmRSS)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(**station: Any) -> Receiver:
+        port = free_port()
+        config = station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
+                                                   "port": port, "stable_seconds": 1,
+                                                   **station})
+        log = tmp_path / f"receiver-{len(procs)}.log"
+        proc = start_dts("receive", config=config, log=log)
+        procs.append(proc)
+        wait_port(port, 30)
+        assert proc.poll() is None, log.read_text()
+        return Receiver(proc, port, log)
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+def _refused(rx: Receiver, peer: RawPeer, header: bytes) -> bytes:
+    """Send ``header``; what the receiver answered before it closed the connection,
+    within CLOSE_WITHIN, its memory staying within RSS_BOUND of what it was."""
+    before = rx.rss()
+    peer.send(header)
+    deadline = time.monotonic() + CLOSE_WITHIN
+    answer = b""
+    try:
+        while True:
+            grown = rx.rss() - before
+            if grown > RSS_BOUND:
+                rx.proc.kill()  # it is allocating what the peer announced: stop it now
+                raise AssertionError(f"the receiver's memory grew by {grown >> 20} MiB")
+            try:
+                answer = peer.until_closed(min(deadline, time.monotonic() + 0.05))
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+    finally:
+        peer.close()
+    assert rx.rss() - before < RSS_BOUND
+    return answer
+
+
+def _serves_real_peers(rx: Receiver, tmp_path: Path) -> None:
+    echo = subprocess.run([ECHOSCU, "-aet", "PACS", "-aec", "DTS", "127.0.0.1", str(rx.port)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert echo.returncode == 0, echo.stderr
+    path = make_instance(tmp_path / "in" / "a.dcm", study_uid=generate_uid(),
+                         series_uid=generate_uid())
+    store = subprocess.run([STORESCU, "-aet", "PACS", "-aec", "DTS", "127.0.0.1", str(rx.port),
+                            str(path)], capture_output=True, text=True, timeout=30, check=False)
+    assert store.returncode == 0, store.stderr
+    assert "Status" not in store.stderr or "Success" in store.stderr
+
+
+def _instance(tmp_path: Path, name: str = "x.dcm") -> Path:
+    return make_instance(tmp_path / "raw" / name, study_uid=generate_uid(),
+                         series_uid=generate_uid())
+
+
+@pytest.mark.peers
+def test_an_association_request_announcing_4_gb_is_rejected_at_once(
+        start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver()
+    answer = _refused(rx, RawPeer(rx.port),
+                      struct.pack(">BBI", wire.A_ASSOCIATE_RQ, 0, 0xFFFF_FFF0))
+    assert answer == wire.a_associate_rj(), answer  # permanent, local limit exceeded
+    _serves_real_peers(rx, tmp_path)
+    assert "announces 4294967280 bytes" in rx.log.read_text()
+
+
+@pytest.mark.peers
+def test_a_first_p_data_announcing_2_gb_is_aborted_at_once(start_receiver: Any,
+                                                           tmp_path: Path) -> None:
+    rx = start_receiver()
+    peer = RawPeer(rx.port)
+    assert CT_IMAGE in peer.associate()
+    answer = _refused(rx, peer, struct.pack(">BBI", wire.P_DATA_TF, 0, 0x8000_0000))
+    assert answer == wire.a_abort(), answer
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_a_p_data_announcing_2_gb_on_the_fast_path_is_aborted_at_once(
+        start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver()
+    peer = RawPeer(rx.port)
+    cx = peer.associate()[CT_IMAGE]
+    # pynetdicom serves the first C-STORE of an association, dts's own path the others
+    assert peer.c_store(cx, _instance(tmp_path, "1.dcm")) == 0
+    assert peer.c_store(cx, _instance(tmp_path, "2.dcm")) == 0
+    answer = _refused(rx, peer, struct.pack(">BBI", wire.P_DATA_TF, 0, 0x8000_0000))
+    assert answer == wire.a_abort(), answer
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_unlimited_still_caps_what_pynetdicom_holds(start_receiver: Any,
+                                                     tmp_path: Path) -> None:
+    """max_pdu = 0 advertises no limit; a PDU pynetdicom would hold in memory (the first
+    C-STORE of an association) is still refused above wire.MAX_BUFFERED_PDU."""
+    rx = start_receiver(max_pdu=0)
+    peer = RawPeer(rx.port)
+    assert CT_IMAGE in peer.associate()
+    answer = _refused(rx, peer, struct.pack(">BBI", wire.P_DATA_TF, 0, 0x8000_0000))
+    assert answer == wire.a_abort(), answer
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_unlimited_streams_a_huge_p_data_without_holding_it(start_receiver: Any,
+                                                             tmp_path: Path) -> None:
+    """max_pdu = 0: on the fast path a 2 GB P-DATA-TF is accepted, and its data set goes to
+    disk as it arrives; memory does not follow what was announced or sent."""
+    rx = start_receiver(max_pdu=0)
+    peer = RawPeer(rx.port)
+    cx = peer.associate()[CT_IMAGE]
+    assert peer.c_store(cx, _instance(tmp_path, "1.dcm")) == 0
+    assert peer.c_store(cx, _instance(tmp_path, "2.dcm")) == 0
+    before = rx.rss()
+    peer.send(dimse.p_data_command(cx, dimse.c_store_command(9, CT_IMAGE, generate_uid())))
+    announced = 0x8000_0000
+    peer.send(wire.PDU_PDV_HEADER.pack(wire.P_DATA_TF, 0, announced, announced - 4, cx,
+                                       wire.PDV_LAST))
+    chunk = bytes(4 << 20)
+    for _ in range(64):  # 256 MiB really sent
+        peer.send(chunk)
+        assert rx.rss() - before < RSS_BOUND
+    def receiving() -> list[Path]:
+        return list((tmp_path / "spool" / "tmp").glob(".rx-*"))
+
+    assert any(f.stat().st_size > 200 << 20 for f in receiving())  # on disk
+    peer.close()
+    wait_for(lambda: not receiving(), 10, what="the cut-off data set removed")
+    _serves_real_peers(rx, tmp_path)
+
+
+
+@dataclass
+class _Item:
+    path: Path
+    sop_uid: str
+    sop_class: str = CT_IMAGE
+
+
+def test_a_peer_answering_a_c_store_with_a_4_gb_header_costs_the_sender_nothing(
+        tmp_path: Path) -> None:
+    """The requestor side (dts send's C-STORE path): a response PDU announcing more than
+    accepted ends the batch as a lost connection, before anything is allocated for it."""
+
+    def answer_hostile(event: Any) -> int:
+        event.assoc.dul.socket.socket.sendall(
+            struct.pack(">BBI", wire.P_DATA_TF, 0, 0xFFFF_FFF0))
+        return 0
+
+    scp_ae = pynetdicom.AE(ae_title="HOSTILE")
+    scp_ae.add_supported_context(CT_IMAGE, pynetdicom.ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp_ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, answer_hostile)])
+    assert server is not None
+    try:
+        ae = dicom_ae.make_ae("DTS", network_timeout=5, dimse_timeout=5)
+        ae.add_requested_context(CT_IMAGE, EXPLICIT_LE)
+        assoc = dicom_ae.associate(ae, "127.0.0.1", port, ae_title="HOSTILE")
+        assert assoc.is_established
+        path = _instance(tmp_path)
+        meta = filemeta.parse(path.read_bytes())
+        assert meta is not None and meta.sop_instance
+        cx = assoc.accepted_contexts[0].context_id
+        try:
+            with scu.Sender(assoc, 5) as sender:
+                assert sender.held
+                with pytest.raises(ConnectionError, match="4294967280 bytes, more than"):
+                    sender.store(_Item(path, meta.sop_instance), cx)
+        finally:
+            assoc.abort()
+    finally:
+        server.shutdown()
