@@ -336,6 +336,9 @@ class Receiver:
                 write_file_durably(own_tmp, event.encoded_dataset())
             except OSError as exc:
                 return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", None)
+        error = getattr(getattr(req, "_dataset_file", None), "error", None)
+        if error is not None:  # the data set could not be written (the disk is full)
+            return self._refuse(conn, OUT_OF_RESOURCES, error, None)
         try:
             return self._store(conn, id(assoc), req, path, synced=own_tmp is not None)
         finally:

@@ -648,9 +648,6 @@ def test_full_disk_refuses_with_out_of_resources_and_keeps_what_it_acknowledged(
 
 
 @pytest.mark.peers
-@pytest.mark.xfail(strict=True, reason="pynetdicom's path (an association's first C-STORE) "
-                   "aborts the association when its data set cannot be written: "
-                   "dts.dicom.scp.ReceiveFile.write raises in pynetdicom's DUL thread")
 def test_full_disk_on_an_association_s_first_instance(start_receiver: Any,
                                                       tmp_path: Path) -> None:
     with _small_spool(tmp_path) as spool:

@@ -86,9 +86,18 @@ class ReceiveFile:
         self.name = os.path.join(folder, f"{self._prefix}{next(self._counter)}.dcm")
         self.file = open(self.name, "xb", buffering=0)  # noqa: SIM115 (closed by pynetdicom)
         self.closed = False
+        self.error: str | None = None  # why the data set could not be written (then dropped)
 
     def write(self, data: bytes) -> int:
-        return self.file.write(data) or 0
+        """Write ``data``; on a write error (a full disk) keep the reason and drop this and
+        every later fragment, so that pynetdicom still reads the whole data set and the
+        handler can answer with a status (0xA700) instead of the association breaking."""
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as exc:
+                self.error = f"cannot write: {exc.strerror or exc}"
+        return len(data)
 
     def fileno(self) -> int:
         return self.file.fileno()
