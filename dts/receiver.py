@@ -291,6 +291,7 @@ class Receiver:
         return None, 0
 
     def _on_close(self, event: Any) -> None:
+        scp.discard_partial(event.assoc)  # a data set cut off on pynetdicom's path
         key = id(event.assoc)
         now = time.monotonic()
         with self._lock:

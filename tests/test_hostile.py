@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pynetdicom
 import pytest
 from pydicom.uid import generate_uid
@@ -239,3 +240,108 @@ def test_a_peer_answering_a_c_store_with_a_4_gb_header_costs_the_sender_nothing(
             assoc.abort()
     finally:
         server.shutdown()
+
+
+# -- always an answer, nothing left behind (issue 17) ----------------------------------------
+
+_BAD_UIDS = {"empty": "", "too long": "1." + "2" * 70, "letters": "1.2.abc", "a path": "../x"}
+
+
+def _bad_instance(tmp_path: Path, name: str, where: str, uid: str) -> tuple[Path, str | None]:
+    """An instance whose ``where`` UID (sop, study, series) is ``uid``; with ``command``,
+    a valid instance whose C-STORE-RQ names ``uid`` as its SOP Instance UID (returned)."""
+    path = tmp_path / "raw" / name
+    study = uid if where == "study" else generate_uid()
+    series = uid if where == "series" else generate_uid()
+    make_instance(path, study_uid=study, series_uid=series)
+    if where == "sop":
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(path)
+    return path, uid if where == "command" else None
+
+
+def _store(peer: RawPeer, cx: int, path: Path, command_sop: str | None = None) -> int:
+    """C-STORE ``path`` (its SOP Instance UID in the command: ``command_sop`` if given);
+    the status of the C-STORE-RSP, which must come."""
+    raw = path.read_bytes()
+    meta = filemeta.parse(raw)
+    assert meta is not None and meta.sop_class
+    sop = meta.sop_instance or "" if command_sop is None else command_sop
+    peer.send(dimse.p_data_command(cx, dimse.c_store_command(3, meta.sop_class, sop))
+              + wire.p_data(cx, wire.PDV_LAST, raw[meta.dataset_offset:]))
+    pdu_type, body = peer.read_pdu()
+    assert pdu_type == wire.P_DATA_TF, f"PDU 0x{pdu_type:02X} instead of a C-STORE-RSP"
+    fields = dimse.command_fields(b"".join(bytes(f) for _c, _f, f in wire.pdvs(body)))
+    assert dimse.u16(fields, dimse.COMMAND_FIELD) == dimse.C_STORE_RSP
+    status = dimse.u16(fields, dimse.STATUS)
+    assert status is not None
+    return status
+
+
+def _spool_files(tmp_path: Path, folder: str) -> list[Path]:
+    return sorted(p for p in (tmp_path / "spool" / folder).rglob("*")
+                  if p.is_file() and ".run" not in p.parts)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("where", ["sop", "command", "study", "series"])
+def test_invalid_uids_are_answered_first_and_later_and_the_association_goes_on(
+        start_receiver: Any, tmp_path: Path, where: str) -> None:
+    """Every invalid UID (empty, longer than 64, letters, a path) in the command set or the
+    data set gets 0xC000-range on the association's first C-STORE (pynetdicom's path) and
+    on a later one (the fast path); the valid instances after each are stored, nothing
+    invalid reaches incoming/ and nothing is left in tmp/."""
+    rx = start_receiver(stable_seconds=60)  # nothing is published while we look
+    stored: list[str] = []
+    for kind, uid in _BAD_UIDS.items():
+        peer = RawPeer(rx.port)
+        cx = peer.associate()[CT_IMAGE]
+        statuses = []
+        for step in ("first", "ok", "later", "ok"):
+            if step == "ok":
+                path = _instance(tmp_path, f"ok-{len(stored)}.dcm")
+                meta = filemeta.parse(path.read_bytes())
+                assert meta is not None and meta.sop_instance
+                stored.append(meta.sop_instance)
+                statuses.append(_store(peer, cx, path))
+            else:
+                path, command_sop = _bad_instance(tmp_path, f"{step}.dcm", where, uid)
+                statuses.append(_store(peer, cx, path, command_sop))
+        peer.close()
+        assert [s & 0xF000 == 0xC000 for s in statuses] == [True, False, True, False], \
+            (kind, [hex(s) for s in statuses])
+        assert statuses[1] == statuses[3] == 0, (kind, statuses)
+    got = _spool_files(tmp_path, "incoming")
+    assert sorted(p.stem for p in got if p.suffix == ".dcm") == sorted(stored)
+    wait_for(lambda: not _spool_files(tmp_path, "tmp"), 10, what="tmp/ empty")
+    assert rx.proc.poll() is None
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("later", [False, True], ids=["first", "later"])
+def test_a_cut_off_data_set_leaves_nothing_in_tmp(start_receiver: Any, tmp_path: Path,
+                                                   later: bool) -> None:
+    """A data set cut off by the peer's closing the connection, on the association's first
+    C-STORE (pynetdicom's path) or a later one (the fast path): once the association has
+    ended, tmp/ holds nothing of it."""
+    rx = start_receiver()
+    peer = RawPeer(rx.port)
+    cx = peer.associate()[CT_IMAGE]
+    if later:
+        assert peer.c_store(cx, _instance(tmp_path, "1.dcm")) == 0
+    path = _instance(tmp_path, "cut.dcm")
+    raw = path.read_bytes()
+    meta = filemeta.parse(raw)
+    assert meta is not None and meta.sop_class and meta.sop_instance
+    data = raw[meta.dataset_offset:]
+    peer.send(dimse.p_data_command(cx, dimse.c_store_command(5, meta.sop_class,
+                                                             meta.sop_instance)))
+    peer.send(wire.p_data(cx, 0, data[:len(data) // 2]))  # not the last fragment
+    wait_for(lambda: _spool_files(tmp_path, "tmp"), 10, what="the data set being received")
+    peer.close()
+    wait_for(lambda: not _spool_files(tmp_path, "tmp"), 10,
+             what="the cut-off data set removed from tmp/")
+    _serves_real_peers(rx, tmp_path)
+    assert rx.proc.poll() is None

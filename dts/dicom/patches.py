@@ -23,6 +23,8 @@ pynetdicom                              changed to
 ._is_transport_event``
 ``Association._serve_request``          wrapped: the SCP fast path takes over after it
 ``dimse_messages.NamedTemporaryFile``   ``scp.ReceiveFile`` (``set_receive_directory``)
+``dimse_messages.write_file_meta_info`` ``filemeta.encode``: any SOP Instance UID, even empty
+``_config.VALIDATORS["UI"]``            every UID passes: the handler answers 0xC000
 ======================================  ==================================================
 
 They are made only when the installed version is in ``SUPPORTED`` and ``problems()``
@@ -49,10 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID
+
 import pynetdicom
 from pynetdicom import _config, association, dimse_messages, dul, transport
 
-from . import scp, takeover, wire
+from . import filemeta, scp, takeover, wire
 
 LOGGER = logging.getLogger(__name__)
 
@@ -143,8 +147,18 @@ INTERNALS: tuple[Internal, ...] = (
              source=("self.message = None", "self.msg_queue.put("), params=("self", "primitive")),
     Internal("dimse_messages.DIMSEMessage.decode_msg",
              "received data sets go into files made by NamedTemporaryFile",
-             source=("NamedTemporaryFile(delete=False", "_config.STORE_RECV_CHUNKED_DATASET")),
+             source=("NamedTemporaryFile(delete=False", "_config.STORE_RECV_CHUNKED_DATASET",
+                     "write_file_meta_info(")),
     Internal("dimse_messages.NamedTemporaryFile", "replaced: scp.ReceiveFile"),
+    Internal("dimse_messages.write_file_meta_info",
+             "replaced: filemeta.encode, which writes an empty or overlong SOP Instance UID "
+             "too (pydicom raises in the DUL thread, the peer gets no answer)",
+             params=("fp", "file_meta", "enforce_standard")),
+    Internal("dimse_primitives.DIMSEPrimitive._AffectedSOPInstanceUID",
+             "an empty UID is set past its setter (which makes it None, an invalid request "
+             "pynetdicom leaves unanswered)", source=("self._affected_sop_instance_uid",)),
+    Internal("_config.VALIDATORS", "UI: every UID reaches the store handler, which answers "
+             "0xC000 (pynetdicom aborts on a UID longer than 64 characters)"),
     Internal("service_class.StorageServiceClass.SCP",
              "removes a received file the handler left (ReceiveFile has .name)",
              source=("os.unlink(req._dataset_file.name)",)),
@@ -271,6 +285,7 @@ REVIEWED: dict[str, str] = {
     "transport.AssociationSocket.close": "c726c8db53813d55",
     "dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
     "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a76be",
+    "dimse_primitives.DIMSEPrimitive._AffectedSOPInstanceUID": "9277bce0ad4d990f",
     "service_class.StorageServiceClass.SCP": "63afca7fc6c6e7ee",
     "dsutils.create_file_meta": "035ed415f5aeea15",
     "pdu_primitives.P_DATA.presentation_data_value_list": "9f2d171cdd1e929b",
@@ -381,6 +396,7 @@ def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
 def _serve_request(self: association.Association, msg: Any, context_id: int) -> None:
     """``Association._serve_request``, after which the SCP fast path may keep the
     association's socket (``scp.take``)."""
+    _answerable(msg)
     loop = scp.take(self, msg)
     try:
         _originals["association.Association._serve_request"](self, msg, context_id)
@@ -390,6 +406,15 @@ def _serve_request(self: association.Association, msg: Any, context_id: int) -> 
         raise
     if loop is not None:
         loop.run()
+
+
+def _answerable(msg: Any) -> None:
+    """A C-STORE-RQ with an empty Affected SOP Instance UID, which pynetdicom would drop
+    unanswered (its primitive holds None, so it is no valid request), gets an empty UID:
+    it reaches the store handler, which refuses it with 0xC000."""
+    if (type(msg).__name__ == "C_STORE" and msg.MessageIDBeingRespondedTo is None
+            and msg.MessageID is not None and msg.AffectedSOPInstanceUID is None):
+        msg._affected_sop_instance_uid = UID("")
 
 
 def tune() -> bool:
@@ -441,6 +466,8 @@ def set_receive_directory(path: Path | None) -> None:
     if path is None:
         _config.STORE_RECV_CHUNKED_DATASET = False
         dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore
+        dimse_messages.write_file_meta_info = _PYDICOM_WRITE_FILE_META  # type: ignore
+        _config.VALIDATORS["UI"] = _PYNETDICOM_VALIDATE_UI
         return
     folder = str(path)
 
@@ -449,6 +476,30 @@ def set_receive_directory(path: Path | None) -> None:
 
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = factory  # type: ignore
+    # A request whose UIDs dts refuses must still reach the handler, which answers it
+    # (0xC000): pynetdicom would abort the association on a UID longer than 64 characters
+    # (its UI validator) and kill its DUL thread on an empty SOP Instance UID (pydicom
+    # refuses to write such file meta). dts checks every UID itself (``uid.valid_uid``).
+    dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore
+    _config.VALIDATORS["UI"] = _any_uid
+
+
+_PYDICOM_WRITE_FILE_META = dimse_messages.write_file_meta_info
+_PYNETDICOM_VALIDATE_UI = _config.VALIDATORS["UI"]
+
+
+def _write_file_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """pydicom's ``write_file_meta_info`` for a received data set (after the preamble and
+    ``DICM``), the same bytes (``filemeta.encode``), but written for any UID, even empty."""
+    fp.write(filemeta.encode(str(file_meta.get("MediaStorageSOPClassUID", "") or ""),
+                             str(file_meta.get("MediaStorageSOPInstanceUID", "") or ""),
+                             str(file_meta.get("TransferSyntaxUID", "") or ""))
+             [filemeta.PREAMBLE + 4:])
+
+
+def _any_uid(value: Any) -> tuple[bool, str]:
+    """pynetdicom's UI validator on the receiving side: every UID passes (dts judges)."""
+    return True, ""
 
 
 def send_files_as_encoded() -> None:

@@ -116,6 +116,17 @@ def enable(ae: Any, store: StoreHandler, receive_dir: str) -> None:
     ae._dts_store = (store, receive_dir)
 
 
+def discard_partial(assoc: Any) -> None:
+    """Remove the file of a data set pynetdicom was still receiving (or could not make a
+    request of) when ``assoc``'s connection ended: it was never acknowledged, and nothing
+    else would ever remove it from ``tmp/``."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    rx = getattr(message, "_data_set_file", None)
+    if isinstance(rx, ReceiveFile):
+        rx.close()
+        _unlink(rx.name)
+
+
 # -- the loop ------------------------------------------------------------------------------
 
 class _HandBack(Exception):
@@ -416,4 +427,4 @@ def _unlink(path: str) -> None:
         pass
 
 
-__all__ = ["ReceiveFile", "StoreRequest", "enable", "take"]
+__all__ = ["ReceiveFile", "StoreRequest", "discard_partial", "enable", "take"]
