@@ -169,7 +169,9 @@ class Receiver:
         self.recover()
         patches.tune()
         patches.set_receive_directory(self.spool.tmp)
+        # acse_timeout: how long a connection may take to send its A-ASSOCIATE-RQ
         ae = dicom_ae.make_ae(self.cfg.ae_title, max_pdu=self.cfg.max_pdu,
+                              acse_timeout=self.cfg.network_timeout,
                               dimse_timeout=self.cfg.dimse_timeout,
                               network_timeout=self.cfg.network_timeout,
                               max_associations=self.cfg.max_associations or 16)
@@ -217,6 +219,10 @@ class Receiver:
         while time.monotonic() < deadline and any(a.is_established
                                                   for a in server.active_associations):
             time.sleep(0.05)
+        # A reader blocked on a peer that sends nothing must not hold the process (the
+        # DUL thread is not a daemon): the sockets are cut first, then pynetdicom ends.
+        for assoc in server.active_associations:
+            dicom_ae.cut(assoc)
         for assoc in server.active_associations:
             assoc.abort()
         try:

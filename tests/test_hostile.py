@@ -10,6 +10,7 @@ The last test turns it round: a peer that answers dts's C-STORE with such a head
 
 from __future__ import annotations
 
+import signal
 import struct
 import subprocess
 import time
@@ -37,7 +38,7 @@ from tests.helpers import (
     wait_for,
     wait_port,
 )
-from tests.rawpeer import CT_IMAGE, EXPLICIT_LE, RawPeer
+from tests.rawpeer import CT_IMAGE, EXPLICIT_LE, RawPeer, associate_rq
 
 # What a refusal may cost the receiver: far less than what the header announces.
 RSS_BOUND = 100 * 1024 * 1024
@@ -196,6 +197,119 @@ def test_unlimited_streams_a_huge_p_data_without_holding_it(start_receiver: Any,
     peer.close()
     wait_for(lambda: not receiving(), 10, what="the cut-off data set removed")
     _serves_real_peers(rx, tmp_path)
+
+
+
+# -- every socket has a deadline -----------------------------------------------------------
+
+TIMEOUT = 2.0  # [station] network_timeout of these receivers
+CLOSED_WITHIN = TIMEOUT + 3.0  # from the last byte to the closed connection
+
+
+def _closed_in_time(peer: RawPeer, since: float) -> float:
+    """Seconds from ``since`` to the receiver closing ``peer``'s connection; fails when it
+    is still open CLOSED_WITHIN after ``since``."""
+    try:
+        peer.until_closed(since + CLOSED_WITHIN)
+    finally:
+        peer.close()
+    return time.monotonic() - since
+
+
+def _rx_files(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "spool" / "tmp").glob(".rx-*"))
+
+
+@pytest.mark.peers
+def test_half_an_association_request_is_closed_after_the_network_timeout(
+        start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver(network_timeout=f"{TIMEOUT:g}s")
+    peer = RawPeer(rx.port)
+    rq = associate_rq("DTS", "HOSTILE")
+    peer.send(rq[:len(rq) // 2])
+    assert _closed_in_time(peer, time.monotonic()) >= TIMEOUT - 0.5
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_a_silent_connection_is_closed_after_the_network_timeout(
+        start_receiver: Any, tmp_path: Path) -> None:
+    """Not after pynetdicom's 30-s ACSE default: nothing sent, not even a header."""
+    rx = start_receiver(network_timeout=f"{TIMEOUT:g}s")
+    peer = RawPeer(rx.port)
+    assert _closed_in_time(peer, time.monotonic()) >= TIMEOUT - 0.5
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_half_a_first_p_data_is_closed_after_the_network_timeout(
+        start_receiver: Any, tmp_path: Path) -> None:
+    """pynetdicom's path (an association's first C-STORE)."""
+    rx = start_receiver(network_timeout=f"{TIMEOUT:g}s")
+    peer = RawPeer(rx.port)
+    cx = peer.associate()[CT_IMAGE]
+    pdu = dimse.p_data_command(cx, dimse.c_store_command(7, CT_IMAGE, generate_uid()))
+    peer.send(pdu[:len(pdu) // 2])
+    assert _closed_in_time(peer, time.monotonic()) >= TIMEOUT - 0.5
+    wait_for(lambda: not _rx_files(tmp_path), 5, what="no receive file left in tmp/")
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_half_a_p_data_on_the_fast_path_is_closed_after_the_network_timeout(
+        start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver(network_timeout=f"{TIMEOUT:g}s")
+    peer = RawPeer(rx.port)
+    cx = peer.associate()[CT_IMAGE]
+    assert peer.c_store(cx, _instance(tmp_path, "1.dcm")) == 0
+    assert peer.c_store(cx, _instance(tmp_path, "2.dcm")) == 0
+    raw = _instance(tmp_path, "3.dcm").read_bytes()
+    meta = filemeta.parse(raw)
+    assert meta is not None and meta.sop_class and meta.sop_instance
+    peer.send(dimse.p_data_command(cx, dimse.c_store_command(9, meta.sop_class,
+                                                             meta.sop_instance)))
+    data = wire.p_data(cx, wire.PDV_LAST, raw[meta.dataset_offset:])
+    peer.send(data[:len(data) // 2])  # the data set's PDU, cut in the middle
+    wait_for(lambda: _rx_files(tmp_path), 5, what="the data set being received")
+    assert _closed_in_time(peer, time.monotonic()) >= TIMEOUT - 0.5
+    wait_for(lambda: not _rx_files(tmp_path), 5, what="no receive file left in tmp/")
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_sigterm_ends_the_receiver_whatever_its_peers_do(start_receiver: Any,
+                                                         tmp_path: Path) -> None:
+    """Half a request, half a PDU on either path, a silent connection and an idle
+    association are all open when SIGTERM comes: dts receive exits 0 within a bound."""
+    rx = start_receiver(network_timeout="10s")  # receive's grace: established ones may end
+    peers = [RawPeer(rx.port) for _ in range(5)]
+    rq = associate_rq("DTS", "HOSTILE")
+    peers[0].send(rq[:len(rq) // 2])
+    cx = peers[1].associate()[CT_IMAGE]
+    pdu = dimse.p_data_command(cx, dimse.c_store_command(7, CT_IMAGE, generate_uid()))
+    peers[1].send(pdu[:len(pdu) // 2])
+    cx = peers[2].associate()[CT_IMAGE]
+    assert peers[2].c_store(cx, _instance(tmp_path, "1.dcm")) == 0
+    assert peers[2].c_store(cx, _instance(tmp_path, "2.dcm")) == 0
+    data = wire.p_data(cx, wire.PDV_LAST, bytes(1000))
+    peers[2].send(dimse.p_data_command(cx, dimse.c_store_command(9, CT_IMAGE, generate_uid()))
+                  + data[:500])
+    peers[3].associate()  # idle
+    # peers[4]: silent
+    time.sleep(0.5)  # let the receiver read what was sent (there is nothing to wait for)
+    start = time.monotonic()
+    rx.proc.send_signal(signal.SIGTERM)
+    try:
+        code = rx.proc.wait(16)
+    except subprocess.TimeoutExpired:
+        rx.proc.kill()
+        raise AssertionError("dts receive did not exit after SIGTERM") from None
+    finally:
+        for peer in peers:
+            peer.close()
+    took = time.monotonic() - start
+    assert code == 0, rx.log.read_text()
+    assert took < 16, took
 
 
 

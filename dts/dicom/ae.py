@@ -235,6 +235,25 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
     return int(status.Status)
 
 
+def cut(assoc: Any) -> None:
+    """Shut ``assoc``'s connection down at once, with an A-ABORT if the kernel takes it
+    without waiting: a thread blocked reading from a peer that sends nothing returns
+    (with nothing), so that pynetdicom can end the association (``abort()``) without
+    waiting for that peer."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is None:
+        return
+    if not isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.send(wire.a_abort(0), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def peer_of(assoc: Any) -> tuple[str, int]:
     """(address, port) of the requestor of an accepted association."""
     info = assoc.requestor.address_info

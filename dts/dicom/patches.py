@@ -16,9 +16,11 @@ pynetdicom                              changed to
 ``association.time``                    ``_ShortSleepTime``: the reactor's 1 ms poll is
                                         0.1 ms while the association is busy
 ``DULServiceProvider._run_loop_delay``  a property: 0.1 ms while PDUs arrive, else 1 ms
-``AssociationSocket.__init__``          wrapped: ``TCP_NODELAY`` on every socket
+``AssociationSocket.__init__``          wrapped: ``TCP_NODELAY`` on every socket, an
+                                        accepted one's timeout is ``network_timeout``
 ``AssociationSocket.recv``              replaced: large reads into place, QUICKACK re-armed,
-                                        a PDU longer than accepted refused unread
+                                        a PDU longer than accepted refused unread, a
+                                        peer silent mid-PDU a closed connection
 ``DULServiceProvider                    wrapped: under the receive lock
 ._is_transport_event``
 ``Association._serve_request``          wrapped: the SCP fast path takes over after it
@@ -132,8 +134,10 @@ INTERNALS: tuple[Internal, ...] = (
              "an empty header is a closed connection",
              source=("self.socket.recv(6)", "self.socket.recv(pdu_length)",
                      "except struct.error:", 'self.event_queue.put("Evt17")')),
-    Internal("transport.AssociationSocket.__init__", "wrapped: TCP_NODELAY",
-             source=("self.socket = client_socket", "self._create_socket(")),
+    Internal("transport.AssociationSocket.__init__",
+             "wrapped: TCP_NODELAY; an accepted socket (_is_connected) gets a timeout",
+             source=("self.socket = client_socket", "self._create_socket(",
+                     "self._assoc = assoc", "self._is_connected = True")),
     Internal("transport.AssociationSocket.recv",
              "replaced: exact reads in large chunks, PDUs longer than accepted refused",
              params=("self", "nr_bytes")),
@@ -345,7 +349,14 @@ def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
     assert sock is not None
     self._dts_last_rx = time.monotonic()  # type: ignore[attr-defined]
     body = self.__dict__.pop("_dts_body", None)  # the header's length, when read last
-    data = wire.recv_exact(sock, nr_bytes, ack=True)
+    try:
+        data = wire.recv_exact(sock, nr_bytes, ack=True)
+    except TimeoutError:
+        # Silent mid-PDU for network_timeout (the socket's timeout, see __init__): the
+        # connection is as good as closed; pynetdicom is told so and closes it.
+        LOGGER.warning("%s sent nothing for %ss in the middle of a PDU: closing the "
+                       "connection", _peer(sock), sock.gettimeout())
+        return bytearray()
     if body is None and nr_bytes == wire.PDU_HEADER_LEN == len(data):
         pdu_type, length = wire.pdu_header(data)
         if pdu_type in wire.PDU_TYPES:  # else pynetdicom reads no body
@@ -365,13 +376,8 @@ def _refuse(self: transport.AssociationSocket, sock: Any, pdu_type: int, length:
         return False
     rq = pdu_type == wire.A_ASSOCIATE_RQ and assoc is not None and assoc.is_acceptor \
         and not assoc.is_established
-    try:
-        host, port = sock.getpeername()[:2]
-        peer = f"{host}:{port}"
-    except OSError:
-        peer = "a peer"
     LOGGER.warning("%s from %s announces %d bytes, more than the %d accepted: %s",
-                   wire.pdu_name(pdu_type), peer, length, limit,
+                   wire.pdu_name(pdu_type), _peer(sock), length, limit,
                    "rejected" if rq else "aborted")
     try:
         sock.settimeout(1.0)  # a peer that does not read gets no answer, not our thread
@@ -381,6 +387,15 @@ def _refuse(self: transport.AssociationSocket, sock: Any, pdu_type: int, length:
     return True
 
 
+def _peer(sock: Any) -> str:
+    """How a log line names the peer of ``sock``."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "a peer"
+    return f"{host}:{port}"
+
+
 def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def __init__(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
@@ -388,6 +403,17 @@ def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
         # Requestor sockets are tuned before connect(), accepted ones right away;
         # TLS wraps the same descriptor, so the options survive the handshake.
         wire.set_nodelay(self.socket)
+        if self.socket is not None and self._is_connected:
+            # An accepted socket is blocking without a timeout (socket.accept() does not
+            # pass the listening socket's on): a peer that stops halfway through a PDU
+            # would hold pynetdicom's reader (a non-daemon thread) for ever. With it, no
+            # read waits longer than network_timeout for the next byte (``_recv``).
+            timeout = getattr(self._assoc, "network_timeout", None)
+            if timeout is not None:
+                try:
+                    self.socket.settimeout(timeout)
+                except OSError:
+                    pass
 
     __init__._dts_tuned = True  # type: ignore[attr-defined]
     return __init__

@@ -15,7 +15,8 @@ for its response, is silent) the reactor thread keeps the socket for itself:
   P-DATA-TF (a release request, an A-ABORT) is left for pynetdicom, the socket is
   handed back and pynetdicom goes on exactly as it would have;
 - a P-DATA-TF longer than the maximum length dts advertised (``wire.pdu_limit``) is
-  answered with an A-ABORT and the connection closed at once, before its body is read;
+  answered with an A-ABORT and the connection closed at once, before its body is read,
+  and so is a peer that sends nothing for ``network_timeout`` in the middle of a PDU;
   memory never depends on a length the peer announces (a command set is held, at most
   ``MAX_COMMAND``; a data set goes through one ``CHUNK`` buffer);
 - a C-STORE-RQ's data set is streamed into a file in the spool's ``tmp/`` behind the
@@ -209,6 +210,12 @@ class _Loop:
             self.give()
             self.assoc.abort()
             return
+        except TimeoutError:
+            # silent for network_timeout in the middle of a PDU: where the next PDU would
+            # start is lost, so nobody can carry on with this connection
+            LOGGER.warning("%s sent nothing for %ss in the middle of a PDU: aborting the "
+                           "association", self.assoc.requestor.address, self.timeout)
+            self._refuse()
         except OSError as exc:  # the connection broke: pynetdicom notices it too
             LOGGER.info("association from %s: %s", self.assoc.requestor.address, exc)
         except Exception:  # a bug of ours must not leave the peer hanging
