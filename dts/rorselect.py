@@ -33,7 +33,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Union
+from typing import Any
 
 import lark
 import re2
@@ -60,11 +60,12 @@ start: select check*
 
 select: SELECT level from_? clause (ALSO clause)*
 from_: FROM level
-level: SERIES | STUDY | PATIENT | PROJECT | IMAGE
+level: SERIES | STUDY | PATIENT | PARTICIPANT | PROJECT | IMAGE
 
 clause: WHERE level? named? HAS rules
       | WHERE rules
-named: NAMED string
+named: NAMED name
+name: DQ | SQ | WORD | HEX
 
 ?rules: rule
       | rules AND rule -> and_
@@ -74,7 +75,7 @@ named: NAMED string
      | EVERYTHING -> everything
      | compare
 compare: tag EQ (string | NUMBER)
-       | tag CONTAINING string
+       | tag (CONTAINING | CONTAINS) string
        | tag CMP NUMBER
        | tag REGEXP string
 
@@ -93,7 +94,8 @@ SELECT: "select"i
 FROM: "from"i
 SERIES: "series"i
 STUDY: "study"i
-PATIENT: "patient"i | "participant"i
+PATIENT: "patient"i
+PARTICIPANT: "participant"i
 PROJECT: "project"i
 IMAGE: "image"i
 WHERE: "where"i
@@ -104,7 +106,8 @@ AND: "and"i
 OR: "or"i
 NOT: "not"i
 EVERYTHING: "everything"i
-CONTAINING: "containing"i | "contains"i
+CONTAINING: "containing"i
+CONTAINS: "contains"i
 REGEXP: "regexp"i
 CHECK: "check"i
 EQ: "==" | "="
@@ -124,15 +127,18 @@ COMMENT: /\/\*(.|\n)*?\*\//
 %ignore COMMENT
 """
 
-_PARSER = lark.Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+# the basic lexer: a keyword is a whole word (lark turns a WORD equal to one into it),
+# never the start of a longer word as a contextual lexer would take it
+_PARSER = lark.Lark(GRAMMAR, parser="lalr", lexer="basic", propagate_positions=True,
+                    maybe_placeholders=False)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
 
 _TERMINALS = {"SELECT": "SELECT", "FROM": "FROM", "SERIES": "a level", "STUDY": "a level",
-              "PATIENT": "a level", "PROJECT": "a level", "IMAGE": "a level",
+              "PATIENT": "a level", "PARTICIPANT": "a level", "PROJECT": "a level", "IMAGE": "a level",
               "WHERE": "WHERE", "NAMED": "NAMED", "HAS": "HAS", "ALSO": "ALSO",
               "AND": "AND", "OR": "OR", "NOT": "NOT", "EVERYTHING": "EVERYTHING",
-              "CONTAINING": "containing", "REGEXP": "regexp", "CHECK": "CHECK",
+              "CONTAINING": "containing", "CONTAINS": "containing", "REGEXP": "regexp", "CHECK": "CHECK",
               "EQ": "==", "CMP": "< > <= >=", "LPAR": "'('", "RPAR": "')'",
               "COMMA": "','", "AT": "'@'", "DQ": "a string", "SQ": "a string", "WORD": "a word",
               "HEX": "a word", "NUMBER": "a number", "$END": "the end"}
@@ -186,22 +192,22 @@ class Everything:
 
 @dataclass(frozen=True)
 class Not:
-    rule: "Rule"
+    rule: Rule
 
 
 @dataclass(frozen=True)
 class And:
-    left: "Rule"
-    right: "Rule"
+    left: Rule
+    right: Rule
 
 
 @dataclass(frozen=True)
 class Or:
-    left: "Rule"
-    right: "Rule"
+    left: Rule
+    right: Rule
 
 
-Rule = Union[Compare, Everything, Not, And, Or]
+Rule = Compare | Everything | Not | And | Or
 
 
 @dataclass(frozen=True)
@@ -224,16 +230,16 @@ class CheckCompare:
 
 @dataclass(frozen=True)
 class CheckNot:
-    rule: "CheckRule"
+    rule: CheckRule
 
 
 @dataclass(frozen=True)
 class CheckAnd:
-    left: "CheckRule"
-    right: "CheckRule"
+    left: CheckRule
+    right: CheckRule
 
 
-CheckRule = Union[CheckCompare, CheckNot, CheckAnd]
+CheckRule = CheckCompare | CheckNot | CheckAnd
 
 
 @dataclass(frozen=True)
@@ -376,6 +382,9 @@ class _Build(lark.Transformer[lark.Token, Any]):
     def string(self, children: list[lark.Token]) -> lark.Token:
         return _string(lark.Tree("string", list(children)))
 
+    def name(self, children: list[lark.Token]) -> lark.Token:
+        return _string(lark.Tree("name", list(children)))
+
     def tag_name(self, children: list[lark.Token]) -> Tag:
         return _tag_by_name(children[0])
 
@@ -387,12 +396,12 @@ class _Build(lark.Transformer[lark.Token, Any]):
     @lark.v_args(meta=True)
     def compare(self, meta: Any, children: list[Any]) -> Compare:
         tag, op_tok, val = children
-        op = {"EQ": "==", "CONTAINING": "containing", "REGEXP": "regexp"}.get(
+        op = {"EQ": "==", "CONTAINING": "containing", "CONTAINS": "containing", "REGEXP": "regexp"}.get(
             op_tok.type, str(op_tok))
         if val.type == "NUMBER":
             f = _float32(float(val))
             if f is None:
-                raise _fail(f"number {str(val)} is out of range (ror reads numbers as "
+                raise _fail(f"number {val!s} is out of range (ror reads numbers as "
                             "32-bit floats)", val)
             # == compares text: Go's %v of the number (of the number as written, not of
             # its float32 rounding, see docs/ror-select.md); < > <= >= compare float32s
