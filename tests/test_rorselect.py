@@ -359,6 +359,8 @@ def test_check_compares_values_position_by_position_over_the_shorter() -> None:
     ("SELECT series WHERE series named A HAS EVERYTHING CHECK A@Modality < A@Modality",
      1, 68, "unexpected '<'"),
     ("CHECK A@Modality = B@Modality", 1, 1, "expected SELECT"),
+    ("SELECT series WHERE Modality == CT SELECT study WHERE Modality == MR", 1, 36,
+     "unexpected 'SELECT'"),
     ("", 0, 0, "expected a select statement"),
 ])
 def test_refused_with_the_position(text: str, line: int, column: int, words: str) -> None:
