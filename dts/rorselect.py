@@ -29,6 +29,7 @@ asks ``studydoc.build_study`` for the tags its statements name), plus the derive
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
@@ -129,8 +130,13 @@ COMMENT: /\/\*(.|\n)*?\*\//
 
 # the basic lexer: a keyword is a whole word (lark turns a WORD equal to one into it),
 # never the start of a longer word as a contextual lexer would take it
-_PARSER = lark.Lark(GRAMMAR, parser="lalr", lexer="basic", propagate_positions=True,
-                    maybe_placeholders=False)
+@functools.cache
+def _parser() -> lark.Lark:
+    """Built on first use (about 0.1 s): a station without ror_select never pays it."""
+    return lark.Lark(GRAMMAR, parser="lalr", lexer="basic", propagate_positions=True,
+                     maybe_placeholders=False)
+
+
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
 
@@ -375,6 +381,8 @@ class _Build(lark.Transformer[lark.Token, Any]):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.source = text
+        self.clauses = 0
+        self.names: set[str] = set()  # the clauses come before the checks in the tree
 
     def _text(self, meta: Any) -> str:
         return " ".join(self.source[meta.start_pos:meta.end_pos].split())
@@ -452,12 +460,17 @@ class _Build(lark.Transformer[lark.Token, Any]):
     def clause(self, meta: Any, children: list[Any]) -> tuple[str | None, Rule, str]:
         name = next((c for c in children if isinstance(c, lark.Token) and c.type in
                      ("DQ", "SQ", "WORD", "HEX")), None)
+        self.names.add(str(name) if name is not None else f"unnamed_rule_{self.clauses}")
+        self.clauses += 1
         return (str(name) if name is not None else None, children[-1], self._text(meta))
 
     @lark.v_args(meta=True)
     def check_compare(self, meta: Any, children: list[Any]) -> CheckCompare:
         n1, _at, t1, _eq, n2, _at2, t2 = children
         for tag, tok in ((t1, n1), (t2, n2)):
+            if str(tok) not in self.names:
+                raise _fail(f"CHECK names series {str(tok)!r}, which no WHERE clause names "
+                            f"(named: {', '.join(sorted(self.names))})", tok)
             if tag.derived:
                 raise _fail(f"CHECK compares DICOM tags of two series, not {tag.text}", tok)
         return CheckCompare(str(n1), t1, str(n2), t2, self._text(meta))
@@ -484,22 +497,7 @@ class _Build(lark.Transformer[lark.Token, Any]):
         clauses = tuple(
             Clause(i, name if name is not None else f"unnamed_rule_{i}", name is not None,
                    rule, text) for i, (name, rule, text) in enumerate(raw))
-        names = {c.name for c in clauses}
-        for ch in checks:
-            for cmp in _check_compares(ch.rule):
-                for n in (cmp.name1, cmp.name2):
-                    if n not in names:
-                        raise RorSelectError(f"CHECK names series {n!r}, which no WHERE "
-                                             f"clause names (named: {', '.join(sorted(names))})")
         return Statement(self.source, lv, clauses, tuple(checks))
-
-
-def _check_compares(rule: CheckRule) -> list[CheckCompare]:
-    if isinstance(rule, CheckCompare):
-        return [rule]
-    if isinstance(rule, CheckNot):
-        return _check_compares(rule.rule)
-    return _check_compares(rule.left) + _check_compares(rule.right)
 
 
 def _expected(names: Any) -> str:
@@ -512,7 +510,7 @@ def parse(text: str) -> Statement:
     if not isinstance(text, str) or not text.strip():
         raise RorSelectError("expected a select statement (SELECT series FROM study WHERE ...)")
     try:
-        tree = _PARSER.parse(text)
+        tree = _parser().parse(text)
     except lark.UnexpectedCharacters as exc:
         raise RorSelectError(f"unexpected character {text[exc.pos_in_stream or 0]!r}; expected "
                              f"{_expected(exc.allowed)}", exc.line, exc.column) from None

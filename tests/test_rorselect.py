@@ -353,7 +353,7 @@ def test_check_compares_values_position_by_position_over_the_shorter() -> None:
     ('SELECT series WHERE series named "my name" HAS EVERYTHING', 1, 34, "series name"),
     ("SELECT series WHERE NumImages > 1e39", 1, 33, "out of range"),
     ("SELECT series WHERE series named A HAS EVERYTHING CHECK A@Modality = B@Modality",
-     0, 0, "no WHERE clause names"),
+     1, 70, "CHECK names series 'B', which no WHERE clause names (named: A)"),
     ("SELECT series WHERE series named A HAS EVERYTHING CHECK A@NumImages = A@NumImages",
      1, 57, "CHECK compares DICOM tags"),
     ("SELECT series WHERE series named A HAS EVERYTHING CHECK A@Modality < A@Modality",
