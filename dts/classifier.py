@@ -13,12 +13,16 @@ For a job claimed from ``classify/new`` (or, by id, from ``unmatched/``, ``done/
    or object; dts adds the function ``regexp(value, pattern)``, the rule files' regexp
    operator) and every ``select.<name>`` (must yield at least one series: a list of
    series objects, a single series object, or SeriesInstanceUIDs of this study; an
-   evaluation error counts as not matched, with the error as the reason). A stream
-   without ``select`` takes the whole study as one selection named ``study``;
-4. creates one run job ``J.<stream>`` per matching stream in ``run/new/``: input holds
-   only the selected series, hard-linked; study.json copied; job.json has ``stream``,
-   ``parent``, ``selection`` and the parent's identity keys. ``J`` moves to ``done/`` with
-   ``children``. No match: ``unmatched/`` with the reasons per stream.
+   evaluation error counts as not matched, with the error as the reason), or instead its
+   ``ror_select`` statement (``dts.rorselect``: one check per clause, the named series as
+   the selection). A stream without either takes the whole study as one selection named
+   ``study``;
+4. creates one run job ``J.<stream>`` per matching stream in ``run/new/`` (``per =
+   "series"``: one ``J.<stream>.s<n>`` per selected series, n = 1, 2, ... in study.json's
+   order, its selection only that series): input holds only the selected series,
+   hard-linked; study.json copied; job.json has ``stream``, ``parent``, ``selection`` and
+   the parent's identity keys. ``J`` moves to ``done/`` with ``children``. No match:
+   ``unmatched/`` with the reasons per stream.
 
 Re-classifying a job whose children exist already creates new children with a numeric
 suffix (``J.<stream>.2``); the old ones are left alone. The planned child ids are

@@ -54,6 +54,7 @@ DERIVED = {"ClassifyType": "ClassifyType", "ClassifyTypes": "ClassifyType",
 _NOT_COMPARABLE = {"SQ": "a sequence", "OB": "binary", "OW": "binary", "OF": "binary",
                    "OD": "binary", "OL": "binary", "OV": "binary", "UN": "binary",
                    "AT": "a tag list", "PN": "a person name (names never go into study.json)"}
+_NUMERIC = ("SS", "SL", "US", "UL", "SV", "UV", "FL", "FD")
 _NAME_CHARS = "letters, digits, '_.-', starting with a letter or digit"
 
 GRAMMAR = r"""
@@ -559,16 +560,17 @@ def values_of(ds: Dataset, tag: int) -> list[str] | None:
     if elem is None or elem.VR in _NOT_COMPARABLE or elem.VR.startswith("O"):
         return None
     value = elem.value
-    if value is None or value == "":
-        return None if elem.VR in ("SS", "SL", "US", "UL", "SV", "UV", "FL", "FD") else [""]
-    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else \
+        [] if value is None or value == "" else [value]
+    if not items:  # ror: an empty text is one empty value, empty numbers are no values
+        return None if elem.VR in _NUMERIC else [""]
     out: list[str] = []
     for v in items:
         if isinstance(v, bytes):
             return None
         if elem.VR in ("FL", "FD"):
             out.append(f"{float(v):.6f}")
-        elif elem.VR in ("SS", "SL", "US", "UL", "SV", "UV"):
+        elif elem.VR in _NUMERIC:
             out.append(str(int(v)))
         else:
             original = getattr(v, "original_string", None)  # DS/IS as written

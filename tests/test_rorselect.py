@@ -603,3 +603,29 @@ def test_effective_configuration_shows_the_statement_as_written(tmp_path: Path) 
     (stream,) = eff["stream"]
     assert stream["ror_select"] == _aicore() and stream["per"] == "series"
     assert "ror_select_text" not in stream
+
+
+def test_values_of_an_instance_as_ror_reads_them() -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = Dataset()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
+    ds.SliceThickness = "5.0"
+    ds.SeriesNumber = "007"
+    ds.Rows = 256
+    ds.add_new(0x00189087, "FD", 1000.0)  # DiffusionBValue
+    ds.add_new(0x00189089, "FD", [])  # DiffusionGradientOrientation, empty
+    ds.ContrastBolusAgent = ""
+    ds.PatientName = "Doe^Jane"
+    ds.ReferencedImageSequence = Sequence([Dataset()])
+    ds.add_new(0x00291010, "OB", b"\x00\x01")
+    v = rorselect.values_of
+    assert v(ds, 0x00080008) == ["ORIGINAL", "PRIMARY", "M"]
+    assert v(ds, 0x00180050) == ["5.0"] and v(ds, 0x00200011) == ["007"]
+    assert v(ds, 0x00280010) == ["256"]
+    assert v(ds, 0x00189087) == ["1000.000000"]  # Go's %f
+    assert v(ds, 0x00189089) is None
+    assert v(ds, 0x00180010) == [""]
+    for tag in (0x00100010, 0x00081140, 0x00291010, 0x00081030):  # name, sequence, OB, absent
+        assert v(ds, tag) is None
