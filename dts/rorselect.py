@@ -791,6 +791,9 @@ def evaluate(stmt: Statement, doc: dict[str, Any]) -> Result:
     return Result(stmt, selection if matched else {}, matched, reason, results, checks)
 
 
+EXPLAIN_SERIES = 12  # series whose reasons a clause that named none lists (events stay short)
+
+
 def explain_clause(r: ClauseResult, doc: dict[str, Any], required: bool) -> tuple[bool, str]:
     """One clause's line for ``dts classify --explain``: ok and the detail."""
     by_uid = {str(s.get("SeriesInstanceUID")): s for s in doc.get("series", [])
@@ -799,7 +802,10 @@ def explain_clause(r: ClauseResult, doc: dict[str, Any], required: bool) -> tupl
     if r.series:
         detail = f"{head}: " + ", ".join(f"{_series_label(by_uid[u])} ({u})" for u in r.series)
     else:
-        why = "; ".join(f"{_series_label(by_uid[u])}: {w}" for u, w in r.failed.items())
+        shown = list(r.failed.items())[:EXPLAIN_SERIES]
+        why = "; ".join(f"{_series_label(by_uid[u])}: {w}" for u, w in shown)
+        if len(r.failed) > len(shown):
+            why += f"; {len(r.failed) - len(shown)} more series"
         detail = f"{head}: no series" + (f" ({why})" if why else "")
         if not required:
             detail += " (not required at series level)"

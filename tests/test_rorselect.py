@@ -629,3 +629,13 @@ def test_values_of_an_instance_as_ror_reads_them() -> None:
     assert v(ds, 0x00180010) == [""]
     for tag in (0x00100010, 0x00081140, 0x00291010, 0x00081030):  # name, sequence, OB, absent
         assert v(ds, tag) is None
+
+
+def test_a_clause_that_names_nothing_lists_the_first_reasons_only() -> None:
+    doc = {"series": [_series(f"1.9.{i}", i, f"s{i}", "MR", [], 1) for i in range(1, 21)]}
+    result = rorselect.evaluate(parse("SELECT study WHERE series named ct HAS Modality == CT"),
+                                doc)
+    ok, detail = rorselect.explain_clause(result.clauses[0], doc, required=True)
+    assert not ok
+    assert detail.count("(Modality == 'CT' is false)") == rorselect.EXPLAIN_SERIES
+    assert detail.endswith(f"; {20 - rorselect.EXPLAIN_SERIES} more series)")
