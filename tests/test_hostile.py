@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -67,13 +68,13 @@ class Receiver:
 def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(station_text: str = "", **station: Any) -> Receiver:
+    def start(station_text: str = "", command: str = "receive", **station: Any) -> Receiver:
         port = free_port()
         config = station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
                                                    "port": port, "stable_seconds": 1,
                                                    **station}, station_text=station_text)
         log = tmp_path / f"receiver-{len(procs)}.log"
-        proc = start_dts("receive", config=config, log=log)
+        proc = start_dts(command, config=config, log=log)
         procs.append(proc)
         wait_port(port, 30)
         assert proc.poll() is None, log.read_text()
@@ -303,11 +304,14 @@ def test_half_a_p_data_on_the_fast_path_is_closed_after_the_network_timeout(
 
 
 @pytest.mark.peers
+@pytest.mark.parametrize("command", ["receive", "watch"])
 def test_sigterm_ends_the_receiver_whatever_its_peers_do(start_receiver: Any,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, command: str) -> None:
     """Half a request, half a PDU on either path, a silent connection and an idle
-    association are all open when SIGTERM comes: dts receive exits 0 within a bound."""
-    rx = start_receiver(network_timeout="10s")  # receive's grace: established ones may end
+    association are all open when SIGTERM comes: dts receive and dts watch exit 0 within
+    a bound."""
+    # network_timeout: the receiver's grace, established associations may end
+    rx = start_receiver(network_timeout="10s", command=command)
     peers = [RawPeer(rx.port) for _ in range(5)]
     rq = associate_rq("DTS", "HOSTILE")
     peers[0].send(rq[:len(rq) // 2])
@@ -329,7 +333,7 @@ def test_sigterm_ends_the_receiver_whatever_its_peers_do(start_receiver: Any,
         code = rx.proc.wait(16)
     except subprocess.TimeoutExpired:
         rx.proc.kill()
-        raise AssertionError("dts receive did not exit after SIGTERM") from None
+        raise AssertionError(f"dts {command} did not exit after SIGTERM") from None
     finally:
         for peer in peers:
             peer.close()
@@ -676,3 +680,83 @@ def test_a_silent_connection_does_not_block_a_tls_station(start_receiver: Any,
         assert _closed_in_time(silent, time.monotonic()) < CLOSED_WITHIN
     finally:
         silent.close()
+
+
+# -- the requestor side: dts echo and dts send against a peer that stops halfway --------
+
+class HalfAnswer:
+    """A listening "SCP" that reads an A-ASSOCIATE-RQ and answers with the first bytes
+    of an A-ASSOCIATE-AC only, then holds the connection open and silent."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.listener.settimeout(30)
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.held.append(conn)
+        conn.settimeout(30)
+        head = conn.recv(wire.PDU_HEADER_LEN, socket.MSG_WAITALL)
+        if len(head) == wire.PDU_HEADER_LEN:
+            conn.recv(wire.pdu_header(head)[1], socket.MSG_WAITALL)
+            conn.sendall(wire.PDU_HEADER.pack(wire.A_ASSOCIATE_AC, 0, 200) + bytes(20))
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.mark.peers
+def test_dts_echo_gives_up_on_a_peer_silent_mid_answer(tmp_path: Path) -> None:
+    config = station_config(tmp_path, station={"network_timeout": f"{TIMEOUT:g}s"})
+    peer = HalfAnswer()
+    try:
+        start = time.monotonic()
+        done = run_dts("echo", f"127.0.0.1:{peer.port}", "--timeout", f"{TIMEOUT:g}",
+                       config=config, timeout=30)
+        took = time.monotonic() - start
+    finally:
+        peer.close()
+    assert done.returncode == 75, done.stderr
+    assert took < TIMEOUT + 10, took
+
+
+@pytest.mark.peers
+def test_dts_send_gives_up_on_a_peer_silent_mid_response(tmp_path: Path) -> None:
+    """A real association, then half a C-STORE response and silence: dts send ends
+    the try as a lost connection within network_timeout (exit 75), nothing marked sent."""
+    release = threading.Event()
+
+    def half_response(event: Any) -> int:
+        event.assoc.dul.socket.socket.sendall(
+            struct.pack(">BBI", wire.P_DATA_TF, 0, 200) + bytes(20))
+        release.wait(30)
+        return 0
+
+    scp_ae = pynetdicom.AE(ae_title="HOSTILE")
+    scp_ae.add_supported_context(CT_IMAGE, pynetdicom.ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp_ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, half_response)])
+    assert server is not None
+    config = station_config(tmp_path, station={"network_timeout": f"{TIMEOUT:g}s",
+                                               "dimse_timeout": "60s"})
+    try:
+        start = time.monotonic()
+        done = run_dts("send", "--to", f"127.0.0.1:{port}", "--ae-title", "HOSTILE",
+                       str(_instance(tmp_path)), config=config, timeout=60)
+        took = time.monotonic() - start
+    finally:
+        release.set()
+        server.shutdown()
+    assert done.returncode == 75, done.stderr
+    assert took < TIMEOUT + 10, took

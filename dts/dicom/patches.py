@@ -21,6 +21,8 @@ pynetdicom                              changed to
 ``AssociationSocket.recv``              replaced: large reads into place, QUICKACK re-armed,
                                         a PDU longer than accepted refused unread, a
                                         peer silent mid-PDU a closed connection
+``AssociationSocket.connect``           wrapped: a requestor's socket keeps a timeout,
+                                        ``network_timeout``, once connected
 ``AssociationServer.get_request``       replaced: the TLS handshake is not made on the
                                         accepting thread (it had no deadline)
 ``DULServiceProvider                    wrapped: under the receive lock
@@ -148,6 +150,10 @@ INTERNALS: tuple[Internal, ...] = (
              source=("self._shutdown_socket()", 'self.event_queue.put("Evt17")'),
              params=("self",)),
     Internal("transport.AssociationSocket.ready", "QuietSocket overrides this property"),
+    Internal("transport.AssociationSocket.connect",
+             "wrapped: a connected requestor socket gets network_timeout (pynetdicom clears it)",
+             source=("self.socket.settimeout(None)", "self._is_connected = True"),
+             params=("self", "primitive")),
     Internal("transport.AssociationServer.get_request",
              "replaced: accepts, and wraps a TLS socket without its handshake",
              source=("self.socket.accept()", "self.ssl_context.wrap_socket(",
@@ -294,6 +300,7 @@ REVIEWED: dict[str, str] = {
     "transport.AssociationSocket.ready": "3eb58e3d39dc076d",
     "transport.AssociationSocket.close": "c726c8db53813d55",
     "transport.AssociationServer.get_request": "925a4f3a3042f6e4",
+    "transport.AssociationSocket.connect": "aeeeae413bd339dc",
     "dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
     "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a76be",
     "dimse_primitives.DIMSEPrimitive._AffectedSOPInstanceUID": "9277bce0ad4d990f",
@@ -450,6 +457,25 @@ def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
+def _patch_connect(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def connect(self: transport.AssociationSocket, primitive: Any) -> None:
+        original(self, primitive)
+        # pynetdicom clears the socket's timeout once connected: a peer that stopped
+        # halfway through a PDU (its A-ASSOCIATE-AC, a C-STORE response) held dts echo
+        # and dts send for ever. With network_timeout on it, such a read ends (``_recv``:
+        # as a closed connection) and the association with it.
+        timeout = getattr(self._assoc, "network_timeout", None)
+        if self._is_connected and self.socket is not None and timeout is not None:
+            try:
+                self.socket.settimeout(timeout)
+            except OSError:
+                pass
+
+    connect._dts_tuned = True  # type: ignore[attr-defined]
+    return connect
+
+
 def _get_request(self: transport.AssociationServer) -> tuple[Any, Any]:
     """``AssociationServer.get_request`` without the TLS handshake. pynetdicom makes it
     here, on the one thread that accepts every connection, with no deadline: a peer that
@@ -518,6 +544,7 @@ def tune() -> bool:
             "transport.AssociationSocket.recv": transport.AssociationSocket.recv,
             "transport.AssociationSocket.__init__": transport.AssociationSocket.__init__,
             "transport.AssociationServer.get_request": transport.AssociationServer.get_request,
+            "transport.AssociationSocket.connect": transport.AssociationSocket.connect,
         })
         association.time = _ShortSleepTime(FAST_DELAY)  # type: ignore[assignment]
         dul.DULServiceProvider._run_loop_delay = property(  # type: ignore[assignment]
@@ -526,6 +553,8 @@ def tune() -> bool:
             transport.AssociationSocket.__init__)
         transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
         transport.AssociationServer.get_request = _get_request  # type: ignore[method-assign]
+        transport.AssociationSocket.connect = _patch_connect(  # type: ignore[method-assign]
+            transport.AssociationSocket.connect)
         association.Association._serve_request = _serve_request  # type: ignore[method-assign]
         locked = takeover.locked_transport_event(dul.DULServiceProvider._is_transport_event)
         dul.DULServiceProvider._is_transport_event = locked  # type: ignore
