@@ -108,6 +108,10 @@ class StationConfig:
     # 0: unlimited, see docs/architecture.md, "Bounded memory")
     max_pdu: int = 1048576
     max_associations: int = 16
+    # Connections that have not sent an A-ASSOCIATE-RQ yet: a budget of their own, per peer
+    # address and in total, the oldest closed first (docs/architecture.md, "No lock-out")
+    max_pending_connections: int = 64
+    max_pending_per_host: int = 8
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_attempts: int = 3
@@ -394,6 +398,10 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         classify_rules=t.convert("classify_rules", _path(base), _default_rules(base)),
         max_pdu=t.convert("max_pdu", _positive_int, d.max_pdu),
         max_associations=t.convert("max_associations", _positive_int, d.max_associations),
+        max_pending_connections=t.convert("max_pending_connections", _positive_int,
+                                          d.max_pending_connections),
+        max_pending_per_host=t.convert("max_pending_per_host", _positive_int,
+                                       d.max_pending_per_host),
         dimse_timeout=t.convert("dimse_timeout", _duration, d.dimse_timeout),
         network_timeout=t.convert("network_timeout", _duration, d.network_timeout),
         max_attempts=t.convert("max_attempts", _positive_int, d.max_attempts),
@@ -410,6 +418,12 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         raise ConfigError(file, "station.max_parallel_runs", "must be at least 1")
     if station.max_attempts < 1:
         raise ConfigError(file, "station.max_attempts", "must be at least 1")
+    for key in ("max_associations", "max_pending_connections", "max_pending_per_host"):
+        if getattr(station, key) < 1:
+            raise ConfigError(file, f"station.{key}", "must be at least 1")
+    if station.max_pending_per_host > station.max_pending_connections:
+        raise ConfigError(file, "station.max_pending_per_host",
+                          "must not be more than max_pending_connections")
     if station.rescan_seconds <= 0:
         raise ConfigError(file, "station.rescan_seconds", "must be more than 0")
     return station

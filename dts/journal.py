@@ -49,7 +49,8 @@ class Event(StrEnum):
     # receive (dts receive, dts import)
     RECEIVER_STARTED = "receiver-started"        # the C-STORE service listens
     RECEIVER_STOPPED = "receiver-stopped"        # it stopped (open associations finished)
-    ASSOCIATION_REFUSED = "association-refused"  # a peer failed the host/AE allow-lists
+    ASSOCIATION_REFUSED = "association-refused"  # allow-lists, or max_associations open
+    CONNECTIONS_CLOSED = "connections-closed"    # not associated, over the pending budget
     INSTANCE_REFUSED = "instance-refused"        # an instance answered with a failure status
     PUBLISH_FAILED = "publish-failed"            # a complete study could not move to classify/
     RECEIVED = "received"                        # a study was published to classify/new
