@@ -43,7 +43,7 @@ import jmespath
 import jmespath.exceptions
 from jmespath import functions as jp_functions
 
-from . import worker
+from . import rorselect, worker
 from .config import Config, Stream
 from .errors import ConfigError, UsageError
 from .jobrecord import IDENTITY_KEYS, JobRecord
@@ -184,6 +184,9 @@ def evaluate_stream(stream: Stream, doc: dict[str, Any]) -> Decision:
             note = "" if ok or result is False else " (null or empty: false)"
             d.checks.append(Check("when", ok, f"when `{stream.when_text}` is "
                                               f"{_short(result)}{note}"))
+    if stream.ror_select is not None:
+        _evaluate_ror(stream.ror_select, doc, d)
+        return d
     if not stream.select:
         d.selection = {WHOLE_STUDY: [s["SeriesInstanceUID"] for s in doc.get("series", [])]}
         return d
@@ -202,6 +205,50 @@ def evaluate_stream(stream: Stream, doc: dict[str, Any]) -> Decision:
                                   f"select.{name} `{text}` selected {len(uids)} series"))
             d.selection[name] = uids
     return d
+
+
+def _evaluate_ror(stmt: rorselect.Statement, doc: dict[str, Any], d: Decision) -> None:
+    """A ``ror_select`` stream: one check per clause (which series it names, or why none
+    did), one per CHECK, and the statement's verdict."""
+    result = rorselect.evaluate(stmt, doc)
+    required = stmt.level != "series"
+    checks: list[Check] = []
+    for r in result.clauses:
+        ok, detail = rorselect.explain_clause(r, doc, required)
+        checks.append(Check(f"ror_select.{r.clause.name}", ok, detail))
+    for c in result.checks:
+        checks.append(Check("ror_select.check", c.ok, c.detail))
+    d.checks.extend(checks)
+    if result.matched:
+        n = len({u for uids in result.selection.values() for u in uids})
+        d.checks.append(Check("ror_select", True, f"ror_select (SELECT {stmt.level}) selected "
+                                                  f"{n} series"))
+        d.selection = result.selection
+    elif all(c.ok for c in checks):  # else a clause or CHECK above says why
+        d.checks.append(Check("ror_select", False, f"ror_select (SELECT {stmt.level}): "
+                                                   f"{result.reason}"))
+
+
+def statement_tags(config: Config) -> frozenset[int]:
+    """The DICOM tags the streams' ``ror_select`` statements read (study.json's ``tags``)."""
+    return frozenset(t for s in config.streams if s.ror_select is not None
+                     for t in s.ror_select.tags)
+
+
+def units(d: Decision, stream: Stream | None) -> list[tuple[str, Decision, int]]:
+    """The run jobs a matched decision makes: ``(plan key, decision, n)``; one (n = 0)
+    for ``per = "study"``, one per selected series for ``per = "series"`` (n = 1, 2, ...
+    in the order of study.json; its selection holds only that series, under its
+    name(s))."""
+    if stream is None or stream.per != "series":
+        return [(d.stream, d, 0)]
+    out: list[tuple[str, Decision, int]] = []
+    uids = list(dict.fromkeys(u for sel in d.selection.values() for u in sel))
+    for n, uid in enumerate(uids, start=1):
+        one = Decision(d.stream, list(d.checks),
+                       {name: [uid] for name, sel in d.selection.items() if uid in sel})
+        out.append((f"{d.stream}/{uid}", one, n))
+    return out
 
 
 def evaluate(config: Config, doc: dict[str, Any]) -> list[Decision]:
@@ -229,8 +276,8 @@ def _fail(station: Station, claim: Claim, data: JobRecord, reason: str) -> worke
     return worker.Outcome.FAILED
 
 
-def _child_id(spool: Spool, parent: str, stream: str, taken: set[str]) -> str:
-    base = f"{parent}.{stream}"
+def _child_id(spool: Spool, parent: str, stream: str, taken: set[str], part: int = 0) -> str:
+    base = f"{parent}.{stream}" + (f".s{part}" if part else "")
     n = 1
     while True:
         cid = base if n == 1 else f"{base}.{n}"
@@ -272,25 +319,26 @@ def _create_child(station: Station, claim: Claim, data: JobRecord, study: Study,
 
 
 def _fan_out(station: Station, claim: Claim, data: JobRecord, study: Study,
-             matched: list[Decision], study_bytes: bytes) -> list[str]:
+             matched: list[tuple[str, Decision, int]], study_bytes: bytes) -> list[str]:
+    """Publish the run jobs of ``matched`` (``units``), planned under their keys first."""
     spool = station.spool
     pending = data.get("fanout_pending") if isinstance(data.get("fanout_pending"), dict) else {}
     plan: dict[str, str] = {}
-    for d in matched:
-        cid = pending.get(d.stream) if pending else None
+    for key, d, part in matched:
+        cid = pending.get(key) if pending else None
         if not (isinstance(cid, str) and valid_job_id(cid) and cid.startswith(claim.id + ".")):
-            cid = _child_id(spool, claim.id, d.stream, set(plan.values()))
-        plan[d.stream] = cid
+            cid = _child_id(spool, claim.id, d.stream, set(plan.values()), part)
+        plan[key] = cid
     data["fanout_pending"] = plan
     claim.job.write(data)
-    for d in matched:
-        cid = plan[d.stream]
+    for key, d, _part in matched:
+        cid = plan[key]
         found = spool.locate(cid)
         if found is not None and Job(found[1]).read().get("parent") == claim.id:
             log.info("%s: adopting run job %s published before a restart", claim.id, cid)
             continue
         _create_child(station, claim, data, study, d, cid, study_bytes)
-    return [plan[d.stream] for d in matched]
+    return [plan[key] for key, _d, _part in matched]
 
 
 _REPORTED: set[str] = set()
@@ -317,7 +365,8 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     if rules is None:
         return worker.Outcome.RETRY  # the claim puts it back into classify/new
     try:
-        study = build_study(claim.job.input_dir, data, rules)
+        study = build_study(claim.job.input_dir, data, rules,
+                            tags=statement_tags(station.config))
     except StudyError as exc:
         return _fail(station, claim, data, str(exc))
     study_bytes = dump_json(study.doc)
@@ -358,12 +407,13 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
         return worker.Outcome.DONE
 
     data.pop("unmatched", None)
-    children = _fan_out(station, claim, data, study, matched, study_bytes)
+    jobs = [u for d in matched for u in units(d, station.config.stream(d.stream))]
+    children = _fan_out(station, claim, data, study, jobs, study_bytes)
     data["children"] = list(dict.fromkeys(list(data.get("children") or []) + children))
     data["streams"] = [d.stream for d in matched]
     claim.job.write(data)
     seconds = round(time.perf_counter() - t0, 3)
-    for d, child in zip(matched, children):
+    for (_key, d, _part), child in zip(jobs, children):
         station.journal.emit(Stage.CLASSIFY, Event.MATCHED, Status.OK,
                              f"stream {d.stream} matched: run job {child} "
                              f"({', '.join(f'{k}: {len(v)} series' for k, v in d.selection.items())})",
@@ -446,7 +496,7 @@ def explain(station: Station, job_id: str) -> dict[str, Any]:
                            "own_result": None, "outcome": None, "series": [], "streams": []}
     rules = load_station_rules(station.config.rules_path, station.config.path)
     try:
-        study = build_study(job.input_dir, data, rules)
+        study = build_study(job.input_dir, data, rules, tags=statement_tags(station.config))
     except StudyError as exc:
         out["error"] = str(exc)
         out["outcome"] = "failed"
@@ -461,6 +511,10 @@ def explain(station: Station, job_id: str) -> dict[str, Any]:
     own = own_results(station.spool, study)
     decisions = evaluate(station.config, doc)
     out["streams"] = [d.as_dict() for d in decisions]
+    for entry, d in zip(out["streams"], decisions):
+        stream = station.config.stream(d.stream)
+        entry["per"] = stream.per if stream is not None else "study"
+        entry["run_jobs"] = len(units(d, stream)) if d.matched else 0
     matched = [d.stream for d in decisions if d.matched]
     if own:
         out["own_result"] = {"instances": len(own), "produced_by": sorted(set(own.values()))}
@@ -498,6 +552,8 @@ def render_explanation(e: dict[str, Any]) -> str:
             lines.append(f"    {'ok  ' if c['ok'] else 'FAIL'} {c['detail']}")
         for name, uids in d["selection"].items():
             lines.append(f"    selection {name}: {', '.join(uids)}")
+        if d.get("per") == "series" and d["matched"]:
+            lines.append(f"    per series: {d.get('run_jobs')} run jobs, one per selected series")
     if e.get("own_result"):
         lines.append(f"own result: {e['own_result']['instances']} instances were produced by "
                      f"this station (job {', '.join(e['own_result']['produced_by'])})")

@@ -22,7 +22,7 @@ import jmespath
 import jmespath.exceptions
 from pydicom import datadict
 
-from . import rules
+from . import rorselect, rules
 from .errors import ConfigError
 
 # A checkout: the package's parent holds configuration/ (the copy users edit) and spool/.
@@ -150,6 +150,9 @@ class Stream:
     when_text: str | None = None
     select: dict[str, Any] = field(default_factory=dict)  # name -> compiled jmespath
     select_text: dict[str, str] = field(default_factory=dict)
+    ror_select: Any = None  # a parsed rorselect.Statement or None
+    ror_select_text: str | None = None
+    per: str = "study"  # one run job per study, or per selected series ("series")
     image: str | None = None
     command: tuple[str, ...] | None = None
     parameters: dict[str, str] = field(default_factory=dict)
@@ -536,6 +539,21 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
             select[sel_name] = _jmespath(expr)
         except ValueError as exc:
             raise t.fail(f"select.{sel_name}", str(exc)) from None
+    ror_text = t.get("ror_select", str)
+    ror_statement = None
+    if ror_text is not None:
+        if select_raw:
+            raise t.fail("ror_select", "give either ror_select or select.<name>, not both "
+                                       "(a ror_select statement names its own selections: "
+                                       "WHERE series NAMED \"x\" HAS ...)")
+        try:
+            ror_statement = rorselect.parse(ror_text)
+        except rorselect.RorSelectError as exc:
+            raise t.fail("ror_select", f"not a ror select statement: {exc}") from None
+    per = t.get("per", str, "study")
+    if per not in ("study", "series"):
+        raise t.fail("per", f"expected \"study\" (one run job per study) or \"series\" "
+                            f"(one per selected series), got {per!r}")
     command = t.convert("command", _string_list(_str))
     contract = t.get("contract", str, "dts")
     ror = contract == "ror"
@@ -547,6 +565,9 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         when_text=t.data.get("when"),
         select=select,
         select_text={k: str(v) for k, v in select_raw.items()},
+        ror_select=ror_statement,
+        ror_select_text=ror_text,
+        per=per,
         image=t.get("image", str),
         command=command,
         parameters={} if ror else t.convert("parameters", _parameters, {}),
@@ -721,6 +742,10 @@ def effective(config: Config) -> dict[str, Any]:
         options = entry.pop("options", {})
         if s.contract == "ror":
             entry["parameters"] = options
+        entry.pop("ror_select", None)
+        ror = entry.pop("ror_select_text", None)
+        if ror is not None:
+            entry["ror_select"] = ror
         streams.append(entry)
     out: dict[str, Any] = {
         "station": _plain(config.station),

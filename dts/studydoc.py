@@ -46,6 +46,7 @@ from pydicom.valuerep import IS, DSfloat, PersonName
 
 from .dicom.uid import valid_uid
 from .jobrecord import JobRecord
+from .rorselect import values_of
 from .rules import Facts, RuleSet
 
 MIN_SAMPLE = 3
@@ -203,9 +204,12 @@ def _instance_number(ds: Dataset) -> float:
 
 
 def build_study(input_dir: Path, job: JobRecord, rules: RuleSet, *,
-                read_all: bool = False) -> Study:
+                read_all: bool = False, tags: frozenset[int] = frozenset()) -> Study:
     """The study document of a job's input; StudyError if it cannot be classified.
-    ``read_all`` reads every header instead of a sample (the benchmark's peer)."""
+    ``read_all`` reads every header instead of a sample (the benchmark's peer).
+    ``tags`` (those the streams' ``ror_select`` statements read) are added per series
+    under ``tags``: ``{"GGGGEEEE": [value as text, ...]}`` from the same instance as
+    the other keys, a tag the instance lacks left out (``rorselect.values_of``)."""
     series = list_input(input_dir)
     if not series:
         raise StudyError("no instances in input/")
@@ -221,6 +225,9 @@ def build_study(input_dir: Path, job: JobRecord, rules: RuleSet, *,
         doc["SeriesInstanceUID"] = uid
         doc["NumImages"] = len(s.files)
         doc["ClassifyType"] = rules.classify(facts)
+        if tags:
+            found = {t: values_of(rep, t) for t in sorted(tags)}
+            doc["tags"] = {f"{t:08X}": v for t, v in found.items() if v is not None}
         docs.append(doc)
     assert first is not None
     docs.sort(key=lambda d: (d["SeriesNumber"] is None,
