@@ -120,21 +120,25 @@ class _Doc:
         try:
             self.data = json.loads(self.text)
         except json.JSONDecodeError as exc:
-            raise LegacyError(self.name, f"line {exc.lineno}, column {exc.colno}",
-                              self._syntax(exc)) from None
+            pos, reason = self._syntax(exc)
+            line = self.text.count("\n", 0, pos) + 1
+            column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
+            raise LegacyError(self.name, f"line {line}, column {column}", reason) from None
         self.places: dict[tuple[str | int, ...], int] = {}
         self._walk(0, ())
 
-    def _syntax(self, exc: json.JSONDecodeError) -> str:
+    def _syntax(self, exc: json.JSONDecodeError) -> tuple[int, str]:
+        """Where the mistake is and what it is (comments and trailing commas by name)."""
         text, pos = self.text, exc.pos
         near = re.findall(r'"([^"\\]*)"\s*:', text[:pos])
         key = f" (after key {near[-1]!r})" if near else ""
         if text.startswith(("//", "/*"), pos) or text.startswith("#", pos):
-            return f"a comment{key}: JSON has no comments; remove it"
+            return pos, f"a comment{key}: JSON has no comments; remove it"
         before = text[:pos].rstrip()
         if before.endswith(",") and text[pos:pos + 1] in ("}", "]"):
-            return f"a trailing comma{key}: remove the comma before {text[pos]!r}"
-        return f"not valid JSON{key}: {exc.msg}"
+            return len(before) - 1, f"a trailing comma{key}: remove it (JSON allows none " \
+                                    f"before {text[pos]!r})"
+        return pos, f"not valid JSON{key}: {exc.msg}"
 
     def _walk(self, i: int, path: tuple[str | int, ...]) -> int:
         t = self.text
