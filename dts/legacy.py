@@ -23,9 +23,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import tomli_w
 
@@ -101,7 +102,7 @@ class Translation:
 # -- reading JSON with places -----------------------------------------------------------
 
 # json's own string scanner (C), untyped in typeshed
-scanstring: Callable[[str, int], tuple[str, int]] = getattr(json.decoder, "scanstring")
+scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _WS = re.compile(r"[ \t\n\r]*")
 _SCALAR = re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?|true|false|null")
 
@@ -136,8 +137,8 @@ class _Doc:
             return pos, f"a comment{key}: JSON has no comments; remove it"
         before = text[:pos].rstrip()
         if before.endswith(",") and text[pos:pos + 1] in ("}", "]"):
-            return len(before) - 1, f"a trailing comma{key}: remove it (JSON allows none " \
-                                    f"before {text[pos]!r})"
+            return len(before) - 1, (f"a trailing comma{key}: remove it (JSON allows none "
+                                     f"before {text[pos]!r})")
         return pos, f"not valid JSON{key}: {exc.msg}"
 
     def _walk(self, i: int, path: tuple[str | int, ...]) -> int:
@@ -475,8 +476,8 @@ def _render(source: Path, station: dict[str, Any], destinations: dict[str, dict[
             streams: list[_Stream], journal_note: str, rules: str | None) -> str:
     lines = [f"# dts.toml made by `dts config import-legacy` from {source}",
              "# (the predecessor's config.json, select_statements.json, classifyRules.json).",
-             "# Check it with `dts config check`; docs: README, \"Coming from the data "
-             "transfer station\".", "", "[station]"]
+             ("# Check it with `dts config check`; docs: README, \"Coming from the data "
+              "transfer station\"."), "", "[station]"]
     st = dict(station)
     if rules is not None:
         st["classify_rules"] = rules

@@ -70,7 +70,7 @@ def _no_constant(text: str) -> Any:
 
 
 def _value(file: str, where: str, value: Any) -> str | int | float | bool:
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):

@@ -10,17 +10,19 @@ import base64
 import json
 import shutil
 import signal
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dts import legacy
 from dts.journal import EventFilter, read_events
-from dts.spool import Spool
+from dts.spool import Queue, Spool
 from tests.helpers import (
     REPO,
     STORESCU,
@@ -199,11 +201,9 @@ def _series(folder: Path, study: str, patient: str, accession: str, number: int,
 
 
 def _storescu(port: int, folder: Path, called: str) -> None:
-    import subprocess
-
     proc = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", called, "+sd", "+r",
                            "127.0.0.1", str(port), str(folder)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -252,8 +252,8 @@ def test_seed_station_end_to_end(tmp_path: Path, engine: Engine, orthanc: Orthan
         orthanc.wait_for_instances(1, timeout=90)
 
         def settled() -> bool:
-            return len(spool.list(spool_queue("done"))) >= 2 and \
-                len(spool.list(spool_queue("unmatched"))) == 1
+            return len(spool.list(Queue.DONE)) >= 2 and \
+                len(spool.list(Queue.UNMATCHED)) == 1
         wait_for(settled, 90, what="both studies classified and the run job done")
         rows = wait_for(lambda: postgres.query(
             "legacy", "select accession, stream, name, value, record_id from dts_results "
@@ -263,26 +263,14 @@ def test_seed_station_end_to_end(tmp_path: Path, engine: Engine, orthanc: Orthan
     finally:
         code = stop_process(proc, signal.SIGTERM)
     assert code == 0, (tmp_path / "watch.log").read_text()[-3000:]
-    assert set(orthanc.sop_uids()) == {result_uid(result)}
+    assert set(orthanc.sop_uids()) == {str(dcmread(result, stop_before_pixels=True).SOPInstanceUID)}
     assert rows == [["ACC-V", "AIcore", "tumor_size", "42.5", "PAT-V"],
                     ["ACC-V", "AIcore", "num_files", "4", "PAT-V"]]
     # the run job saw exactly the two VIBE series, under the select statement's names
-    [run_job] = [j for j in spool.list(spool_queue("done")) if j.endswith(".AIcore")]
-    data = json.loads((spool.dir(spool_queue("done")) / run_job / "job.json").read_text())
+    [run_job] = [j for j in spool.list(Queue.DONE) if j.endswith(".AIcore")]
+    data = json.loads((spool.dir(Queue.DONE) / run_job / "job.json").read_text())
     assert data["selection"] == {"VIBEDIXON_OLD": [old], "VIBEDIXON_NEW": [new]}
     assert data["destinations"]["dicom_qr_scp"]["status"] == "done"
-    [unmatched] = spool.list(spool_queue("unmatched"))
-    assert json.loads((spool.dir(spool_queue("unmatched")) / unmatched / "job.json")
+    [unmatched] = spool.list(Queue.UNMATCHED)
+    assert json.loads((spool.dir(Queue.UNMATCHED) / unmatched / "job.json")
                       .read_text())["study_uid"] == other
-
-
-def result_uid(path: Path) -> str:
-    from pydicom import dcmread
-
-    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-def spool_queue(name: str) -> Any:
-    from dts.spool import Queue
-
-    return Queue(name)

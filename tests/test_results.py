@@ -44,7 +44,7 @@ GOOD = {"measurements": [
 
 
 def test_results_json_is_recorded_in_job_json_and_the_journal(tmp_path: Path) -> None:
-    station, job = _run(tmp_path, GOOD)
+    _, job = _run(tmp_path, GOOD)
     assert job.path.parent.name == "new" and job.path.parent.parent.name == "send"
     data = job.read()
     assert data["results"] == [
