@@ -63,7 +63,8 @@ Classify stage (``dts.classifier``), on the job it classified:
   ``streams`` (list of str)    streams that matched in the last classification.
   ``fanout_pending`` (object stream -> str)  the planned child ids while the fan-out is
                            under way (a classifier that dies adopts them); removed once the
-                           job is in ``done/``.
+                           job is in ``done/``. For a ``per = "series"`` stream the key is
+                           ``<stream>/<SeriesInstanceUID>`` and the child ``J.<stream>.s<n>``.
 and on each run job it creates:
   ``parent`` (str)         the job it was classified from.
   ``selection`` (object str -> list of str)  selection name -> SeriesInstanceUIDs; the

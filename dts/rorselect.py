@@ -29,11 +29,12 @@ asks ``studydoc.build_study`` for the tags its statements name), plus the derive
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Union
+from typing import Any
 
 import lark
 import re2
@@ -60,11 +61,12 @@ start: select check*
 
 select: SELECT level from_? clause (ALSO clause)*
 from_: FROM level
-level: SERIES | STUDY | PATIENT | PROJECT | IMAGE
+level: SERIES | STUDY | PATIENT | PARTICIPANT | PROJECT | IMAGE
 
 clause: WHERE level? named? HAS rules
       | WHERE rules
-named: NAMED string
+named: NAMED name
+name: DQ | SQ | WORD | HEX
 
 ?rules: rule
       | rules AND rule -> and_
@@ -74,7 +76,7 @@ named: NAMED string
      | EVERYTHING -> everything
      | compare
 compare: tag EQ (string | NUMBER)
-       | tag CONTAINING string
+       | tag (CONTAINING | CONTAINS) string
        | tag CMP NUMBER
        | tag REGEXP string
 
@@ -93,7 +95,8 @@ SELECT: "select"i
 FROM: "from"i
 SERIES: "series"i
 STUDY: "study"i
-PATIENT: "patient"i | "participant"i
+PATIENT: "patient"i
+PARTICIPANT: "participant"i
 PROJECT: "project"i
 IMAGE: "image"i
 WHERE: "where"i
@@ -104,7 +107,8 @@ AND: "and"i
 OR: "or"i
 NOT: "not"i
 EVERYTHING: "everything"i
-CONTAINING: "containing"i | "contains"i
+CONTAINING: "containing"i
+CONTAINS: "contains"i
 REGEXP: "regexp"i
 CHECK: "check"i
 EQ: "==" | "="
@@ -124,15 +128,23 @@ COMMENT: /\/\*(.|\n)*?\*\//
 %ignore COMMENT
 """
 
-_PARSER = lark.Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+# the basic lexer: a keyword is a whole word (lark turns a WORD equal to one into it),
+# never the start of a longer word as a contextual lexer would take it
+@functools.cache
+def _parser() -> lark.Lark:
+    """Built on first use (about 0.1 s): a station without ror_select never pays it."""
+    return lark.Lark(GRAMMAR, parser="lalr", lexer="basic", propagate_positions=True,
+                     maybe_placeholders=False)
+
+
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
 
 _TERMINALS = {"SELECT": "SELECT", "FROM": "FROM", "SERIES": "a level", "STUDY": "a level",
-              "PATIENT": "a level", "PROJECT": "a level", "IMAGE": "a level",
+              "PATIENT": "a level", "PARTICIPANT": "a level", "PROJECT": "a level", "IMAGE": "a level",
               "WHERE": "WHERE", "NAMED": "NAMED", "HAS": "HAS", "ALSO": "ALSO",
               "AND": "AND", "OR": "OR", "NOT": "NOT", "EVERYTHING": "EVERYTHING",
-              "CONTAINING": "containing", "REGEXP": "regexp", "CHECK": "CHECK",
+              "CONTAINING": "containing", "CONTAINS": "containing", "REGEXP": "regexp", "CHECK": "CHECK",
               "EQ": "==", "CMP": "< > <= >=", "LPAR": "'('", "RPAR": "')'",
               "COMMA": "','", "AT": "'@'", "DQ": "a string", "SQ": "a string", "WORD": "a word",
               "HEX": "a word", "NUMBER": "a number", "$END": "the end"}
@@ -186,22 +198,22 @@ class Everything:
 
 @dataclass(frozen=True)
 class Not:
-    rule: "Rule"
+    rule: Rule
 
 
 @dataclass(frozen=True)
 class And:
-    left: "Rule"
-    right: "Rule"
+    left: Rule
+    right: Rule
 
 
 @dataclass(frozen=True)
 class Or:
-    left: "Rule"
-    right: "Rule"
+    left: Rule
+    right: Rule
 
 
-Rule = Union[Compare, Everything, Not, And, Or]
+Rule = Compare | Everything | Not | And | Or
 
 
 @dataclass(frozen=True)
@@ -224,16 +236,16 @@ class CheckCompare:
 
 @dataclass(frozen=True)
 class CheckNot:
-    rule: "CheckRule"
+    rule: CheckRule
 
 
 @dataclass(frozen=True)
 class CheckAnd:
-    left: "CheckRule"
-    right: "CheckRule"
+    left: CheckRule
+    right: CheckRule
 
 
-CheckRule = Union[CheckCompare, CheckNot, CheckAnd]
+CheckRule = CheckCompare | CheckNot | CheckAnd
 
 
 @dataclass(frozen=True)
@@ -369,12 +381,17 @@ class _Build(lark.Transformer[lark.Token, Any]):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.source = text
+        self.clauses = 0
+        self.names: set[str] = set()  # the clauses come before the checks in the tree
 
     def _text(self, meta: Any) -> str:
         return " ".join(self.source[meta.start_pos:meta.end_pos].split())
 
     def string(self, children: list[lark.Token]) -> lark.Token:
         return _string(lark.Tree("string", list(children)))
+
+    def name(self, children: list[lark.Token]) -> lark.Token:
+        return _string(lark.Tree("name", list(children)))
 
     def tag_name(self, children: list[lark.Token]) -> Tag:
         return _tag_by_name(children[0])
@@ -387,12 +404,12 @@ class _Build(lark.Transformer[lark.Token, Any]):
     @lark.v_args(meta=True)
     def compare(self, meta: Any, children: list[Any]) -> Compare:
         tag, op_tok, val = children
-        op = {"EQ": "==", "CONTAINING": "containing", "REGEXP": "regexp"}.get(
+        op = {"EQ": "==", "CONTAINING": "containing", "CONTAINS": "containing", "REGEXP": "regexp"}.get(
             op_tok.type, str(op_tok))
         if val.type == "NUMBER":
             f = _float32(float(val))
             if f is None:
-                raise _fail(f"number {str(val)} is out of range (ror reads numbers as "
+                raise _fail(f"number {val!s} is out of range (ror reads numbers as "
                             "32-bit floats)", val)
             # == compares text: Go's %v of the number (of the number as written, not of
             # its float32 rounding, see docs/ror-select.md); < > <= >= compare float32s
@@ -443,12 +460,17 @@ class _Build(lark.Transformer[lark.Token, Any]):
     def clause(self, meta: Any, children: list[Any]) -> tuple[str | None, Rule, str]:
         name = next((c for c in children if isinstance(c, lark.Token) and c.type in
                      ("DQ", "SQ", "WORD", "HEX")), None)
+        self.names.add(str(name) if name is not None else f"unnamed_rule_{self.clauses}")
+        self.clauses += 1
         return (str(name) if name is not None else None, children[-1], self._text(meta))
 
     @lark.v_args(meta=True)
     def check_compare(self, meta: Any, children: list[Any]) -> CheckCompare:
         n1, _at, t1, _eq, n2, _at2, t2 = children
         for tag, tok in ((t1, n1), (t2, n2)):
+            if str(tok) not in self.names:
+                raise _fail(f"CHECK names series {str(tok)!r}, which no WHERE clause names "
+                            f"(named: {', '.join(sorted(self.names))})", tok)
             if tag.derived:
                 raise _fail(f"CHECK compares DICOM tags of two series, not {tag.text}", tok)
         return CheckCompare(str(n1), t1, str(n2), t2, self._text(meta))
@@ -475,22 +497,7 @@ class _Build(lark.Transformer[lark.Token, Any]):
         clauses = tuple(
             Clause(i, name if name is not None else f"unnamed_rule_{i}", name is not None,
                    rule, text) for i, (name, rule, text) in enumerate(raw))
-        names = {c.name for c in clauses}
-        for ch in checks:
-            for cmp in _check_compares(ch.rule):
-                for n in (cmp.name1, cmp.name2):
-                    if n not in names:
-                        raise RorSelectError(f"CHECK names series {n!r}, which no WHERE "
-                                             f"clause names (named: {', '.join(sorted(names))})")
         return Statement(self.source, lv, clauses, tuple(checks))
-
-
-def _check_compares(rule: CheckRule) -> list[CheckCompare]:
-    if isinstance(rule, CheckCompare):
-        return [rule]
-    if isinstance(rule, CheckNot):
-        return _check_compares(rule.rule)
-    return _check_compares(rule.left) + _check_compares(rule.right)
 
 
 def _expected(names: Any) -> str:
@@ -503,7 +510,7 @@ def parse(text: str) -> Statement:
     if not isinstance(text, str) or not text.strip():
         raise RorSelectError("expected a select statement (SELECT series FROM study WHERE ...)")
     try:
-        tree = _PARSER.parse(text)
+        tree = _parser().parse(text)
     except lark.UnexpectedCharacters as exc:
         raise RorSelectError(f"unexpected character {text[exc.pos_in_stream or 0]!r}; expected "
                              f"{_expected(exc.allowed)}", exc.line, exc.column) from None
