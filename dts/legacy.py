@@ -215,6 +215,7 @@ class _Stream:
     values: dict[str, Any]
     comments: list[str] = field(default_factory=list)
     disabled: str = ""        # the reason it is written with enabled = false
+    origin: dict[str, str] = field(default_factory=dict)  # dts key -> the legacy key
 
 
 def _safe_name(text: str) -> str:
@@ -322,6 +323,7 @@ def _stream(cfg: _Doc, sel: _Doc | None, selects: dict[str, Any], i: int,
         except re.error as exc:
             raise cfg.fail(path, f"not a regular expression: {exc}") from None
         s.values[key] = value
+        s.origin[key] = cfg.ref(path)
         add(Entry(cfg.ref(path), f"{prefix}.{key}"))
     if cfg.get(base + ("log",), str) is not None:
         add(Entry(cfg.ref(base + ("log",)), "", "not carried over: dts journals every stream "
@@ -334,6 +336,7 @@ def _stream(cfg: _Doc, sel: _Doc | None, selects: dict[str, Any], i: int,
         statement = sel.get((name, "select"), str)
         if statement is not None:
             s.values["ror_select"] = statement
+            s.origin["ror_select"] = sel.ref((name, "select"))
             add(Entry(sel.ref((name, "select")), f"{prefix}.ror_select", "verbatim"))
         image = sel.get((name, "docker_image"), str)
         if image:
@@ -353,6 +356,7 @@ def _stream(cfg: _Doc, sel: _Doc | None, selects: dict[str, Any], i: int,
                 raise sel.fail((name, "ROR_CONT_OPTIONS"), "expected a JSON object, got "
                                f"{json.dumps(options)[:60]}")
             s.values["parameters"] = options
+            s.origin["parameters"] = sel.ref((name, "ROR_CONT_OPTIONS"))
             add(Entry(sel.ref((name, "ROR_CONT_OPTIONS")), f"{prefix}.parameters",
                       "values keep their JSON types; the container gets them as "
                       "ROR_CONT_OPTIONS"))
@@ -486,9 +490,9 @@ def _render(source: Path, station: dict[str, Any], destinations: dict[str, dict[
         lines += ["", "[[destination]]", f"name = {_value(name)}"]
         lines += [f"{_key(k)} = {_value(v)}" for k, v in dest.items()]
     for s in streams:
-        lines += [""] + [f"# {c}" for c in s.comments]
+        lines += [""] + [f"# {_one_line(c)}" for c in s.comments]
         if s.disabled:
-            lines.append(f"# disabled by the import: {s.disabled}")
+            lines.append(f"# disabled by the import: {_one_line(s.disabled)}")
         body = [f"{_key(k)} = {_value(v)}" for k, v in s.values.items()]
         if s.disabled:
             body.append("enabled = false")
@@ -498,11 +502,16 @@ def _render(source: Path, station: dict[str, Any], destinations: dict[str, dict[
             lines += ["[[stream]]"] + body
     lines += ["", "# [journal]"]
     if journal_note:
-        lines.append(f"# {journal_note};")
+        lines.append(f"# {_one_line(journal_note)};")
         lines.append("# dts can mirror its journal into PostgreSQL:")
     lines += ["# url = \"postgresql://dts@localhost/dts\"   # tables dts_events, dts_results",
               ""]
     return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    """Text for a TOML comment: a line break would end the comment."""
+    return " ".join(text.splitlines())
 
 
 def _key(key: str) -> str:
@@ -548,7 +557,8 @@ def _check(out: Translation, station: dict[str, Any], destinations: dict[str, di
                 culprit.comments.append(f"{key} = {_value(value)}")
                 culprit.comments.append(f"  ^ not usable by dts: {exc.reason}")
                 culprit.disabled = f"{key} is not usable: {exc.reason}"
-                out.entries.append(Entry(f"stream {culprit.name}: {key}", "",
+                out.entries.append(Entry(culprit.origin.get(key, f"stream {culprit.name}: "
+                                                                  f"{key}"), "",
                                          f"cannot be translated ({exc.reason}); the stream "
                                          "is written disabled, the value kept as a comment",
                                          decide=True))

@@ -387,6 +387,7 @@ def _fail(station: Station, claim: Claim, reason: str, message: str,
     tail = log_tail(job.logs_dir) if run is not None else ""
     data = job.read()
     data.pop("running", None)
+    data.pop("results", None)  # an earlier run's values do not stand for a failed one
     data["error"] = message + (f"\n--- last lines of the log ---\n{tail}" if tail else "")
     data["failure"] = {"stage": "run", "reason": reason, "message": message, "log_tail": tail,
                        "time": isotime()}

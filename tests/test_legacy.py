@@ -150,7 +150,7 @@ def test_untranslatable_select_statement_is_reported_and_the_stream_disabled(
     proc = _import(seed, out, "--json")
     assert proc.returncode == 1, proc.stderr
     [decision] = json.loads(proc.stdout)["decisions"]
-    assert decision["legacy"] == "stream AIcore: ror_select"
+    assert decision["legacy"] == "select_statements.json: AIcore.select"
     assert "not a ror select statement" in decision["note"]
     assert run_dts("config", "check", str(out / "dts.toml")).returncode == 0
     text = (out / "dts.toml").read_text()
@@ -166,6 +166,7 @@ def test_exec_action_beyond_the_plumbing_is_for_a_person_to_decide(tmp_path: Pat
     cfg["Streams"][0]["trigger-study"].append(
         {"type": "exec", "cmd": ["/usr/local/bin/notify.sh", "@PATH@"]})
     cfg["Streams"][0]["trigger-series"] = [{"type": "exec", "cmd": ["echo", "series"]}]
+    cfg["Streams"][0]["description"] = "VIBE\nsegmentation"  # a comment of one line
     (seed / "config.json").write_text(json.dumps(cfg, indent=2))
     proc = _import(seed, tmp_path / "out", "--json")
     assert proc.returncode == 1, proc.stderr
@@ -175,6 +176,11 @@ def test_exec_action_beyond_the_plumbing_is_for_a_person_to_decide(tmp_path: Pat
     assert 'command = ["/usr/local/bin/notify.sh", "{input}"]' in notify["note"]
     assert decisions["config.json: Streams[0].trigger-series"]["dts"] == "stream.AIcore.per"
     assert run_dts("config", "check", str(tmp_path / "out" / "dts.toml")).returncode == 0
+    assert "# VIBE segmentation\n" in (tmp_path / "out" / "dts.toml").read_text()
+    text = _import(seed, tmp_path / "out", "--force")  # the readable report says it too
+    assert text.returncode == 1
+    assert "    DECIDE: an exec action that is not the old station's plumbing" in text.stdout
+    assert "to decide: config.json: Streams[0].trigger-study[8]" in text.stderr
 
 
 def test_translate_core_returns_entries_without_printing(capsys: pytest.CaptureFixture[str]
