@@ -80,6 +80,13 @@ def test_seed_config_imports_into_a_station_that_loads(tmp_path: Path) -> None:
     assert (out / "classifyRules.json").read_bytes() == (SEED / "classifyRules.json").read_bytes()
     check = run_dts("config", "check", str(out / "dts.toml"))
     assert check.returncode == 0, check.stderr
+    # the effective configuration (contract, call, typed parameters, filter) loads again
+    shown = run_dts("--config", str(out / "dts.toml"), "config", "show", check=True).stdout
+    (out / "shown.toml").write_text(shown)
+    assert run_dts("config", "check", str(out / "shown.toml")).returncode == 0
+    again_shown = tomllib.loads(shown)
+    assert again_shown["stream"][0]["parameters"]["-b"] == 0.95
+    assert again_shown["destination"][0]["filter"] == {"SeriesDescription": "*"}
     toml = tomllib.loads((out / "dts.toml").read_text())
     assert toml["station"]["stable_seconds"] == 16
     [dest] = toml["destination"]

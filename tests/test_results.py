@@ -86,6 +86,19 @@ def test_malformed_results_fail_the_job_and_nothing_is_sent(tmp_path: Path, resu
     assert not [e for e in job.events() if e["event"] == "result"]
 
 
+def test_a_failed_rerun_keeps_no_results_of_the_run_before(tmp_path: Path) -> None:
+    station, job = _run(tmp_path, GOOD)
+    assert job.read()["results"]
+    config = station.config.path
+    config.write_text(config.read_text().replace(json.dumps(json.dumps(GOOD))[1:-1],
+                                                 "[1]"))
+    run_dts("requeue", job.id, "--to", "run", config=config, check=True)
+    run_dts("run", "--once", config=config)
+    failed = Job(Spool(tmp_path / "spool").find(job.id)[1])
+    assert failed.path.parent.name == "failed"
+    assert "results" not in failed.read() and "invalid-results" in str(failed.read()["failure"])
+
+
 def test_ror_output_json_shapes(tmp_path: Path) -> None:
     rec = {"record_id": "P1", "event_name": "baseline", "field_name": "tumor_size",
            "value": "42"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 import tomli_w
@@ -90,12 +91,29 @@ def import_legacy(folder: str, out_dir: str, force: bool, as_json: bool) -> None
     if as_json:
         print_json({**translation.as_dict(), "written": [str(p) for p in written]})
     else:
-        for e in translation.entries:
-            click.echo(f"{e.legacy}  ->  {e.dts or '(not carried over)'}")
-            if e.note:
-                click.echo(f"    {'DECIDE: ' if e.decide else ''}{e.note}")
+        _print_report(translation.entries)
         for p in written:
             click.echo(f"wrote {p}", err=True)
         for e in translation.decisions:
             click.echo(f"to decide: {e.legacy}: {e.note}", err=True)
     click.get_current_context().exit(translation.exit_code)
+
+
+def _print_report(entries: list[legacy.Entry]) -> None:
+    """A table on a terminal; otherwise two lines per key (legacy -> dts, then the note)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="legacy configuration -> dts", title_justify="left")
+        for col in ("legacy", "dts", "note"):
+            table.add_column(col, overflow="fold")
+        for e in entries:
+            table.add_row(e.legacy, e.dts or "-", ("[bold]DECIDE:[/] " if e.decide else "")
+                          + e.note.replace("[", "\\["))
+        Console().print(table)
+        return
+    for e in entries:
+        click.echo(f"{e.legacy}  ->  {e.dts or '(not carried over)'}")
+        if e.note:
+            click.echo(f"    {'DECIDE: ' if e.decide else ''}{e.note}")
