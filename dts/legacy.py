@@ -338,6 +338,11 @@ def _stream(cfg: _Doc, sel: _Doc | None, selects: dict[str, Any], i: int,
             s.values["ror_select"] = statement
             s.origin["ror_select"] = sel.ref((name, "select"))
             add(Entry(sel.ref((name, "select")), f"{prefix}.ror_select", "verbatim"))
+        else:
+            add(Entry(sel.ref((name,)), f"{prefix}.ror_select", "no select statement: the "
+                      "old station made no job without one; dts would run the model on "
+                      "every study the AE titles let through", decide=True))
+            s.disabled = "no select statement"
         image = sel.get((name, "docker_image"), str)
         if image:
             s.values["image"] = image
@@ -345,16 +350,16 @@ def _stream(cfg: _Doc, sel: _Doc | None, selects: dict[str, Any], i: int,
             add(Entry(sel.ref((name, "docker_image")), f"{prefix}.image",
                       "run as ror trigger did: contract = \"ror\""))
         options = sel.get((name, "ROR_CONT_OPTIONS"), (str, dict))
-        if isinstance(options, str) and options.strip():
+        if isinstance(options, str):
             try:
-                options = json.loads(options)
+                options = json.loads(options) if options.strip() else None
             except ValueError as exc:
                 raise sel.fail((name, "ROR_CONT_OPTIONS"), f"not a JSON object: {exc}") \
                     from None
-        if isinstance(options, dict) or options:
-            if not isinstance(options, dict):
+            if options is not None and not isinstance(options, dict):
                 raise sel.fail((name, "ROR_CONT_OPTIONS"), "expected a JSON object, got "
                                f"{json.dumps(options)[:60]}")
+        if options:
             s.values["parameters"] = options
             s.origin["parameters"] = sel.ref((name, "ROR_CONT_OPTIONS"))
             add(Entry(sel.ref((name, "ROR_CONT_OPTIONS")), f"{prefix}.parameters",

@@ -167,6 +167,20 @@ def test_untranslatable_select_statement_is_reported_and_the_stream_disabled(
     assert '# ror_select = "SELECT series FROM study WHERE series named \\"X\\" has ((("' in text
 
 
+def test_stream_without_select_statement_is_written_disabled(tmp_path: Path,
+                                                             seed: Path) -> None:
+    sel = json.loads((seed / "select_statements.json").read_text())
+    del sel["AIcore"]["select"]
+    (seed / "select_statements.json").write_text(json.dumps(sel))
+    proc = _import(seed, tmp_path / "out", "--json")
+    assert proc.returncode == 1, proc.stderr
+    [decision] = json.loads(proc.stdout)["decisions"]
+    assert decision["legacy"] == "select_statements.json: AIcore"
+    assert "no select statement" in decision["note"]
+    [stream] = tomllib.loads((tmp_path / "out" / "dts.toml").read_text())["stream"]
+    assert stream["enabled"] is False and stream["image"] == "segm_ec_vibe:latest"
+
+
 def test_exec_action_beyond_the_plumbing_is_for_a_person_to_decide(tmp_path: Path,
                                                                    seed: Path) -> None:
     cfg = json.loads((seed / "config.json").read_text())
