@@ -81,6 +81,10 @@ def build(doc: ResultsDocument, output_dir: Path, input_dir: Path,
     kinds = kinds_wanted(doc)
     if not kinds:
         return []
+    out = output_dir / BUILT_DIR
+    if out.exists():
+        raise BuildError(doc.file, "", f"the output already has a {BUILT_DIR}/ folder: the "
+                         "name is reserved for what dts builds")
     index = InputIndex(input_dir)
     numbers = ctx.series_numbers(kinds)
     series = {kind: (generate_uid(), numbers[kind]) for kind in kinds}
@@ -106,7 +110,6 @@ def build(doc: ResultsDocument, output_dir: Path, input_dir: Path,
         kos = build_key_objects(doc, index, ctx, series["kos"])
         if kos is not None:
             made.append(("kos", kos))
-    out = output_dir / BUILT_DIR
     built = []
     counts: dict[str, int] = {}
     for kind, ds in made:

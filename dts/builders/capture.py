@@ -18,7 +18,7 @@ MAX_PIXELS = 8192 * 8192
 
 
 def read_picture(path: Path) -> np.ndarray:
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     with Image.open(path) as img:
         img.load()
@@ -73,10 +73,10 @@ def build_capture(spec: ImageSpec, output_dir: Path, file: str, index: InputInde
         patient_orientation=("L", "F"))
     # a picture's orientation is not known: PatientOrientation (type 2C) stays empty
     # rather than claiming one (highdicom insists on a value for the PATIENT system)
-    sc.PatientOrientation = ""
+    sc.PatientOrientation = ""  # type: ignore[assignment]
     sc.Laterality = ""  # type 2C: unknown for a picture
     patient_and_study(sc, index)
-    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ImageType = ["DERIVED", "SECONDARY"]  # type: ignore[assignment]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES" if spec.burn_in else "NO"
     sc.ImageComments = NOT_FOR_DIAGNOSTIC_USE

@@ -110,6 +110,9 @@ class InputIndex:
                     ds = pydicom.dcmread(f, stop_before_pixels=True)
                 except (InvalidDicomError, OSError, ValueError):
                     continue
+                for keyword in _TYPE2:  # highdicom copies them; absent is empty
+                    if keyword not in ds:
+                        setattr(ds, keyword, "")
                 pairs.append((ds, f))
                 self.by_sop[str(ds.SOPInstanceUID)] = ds
             if pairs:
@@ -136,6 +139,10 @@ class InputIndex:
             raise BuildError(file, where, f"SOP Instance UID {uid} is not an instance of the "
                              "input")
         return self.by_sop[uid]
+
+
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+          "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
 def _slice_key(ds: Dataset) -> tuple[float, int]:

@@ -77,7 +77,7 @@ def build_measurement_report(doc: ResultsDocument, index: InputIndex, ctx: RunCo
             name = coded(m.code or default_code(m.entry["name"]))
             sites = [hd.sr.FindingSite(coded(m.finding_site))] if m.finding_site else None
             value = m.entry["value"]
-            if isinstance(value, bool) or isinstance(value, str):
+            if isinstance(value, (bool, str)):
                 evaluations.append(hd.sr.QualitativeEvaluation(
                     name, coded(m.value_code) if m.value_code else (YES if value else NO)))
                 continue
