@@ -74,15 +74,15 @@ def check_files(doc: ResultsDocument, output_dir: Path) -> None:
 
 
 def build(doc: ResultsDocument, output_dir: Path, input_dir: Path,
-          ctx: RunContext) -> list[Built]:
-    """Write every object ``doc`` asks for under ``output_dir/dts-built/``; BuildError
-    (naming the file, the field and the reason) when one cannot be made."""
+          ctx: RunContext, dest: Path | None = None) -> list[Built]:
+    """Write every object ``doc`` asks for under ``output_dir/dts-built/`` (or ``dest``);
+    BuildError (naming the file, the field and the reason) when one cannot be made."""
     check_files(doc, output_dir)
     kinds = kinds_wanted(doc)
     if not kinds:
         return []
-    out = output_dir / BUILT_DIR
-    if out.exists():
+    out = dest or output_dir / BUILT_DIR
+    if dest is None and out.exists():
         raise BuildError(doc.file, "", f"the output already has a {BUILT_DIR}/ folder: the "
                          "name is reserved for what dts builds")
     index = InputIndex(input_dir)
@@ -116,8 +116,50 @@ def build(doc: ResultsDocument, output_dir: Path, input_dir: Path,
         counts[kind] = counts.get(kind, 0) + 1
         name = f"{kind}-{counts[kind]}.dcm"
         save(ds, out, name)
-        built.append(Built(kind=kind, file=f"{BUILT_DIR}/{name}", sop_uid=str(ds.SOPInstanceUID),
+        built.append(Built(kind=kind, file=str((out / name).relative_to(out.parent)), sop_uid=str(ds.SOPInstanceUID),
                            sop_class=str(ds.SOPClassUID), study_uid=str(ds.StudyInstanceUID),
                            series_uid=str(ds.SeriesInstanceUID),
                            series_number=int(ds.SeriesNumber)))
     return built
+
+
+@dataclass
+class FolderCheck:
+    """What ``dts results check`` found: the results document and, with an input, what
+    would be built from it."""
+
+    measurements: int
+    kinds: list[str]
+    built: list[Built]
+
+
+def check_folder(output_dir: Path, input_dir: Path | None = None) -> FolderCheck:
+    """Check a folder a model wrote, offline: results.json field by field and the files it
+    names; with the model's input, build everything into a scratch folder and check it as
+    the station would (InvalidResults or InvalidOutput on the first problem)."""
+    import tempfile
+
+    from ..results import RESULTS_FILE, read_document
+    from ..validate import InputFacts, check_output
+
+    doc = read_document(output_dir)
+    if doc is None:
+        raise BuildError(RESULTS_FILE, "", f"no {RESULTS_FILE} in {output_dir}")
+    check_files(doc, output_dir)
+    result = FolderCheck(measurements=len(doc.measurements), kinds=kinds_wanted(doc),
+                         built=[])
+    if input_dir is None:
+        return result
+    index = InputIndex(input_dir)
+    ctx = RunContext(stream="check", model_name=doc.model_name or "model",
+                     model_version=doc.model_version or "unknown")
+    with tempfile.TemporaryDirectory(prefix="dts-results-check-") as scratch:
+        dest = Path(scratch) / BUILT_DIR
+        result.built = build(doc, output_dir, input_dir, ctx, dest=dest)
+        facts = InputFacts(
+            study_uids={str(h.StudyInstanceUID) for h in index.all_headers()},
+            patient_ids={str(h.get("PatientID", "") or "").strip()
+                         for h in index.all_headers()},
+            sop_uids=set(index.by_sop))
+        check_output(Path(scratch), facts)
+    return result

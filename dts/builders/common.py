@@ -95,30 +95,29 @@ class InputIndex:
     """The input's instances by series (headers only, pixels are never read)."""
 
     def __init__(self, input_dir: Path) -> None:
+        """Every DICOM file under ``input_dir`` (a job's ``input/<series>/``, or the view a
+        model sees, ``<selection>/<series>/``), grouped by its SeriesInstanceUID."""
         self.series: dict[str, InputSeries] = {}
         self.by_sop: dict[str, Dataset] = {}
-        try:
-            dirs = sorted(p for p in input_dir.iterdir() if p.is_dir())
-        except FileNotFoundError:
-            dirs = []
-        for d in dirs:
-            pairs = []
-            for f in sorted(d.iterdir()):
-                if not f.is_file():
-                    continue
-                try:
-                    ds = pydicom.dcmread(f, stop_before_pixels=True)
-                except (InvalidDicomError, OSError, ValueError):
-                    continue
-                for keyword in _TYPE2:  # highdicom copies them; absent is empty
-                    if keyword not in ds:
-                        setattr(ds, keyword, "")
-                pairs.append((ds, f))
-                self.by_sop[str(ds.SOPInstanceUID)] = ds
-            if pairs:
-                pairs.sort(key=lambda p: _slice_key(p[0]))
-                uid = str(pairs[0][0].SeriesInstanceUID)
-                self.series[uid] = InputSeries(uid, [p[0] for p in pairs], [p[1] for p in pairs])
+        groups: dict[str, list[tuple[Dataset, Path]]] = {}
+        for f in sorted(input_dir.rglob("*")) if input_dir.is_dir() else []:
+            if not f.is_file() or f.is_symlink() or f.name == "task.json":
+                continue
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                sop, series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+            except (InvalidDicomError, OSError, ValueError, AttributeError):
+                continue
+            if sop in self.by_sop:
+                continue  # the same instance in two selections
+            for keyword in _TYPE2:  # highdicom copies them; absent is empty
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
+            self.by_sop[sop] = ds
+            groups.setdefault(series, []).append((ds, f))
+        for uid, pairs in groups.items():
+            pairs.sort(key=lambda p: _slice_key(p[0]))
+            self.series[uid] = InputSeries(uid, [p[0] for p in pairs], [p[1] for p in pairs])
 
     @property
     def first(self) -> Dataset:
