@@ -89,11 +89,13 @@ def build_measurement_report(doc: ResultsDocument, index: InputIndex, ctx: RunCo
                 unit=hd.sr.CodedConcept(unit, "UCUM", unit_meaning(unit) or unit),
                 finding_sites=sites, referenced_images=refs))
         sources = None
+        label = tracking or "measurements"
         if series_uid:
             source = index.get_series(file, items[0].where, series_uid)
             sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(h)
                        for h in source.headers]
-        label = tracking or (f"series {series_uid}" if series_uid else "measurements")
+            # a UID is too long for a tracking identifier; the images name the series
+            label = tracking or f"series {source.headers[0].get('SeriesNumber', '')}".strip()
         imaging.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
                                                          identifier=label[:64]),
