@@ -74,7 +74,8 @@ def build_capture(spec: ImageSpec, output_dir: Path, file: str, index: InputInde
     # a picture's orientation is not known: PatientOrientation (type 2C) stays empty
     # rather than claiming one (highdicom insists on a value for the PATIENT system)
     sc.PatientOrientation = ""  # type: ignore[assignment]
-    sc.Laterality = ""  # type 2C: unknown for a picture
+    # type 2C: the source's when it has one, else unknown (empty)
+    sc.Laterality = str(src.get("Laterality", "") or "")
     patient_and_study(sc, index)
     sc.ImageType = ["DERIVED", "SECONDARY"]  # type: ignore[assignment]
     sc.ConversionType = "WSD"
