@@ -33,7 +33,7 @@ def load_mask(output_dir: Path, spec: SegmentationSpec, file: str) -> tuple[np.n
         raise BuildError(file, spec.where, f"file {spec.file} is missing from the output")
     try:
         if spec.file.lower().endswith(".npy"):
-            return np.load(path, allow_pickle=False, mmap_mode="r"), None
+            return np.load(path, allow_pickle=False), None
         import nibabel
 
         img: Any = nibabel.load(str(path))
@@ -145,18 +145,25 @@ def segment_array(arr: np.ndarray, file: str, spec: SegmentationSpec) -> np.ndar
             raise BuildError(file, spec.where, f"file {spec.file}: label values must be from "
                              f"0 to 65535, found {low if low < 0 else high}")
         arr = arr.astype(np.uint16)
-    counts = np.bincount(np.ravel(arr))
-    described = {label.value for label in spec.labels}
-    unknown = [v for v in np.nonzero(counts)[0].tolist() if v and v not in described]
-    if unknown:
-        raise BuildError(file, f"{spec.where}.labels", f"file {spec.file}: label value "
-                         f"{unknown[0]} has no segment description")
+    high = int(arr.max()) if arr.size else 0
     numbers = [label.value for label in spec.labels]
-    if numbers == list(range(1, len(numbers) + 1)):
-        return np.asarray(arr)  # already segment numbers
-    lut = np.zeros(len(counts), dtype=np.uint16)
+    described = set(numbers)
+    if not set(range(1, high + 1)) <= described:
+        # some value up to the highest has no description: is it in the mask? (slice by
+        # slice: a whole-volume temporary would double the memory)
+        unknown_lut = np.ones(high + 1, dtype=bool)
+        unknown_lut[0] = False
+        unknown_lut[[v for v in numbers if v <= high]] = False
+        for plane in arr:
+            found = plane[unknown_lut[plane]]
+            if found.size:
+                raise BuildError(file, f"{spec.where}.labels", f"file {spec.file}: label "
+                                 f"value {int(found[0])} has no segment description")
+    if numbers[:high] == list(range(1, min(high, len(numbers)) + 1)):
+        return np.asarray(arr)  # the values are the segment numbers already
+    lut = np.zeros(high + 1, dtype=np.uint8 if len(numbers) < 256 else np.uint16)
     for i, value in enumerate(numbers, start=1):
-        if value < len(lut):
+        if value <= high:
             lut[value] = i
     return lut[arr]
 
