@@ -381,7 +381,7 @@ def test_bad_output_fails_the_job_naming_file_field_reason(tmp_path: Path, case:
     assert data["failure"]["reason"] == "invalid-results"
     assert expect in data["failure"]["message"], data["failure"]["message"]
     assert "outputs" not in data and "built" not in data
-    assert not (Job(found).output_dir / BUILT_DIR).exists() or case in ()
+    assert not (Job(found).output_dir / BUILT_DIR).exists()
     # nothing was sent: the send stage has nothing, the folder destination stays empty
     assert run_dts("send", "--once", config=_station(tmp_path, source)).returncode == 0
     assert not (tmp_path / "delivered").exists() or not any((tmp_path / "delivered").iterdir())
@@ -478,3 +478,20 @@ def test_built_objects_are_stored_by_orthanc_and_read_back(tmp_path: Path,
     want = label_mask()
     assert np.array_equal(pixels, np.where(want == 3, 1, np.where(want == 7, 2, 0)))
     shutil.rmtree(source)
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    ("build", '"yes"', "build"),
+    ("series_description", '"{stream} {nope}"', "unknown placeholder {nope}"),
+    ("series_description", '""', "expected a non-empty text"),
+])
+def test_stream_build_keys_are_checked(tmp_path: Path, key: str, value: str,
+                                       reason: str) -> None:
+    config = station_config(tmp_path, streams=[{"name": "ai", "command": ["true"]}],
+                            stream_text=f"{key} = {value}")
+    proc = run_dts("config", "check", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert f"dts.toml: stream.ai.{key}: " in proc.stderr and reason in proc.stderr
