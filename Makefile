@@ -6,11 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive as real peers: dcmtk (storescu/storescp/echoscu),
+# dicom3tools (dciodvfy checks every object the result builder makes),
 # Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
 # busybox-static (a root filesystem for test container images), logrotate (its dts file
 # is run by the tests).
-TEST_DEBS := dcmtk orthanc podman runc busybox-static postgresql logrotate systemd
+TEST_DEBS := dcmtk dicom3tools orthanc podman runc busybox-static postgresql logrotate systemd
 TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
+             /usr/bin/dciodvfy \
              /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate \
              /usr/bin/systemd-analyze
 

@@ -168,6 +168,10 @@ class Stream:
     pull: bool = False
     expect_output: bool = True
     allow_new_study: bool = False
+    # the result builder (dts.builders): make DICOM of what results.json describes, each
+    # kind in a new series described by this template ({stream}, {kind}, {model})
+    build: bool = True
+    series_description: str = "{stream} {kind}"
     destinations: tuple[str, ...] = ()
     enabled: bool = True
     # contract "ror": run the image as the predecessor's `ror trigger` did (runner.py);
@@ -352,6 +356,18 @@ def _cpus(value: Any) -> float | int:
 
 def _duration(value: Any) -> float:
     return parse_duration(value)
+
+
+def _series_description(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty text, got {value!r}")
+    unknown = set(re.findall(r"\{([^}]*)\}", value)) - {"stream", "kind", "model"}
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}} (use {{stream}}, "
+                         "{kind}, {model})")
+    if "\\" in value or len(value) > 64:
+        raise ValueError("at most 64 characters, no backslash (SeriesDescription is a LO)")
+    return value
 
 
 def _memory(value: Any) -> str:
@@ -597,6 +613,9 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         pull=t.get("pull", bool, False),
         expect_output=t.get("expect_output", bool, True),
         allow_new_study=t.get("allow_new_study", bool, False),
+        build=t.get("build", bool, True),
+        series_description=t.convert("series_description", _series_description,
+                                     "{stream} {kind}"),
         destinations=t.convert("destinations", _string_list(_str), ()),
         enabled=t.get("enabled", bool, True),
         contract=contract, call=t.get("call", str),

@@ -80,6 +80,9 @@ Run stage (``dts.runner``):
   ``results`` (list of ResultEntry)  the values the model reported (``results.json`` in
                            the dts contract, ``output.json`` in the ror contract;
                            ``dts.results``, docs/results.md); only when there were any.
+  ``built`` (list of BuiltEntry)  the DICOM objects dts built from results.json
+                           (``dts.builders``; also in ``outputs``); a re-run reads it to
+                           reference the SR it replaces; only when there were any.
   ``failure`` (Failure)    the structured reason of a run that failed; removed on success.
   ``last_error`` (str)     the last temporary failure (container engine unreachable).
   ``orphans_stopped`` (list of str)  processes/containers of dead runs stopped on recovery,
@@ -171,6 +174,18 @@ class ResultEntry(TypedDict, total=False):
     key: str             # output.json: the record's name when it is an object of records
 
 
+class BuiltEntry(TypedDict, total=False):
+    """One object the result builder made (``built``; ``dts.builders.Built``)."""
+
+    kind: str            # sr, text, seg, pdf, sc, kos
+    file: str            # relative to output/ (dts-built/...)
+    sop_uid: str
+    sop_class: str
+    study_uid: str
+    series_uid: str
+    series_number: int
+
+
 class ViolationEntry(TypedDict, total=False):
     """One broken output rule (``failure.violations``; ``validate.Violation``)."""
 
@@ -255,6 +270,7 @@ class JobRecord(TypedDict, total=False):
     outputs: list[OutputEntry]
     other_files: list[str]
     results: list[ResultEntry]
+    built: list[BuiltEntry]
     failure: Failure
     last_error: str
     orphans_stopped: list[str]

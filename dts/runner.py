@@ -42,10 +42,12 @@ from .executors import (
     stop_orphaned_process,
     stop_processes_of_job,
 )
-from .jobrecord import JobRecord, RunInfo, RunningInfo, ViolationEntry
+from .builders import Built, RunContext, build
+from .jobrecord import (BuiltEntry, JobRecord, RunInfo, RunningInfo,
+                        ViolationEntry)
 from .journal import Event, Stage, Status
 from .provenance import register_produced
-from .results import InvalidResults, describe, read_results
+from .results import InvalidResults, describe, read_document, read_results
 from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
 from .station import Station
 from .validate import InputFacts, InvalidOutput, check_output
@@ -324,6 +326,10 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     if result.exit_code != 0:
         return _fail(station, claim, "exit-code",
                      f"the processing exited with code {result.exit_code}", run=run)
+    try:
+        built = _build(job, stream, run)
+    except InvalidResults as exc:
+        return _fail(station, claim, "invalid-results", str(exc), run=run)
     facts = InputFacts.from_job(job.input_dir, job.read())
     try:
         checked = check_output(job.output_dir, facts, allow_new_study=stream.allow_new_study)
@@ -350,17 +356,43 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     data.pop("results", None)
     if results:
         data["results"] = results
+    data.pop("built", None)
+    if built:
+        data["built"] = [cast(BuiltEntry, b.as_dict()) for b in built]
     job.write(data)
     for entry in results:
         station.journal.emit(Stage.RUN, Event.RESULT, Status.INFO, describe(entry), job=job,
                              job_data=data, result=dict(entry))
     station.journal.emit(Stage.RUN, Event.FINISHED, Status.OK,
-                         f"{len(checked.dicom)} DICOM object(s), {len(checked.other)} other "
-                         f"file(s) in {result.duration:.1f} s", job=job, job_data=data,
-                         outputs=len(checked.dicom), duration=round(result.duration, 3))
+                         f"{len(checked.dicom)} DICOM object(s) ({len(built)} built by dts), "
+                         f"{len(checked.other)} other file(s) in {result.duration:.1f} s",
+                         job=job, job_data=data, outputs=len(checked.dicom), built=len(built),
+                         duration=round(result.duration, 3))
     claim.move(Queue.SEND)
     log.info("%s: done, %d DICOM object(s) to send", job.id, len(checked.dicom))
     return Outcome.DONE
+
+
+def _build(job: Job, stream: Stream, run: RunInfo) -> list[Built]:
+    """The DICOM objects results.json asks for, written into output/dts-built/ (the
+    ``dts`` contract; ``build = false`` in the stream turns it off)."""
+    if stream.contract == "ror":
+        return []
+    doc = read_document(job.output_dir)
+    if doc is None or not stream.build or not doc.wants_objects:
+        return []
+    image = stream.image or ""
+    name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    digests = [d.rpartition("@sha256:")[2] for d in run.get("image_digests") or []]
+    digest = next((d for d in digests if d), None) or (
+        str(run.get("image_id") or "").removeprefix("sha256:") or None)
+    ctx = RunContext(
+        stream=stream.name,
+        model_name=doc.model_name or name.rsplit("/", 1)[-1] or stream.name,
+        model_version=doc.model_version or tag or "unknown", image_digest=digest,
+        series_description=stream.series_description,
+        previous=list(job.read().get("built") or []))  # type: ignore[arg-type]
+    return build(doc, job.output_dir, job.input_dir, ctx)
 
 
 def _sync_tree(root: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
 
 from dts.journal import EventFilter, read_events
 from dts.spool import Queue, Spool, State
@@ -32,7 +33,8 @@ from tests.plugins.peers import Orthanc
 
 pytestmark = pytest.mark.slow
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # 3D: what dts builds of results.json
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 STREAM = "series-statistics"
 
 
@@ -104,11 +106,16 @@ def test_storescu_to_orthanc_through_the_example_module(
     w = watch_process(config)
     proc = w.start()
     study = make_study(tmp_path / "study", n_series=2, per_series=4, accession="E2E-1",
-                       patient_id="PAT-E2E")
+                       patient_id="PAT-E2E", FrameOfReferenceUID=generate_uid())
     storescu(port, tmp_path / "study")
-    orthanc.wait_for_instances(1, timeout=60)
+    # the example's results.json and masks, built by dts: one SR, one SEG per series
+    orthanc.wait_for_instances(3, timeout=60)
     srs = _srs(orthanc)
-    assert len(srs) == 1 and orthanc.instance_count() == 1
+    assert len(srs) == 1 and orthanc.instance_count() == 3
+    segs = [t for t in orthanc.instances().values() if t["SOPClassUID"] == SEGMENTATION]
+    assert len(segs) == 2
+    assert {t["StudyInstanceUID"] for t in segs} == {study["study_uid"]}
+    assert {t["PatientID"] for t in segs} == {"PAT-E2E"}
     (sr,) = srs.values()
     assert sr["StudyInstanceUID"] == study["study_uid"]  # the right study ...
     assert sr["PatientID"] == "PAT-E2E"                   # ... of the right patient

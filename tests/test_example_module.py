@@ -1,6 +1,6 @@
 """The example processing (dts.examples.series_statistics) end to end: the default
-configuration's stream run by `dts run`, its SR checked with pydicom against figures
-computed here from the input pixels."""
+configuration's stream run by `dts run`; the SR and SEG dts builds from its results.json
+and masks checked against figures computed here from the input pixels."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -17,11 +19,13 @@ from pydicom.uid import generate_uid
 
 from dts import config as config_mod
 from dts.examples import series_statistics as example
+from dts.results import parse_document
 from dts.spool import Job
 from tests.helpers import make_instance, run_dts
 from tests.plugins.engine import make_run_job
 
 DSRDUMP = "/usr/bin/dsrdump"  # dcmtk, by full path
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def expected_figures(files: list[Path], threshold: float) -> dict[str, float]:
@@ -39,27 +43,23 @@ def expected_figures(files: list[Path], threshold: float) -> dict[str, float]:
             "volume_ml": volume / 1000.0}
 
 
-def content(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
-    return list(ds.ContentSequence)
-
-
-def measurement(group: pydicom.Dataset, meaning: str) -> tuple[float, str]:
-    for item in group.ContentSequence:
-        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == meaning:
-            mv = item.MeasuredValueSequence[0]
-            return float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue
+def measurement(group: Any, meaning: str) -> tuple[float, str]:
+    for m in group.get_measurements():
+        if m.name.meaning == meaning:
+            return m.value, m.unit.value
     raise AssertionError(f"no {meaning} in the measurement group")
 
 
 @pytest.mark.peers
-def test_default_stream_produces_a_valid_sr(tmp_path: Path) -> None:
+def test_default_stream_produces_a_valid_sr_and_seg(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     default = config_mod.load(None).stream("series-statistics")
     assert default is not None and default.command is not None
     threshold = float(default.parameters["threshold"])
     job_path, study = make_run_job(spool, "series-statistics", n_series=2, per_series=3,
                                    patient_id="PAT042", accession="ACC042",
-                                   RescaleSlope=1, RescaleIntercept=-24)
+                                   RescaleSlope=1, RescaleIntercept=-24,
+                                   FrameOfReferenceUID=generate_uid())
     job_id = job_path.name
 
     # the embedded configuration, only the spool is the test's
@@ -67,13 +67,18 @@ def test_default_stream_produces_a_valid_sr(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr + proc.stdout
     job = Job(spool / "send" / "new" / job_id)
     data = job.read()
-    [out] = data["outputs"]
-    assert data["other_files"] == ["statistics.json"]
-    sr = pydicom.dcmread(job.output_dir / out["file"])
+    # the example writes plain files; dts built an SR and one SEG per series of them
+    assert sorted(data["other_files"]) == ["mask-1.npy", "mask-2.npy", "results.json",
+                                           "statistics.json"]
+    assert sorted(b["kind"] for b in data["built"]) == ["seg", "seg", "sr"]
+    assert {o["sop_uid"] for o in data["outputs"]} == {b["sop_uid"] for b in data["built"]}
+    [sr_entry] = [b for b in data["built"] if b["kind"] == "sr"]
+    sr_file = job.output_dir / sr_entry["file"]
+    sr = hd.sr.srread(sr_file)
     src = pydicom.dcmread(next((job.input_dir).rglob("*.dcm")))
 
     # the input's patient and study, a new series and instance, dts as the maker
-    assert sr.SOPClassUID == example.COMPREHENSIVE_SR == out["sop_class"]
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR == sr_entry["sop_class"]
     for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber",
                     "StudyDate", "StudyID"):
         assert sr.data_element(keyword).value == src.data_element(keyword).value, keyword
@@ -82,12 +87,13 @@ def test_default_stream_produces_a_valid_sr(tmp_path: Path) -> None:
     assert sr.SOPInstanceUID not in inputs and sr.SeriesInstanceUID not in study["series"]
     assert sr.file_meta.MediaStorageSOPInstanceUID == sr.SOPInstanceUID
     assert sr.Modality == "SR" and sr.Manufacturer == "dts" and sr.SoftwareVersions
+    assert sr.ManufacturerModelName == example.SOFTWARE
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     # dcmtk's SR parser, strict (no relaxing options), has nothing to complain about
-    dump = subprocess.run([DSRDUMP, "-ll", "warn", str(job.output_dir / out["file"])],
+    dump = subprocess.run([DSRDUMP, "-ll", "warn", str(sr_file)],
                           capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0 and dump.stderr == "", dump.stderr
-    assert "Comprehensive SR Document" in dump.stdout and '"Volume"' in dump.stdout
+    assert "Comprehensive 3D SR Document" in dump.stdout and '"Volume"' in dump.stdout
 
     # every source instance referenced, grouped by series
     [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
@@ -96,15 +102,13 @@ def test_default_stream_produces_a_valid_sr(tmp_path: Path) -> None:
                                               for r in s.ReferencedSOPSequence)
                   for s in evidence.ReferencedSeriesSequence}
     assert referenced == {s: sorted(v) for s, v in study["series"].items()}
-    for s in evidence.ReferencedSeriesSequence:
-        assert {r.ReferencedSOPClassUID for r in s.ReferencedSOPSequence} == {src.SOPClassUID}
 
     # one measurement group per series, with figures computed here independently
-    groups = [c for c in content(sr) if c.ValueType == "CONTAINER"]
+    groups = sr.content.get_image_measurement_groups()
     assert len(groups) == 2
     for group in groups:
-        [ref] = [i for i in group.ContentSequence if i.ValueType == "UIDREF"]
-        series = ref.UID
+        sops = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in group.source_images}
+        [series] = [s for s, v in study["series"].items() if set(v) == sops]
         files = [job.input_dir / series / f"{sop}.dcm" for sop in study["series"][series]]
         want = expected_figures(files, threshold)
         mean, unit = measurement(group, "Mean")
@@ -116,9 +120,21 @@ def test_default_stream_produces_a_valid_sr(tmp_path: Path) -> None:
         volume, unit = measurement(group, "Volume")
         assert unit == "ml" and want["volume_ml"] > 0
         assert volume == pytest.approx(want["volume_ml"], rel=1e-5)
+
+    # each SEG: the thresholded volume of its series, voxel for voxel
+    for entry in (b for b in data["built"] if b["kind"] == "seg"):
+        seg = hd.seg.segread(job.output_dir / entry["file"])
+        assert seg.StudyInstanceUID == study["study_uid"] and seg.PatientID == "PAT042"
+        [series] = {r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence}
+        sops = study["series"][series]  # made in slice order
+        pixels = seg.get_pixels_by_source_instance(sops, combine_segments=True)
+        want = np.stack([
+            pydicom.dcmread(job.input_dir / series / f"{sop}.dcm").pixel_array - 24 >= threshold
+            for sop in sops])
+        assert pixels.any() and np.array_equal(pixels.astype(bool), want)
+    assert len(data["results"]) == 10  # 5 figures of 2 series, also job.json results
     stats = json.loads((job.output_dir / "statistics.json").read_text())
-    assert stats["threshold"] == threshold
-    assert stats["report_sop_instance_uid"] == sr.SOPInstanceUID
+    assert stats["threshold"] == threshold and len(stats["series"]) == 2
 
 
 def test_threshold_parameter_and_plain_folder(tmp_path: Path) -> None:
@@ -135,9 +151,12 @@ def test_threshold_parameter_and_plain_folder(tmp_path: Path) -> None:
                                str(tmp_path / "in"), str(out)], env=env, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        [sr_file] = list(out.glob("*.dcm"))
-        [group] = [c for c in content(pydicom.dcmread(sr_file)) if c.ValueType == "CONTAINER"]
-        volumes[threshold] = measurement(group, "Volume")[0]
+        assert not list(out.glob("*.dcm")) and not list(out.glob("*.npy"))  # no frame of ref.
+        doc = json.loads((out / "results.json").read_text())
+        parse_document("results.json", doc)  # what dts accepts
+        [volume] = [m for m in doc["measurements"] if m["name"] == "volume"]
+        assert volume["unit"] == "ml" and volume["series_uid"] == series
+        volumes[threshold] = volume["value"]
         assert volumes[threshold] == pytest.approx(
             expected_figures(files, float(threshold))["volume_ml"], rel=1e-5)
     assert volumes["0"] > volumes["1000"] > 0

@@ -23,13 +23,14 @@ WRITE = ("import json, os, sys; "
          "open(os.path.join(sys.argv[1], 'results.json'), 'w').write(os.environ['RESULTS'])")
 
 
-def _run(tmp_path: Path, results: Any, *, url: str | None = None) -> tuple[Station, Job]:
+def _run(tmp_path: Path, results: Any, *, url: str | None = None,
+         **stream: Any) -> tuple[Station, Job]:
     path, _ = make_run_job(tmp_path / "spool", "measure", n_series=1, per_series=1,
                            accession="ACC-R1")
     text = results if isinstance(results, str) else json.dumps(results)
     config = station_config(tmp_path, streams=[{
         "name": "measure", "command": ["{python}", "-c", WRITE, "{output}"],
-        "parameters": {"RESULTS": text}}],
+        "parameters": {"RESULTS": text}, **stream}],
         tail=f'[journal]\nurl = "{url}"\n' if url else "")
     station = Station.open(config)
     runner.serve(station, once=True)
@@ -51,12 +52,23 @@ def test_results_json_is_recorded_in_job_json_and_the_journal(tmp_path: Path) ->
         {"name": "tumor_size", "value": 42.5, "unit": "mm", "source": "results.json"},
         {"name": "finding", "value": "no lesion", "unit": None, "source": "results.json"},
         {"name": "lesions", "value": 3, "unit": "{count}", "source": "results.json"}]
-    assert data["other_files"] == ["results.json"] and data["outputs"] == []
+    assert data["other_files"] == ["results.json"]
+    # the result builder made an SR of the numbers and one of the text value (test_builders)
+    assert sorted(o["file"] for o in data["outputs"]) == ["dts-built/sr-1.dcm",
+                                                          "dts-built/text-1.dcm"]
+    assert [b["kind"] for b in data["built"]] == ["sr", "text"]
     events = [e for e in job.events() if e["event"] == "result"]
     assert [e["message"] for e in events] == ["tumor_size = 42.5 mm", "finding = no lesion",
                                               "lesions = 3 {count}"]
     assert {e["accession"] for e in events} == {"ACC-R1"}
     assert {e["stream"] for e in events} == {"measure"}
+
+
+def test_build_false_records_the_values_and_builds_nothing(tmp_path: Path) -> None:
+    _, job = _run(tmp_path, GOOD, build=False)
+    data = job.read()
+    assert len(data["results"]) == 3 and data["outputs"] == [] and "built" not in data
+    assert not (job.output_dir / "dts-built").exists()
 
 
 @pytest.mark.parametrize("results,where", [

@@ -40,6 +40,7 @@ COMMANDS = {
     "requeue": "requeue",
     "clean": "clean",
     "config": "config",
+    "results": "results",
 }
 
 # The line each command shows in `dts --help`, so that listing them imports none of them
@@ -54,6 +55,7 @@ SHORT_HELP = {
     "log": "Print the station journal, oldest first.",
     "receive": "Receive studies over DICOM into the spool until stopped.",
     "requeue": "Put finished, failed or unmatched jobs back into a queue for another try.",
+    "results": "Structured results: check what a model writes (results.json).",
     "run": "Run each waiting job's processing (container or command), check its output, "
            "and move the job to send/ (valid results) or failed/ (with the reason).",
     "send": "Deliver results in send/new/ to their stream's destinations.",

@@ -1,4 +1,4 @@
-"""Per-series intensity statistics and a threshold segmentation, reported as DICOM SR.
+"""Per-series intensity statistics and a threshold segmentation, for dts to report.
 
 The example processing of the default configuration, and a template for a
 model that dts runs. It follows the run contract: it reads the input view
@@ -6,13 +6,17 @@ model that dts runs. It follows the run contract: it reads the input view
 series as ``<selection>/<SeriesInstanceUID>/*.dcm`` and ``task.json``), takes its
 parameter ``threshold`` from the environment, and writes into the output folder:
 
-- a Comprehensive SR in the input's study and patient (new series, new UIDs),
-  one measurement group per series: mean, standard deviation, minimum and
-  maximum of the modality values (Hounsfield units for CT) and the volume of
-  the voxels at or above ``threshold`` in ml (PixelSpacing x slice thickness),
-  each source series referenced by UID and every source instance listed in the
-  CurrentRequestedProcedureEvidenceSequence;
+- ``results.json`` (docs/results.md): per series the mean, standard deviation,
+  minimum and maximum of the modality values (Hounsfield units for CT) and the
+  volume of the voxels at or above ``threshold`` in ml (PixelSpacing x slice
+  thickness), each a coded measurement of its series; and, for every series that is
+  one volume (a frame of reference, positions, orientation), its thresholded voxels
+  as a segmentation;
+- ``mask-<n>.npy``: those volumes, (slices, rows, columns) along the slice normal;
 - ``statistics.json``, the same figures for a folder destination.
+
+It writes no DICOM itself: dts builds a Comprehensive 3D SR (TID 1500) of the
+measurements and a Segmentation of each mask in the input's study (dts.builders).
 
 Usage: python -m dts.examples.series_statistics [INPUT [OUTPUT]]
 (defaults: $DTS_INPUT or /input, $DTS_OUTPUT or /output). It needs only
@@ -27,27 +31,18 @@ import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SOFTWARE = "dts.examples.series_statistics"
 VERSION = "1.0"
 DEFAULT_THRESHOLD = 300.0
-SERIES_NUMBER = 9101
 
-# Concepts (SNOMED CT, DICOM, LOINC) and units (UCUM).
-REPORT = ("18748-4", "LN", "Diagnostic imaging report")
-GROUP = ("125007", "DCM", "Measurement Group")
-SERIES_UID = ("112002", "DCM", "Series Instance UID")
-FINDING = ("121071", "DCM", "Finding")
+# Concepts (SNOMED CT) and units (UCUM).
 MEAN = ("373098007", "SCT", "Mean")
 STDDEV = ("386136009", "SCT", "Standard Deviation")
 MINIMUM = ("255605001", "SCT", "Minimum")
@@ -56,6 +51,7 @@ VOLUME = ("118565006", "SCT", "Volume")
 HU = ("[hnsf'U]", "UCUM", "Hounsfield unit")
 NO_UNIT = ("1", "UCUM", "no units")
 ML = ("ml", "UCUM", "milliliter")
+TISSUE = ("85756007", "SCT", "Tissue")
 
 
 @dataclass
@@ -76,6 +72,10 @@ class SeriesStats:
     above: int = 0
     volume_mm3: float | None = 0.0
     skipped: int = 0
+    # the thresholded slices, by position along the slice normal, while the series has the
+    # geometry a segmentation needs (None once a slice lacks it)
+    mask: list[tuple[tuple[float, int], np.ndarray]] | None = field(default_factory=list)
+    frame_of_reference: str = ""
 
     def add(self, values: np.ndarray, threshold: float, voxel_mm3: float | None) -> None:
         v = values.astype(np.float64, copy=False)
@@ -148,6 +148,41 @@ def input_series(input_dir: Path) -> Iterable[tuple[str, str, list[Path]]]:
         yield rel.split(os.sep)[0], "", files
 
 
+def _add_slice(stats: SeriesStats, ds: Dataset, above: np.ndarray) -> None:
+    """Keep a slice of the thresholded volume, or give up the mask of a series whose
+    images are not one volume (no frame of reference, position or orientation)."""
+    if stats.mask is None:
+        return
+    try:
+        iop = [float(x) for x in ds.ImageOrientationPatient]
+        ipp = np.array([float(x) for x in ds.ImagePositionPatient])
+        frame = str(ds.FrameOfReferenceUID)
+    except (AttributeError, TypeError, ValueError):
+        stats.mask = None
+        return
+    if stats.frame_of_reference not in ("", frame) or above.ndim != 2 or (
+            stats.mask and stats.mask[0][1].shape != above.shape):
+        stats.mask = None
+        return
+    stats.frame_of_reference = frame
+    normal = np.cross(iop[:3], iop[3:])
+    stats.mask.append(((float(ipp @ normal), int(ds.get("InstanceNumber") or 0)), above))
+
+
+def write_masks(results: list[SeriesStats], output_dir: Path) -> dict[str, str]:
+    """``mask-<n>.npy`` per series: (slices, rows, columns), slices sorted along the normal
+    (the order dts expects), 1 at or above the threshold."""
+    out: dict[str, str] = {}
+    for n, s in enumerate(results, start=1):
+        if not s.mask or not s.voxels or len(s.mask) != len(s.instances):
+            continue
+        ordered = [m for _, m in sorted(s.mask, key=lambda item: item[0])]
+        name = f"mask-{n}.npy"
+        np.save(output_dir / name, np.stack(ordered).astype(np.uint8))
+        out[s.series_uid] = name
+    return out
+
+
 def measure(input_dir: Path, threshold: float) -> tuple[list[SeriesStats], Dataset | None]:
     """Statistics of every input series and one input header to copy patient/study from."""
     results: list[SeriesStats] = []
@@ -174,68 +209,16 @@ def measure(input_dir: Path, threshold: float) -> tuple[list[SeriesStats], Datas
                 stats.skipped += 1
                 continue
             stats.add(values, threshold, voxel_volume_mm3(ds))
+            _add_slice(stats, ds, values >= threshold)
         results.append(stats)
     return results, first
 
 
-# -- the SR document ----------------------------------------------------------------
+# -- what dts builds the SR and the SEG from (docs/results.md) -----------------------
 
 
-def code(value: tuple[str, str, str]) -> Dataset:
-    ds = Dataset()
-    ds.CodeValue, ds.CodingSchemeDesignator, ds.CodeMeaning = value
-    return ds
-
-
-def _item(value_type: str, concept: tuple[str, str, str],
-          relationship: str = "CONTAINS") -> Dataset:
-    ds = Dataset()
-    ds.RelationshipType = relationship
-    ds.ValueType = value_type
-    ds.ConceptNameCodeSequence = Sequence([code(concept)])
-    return ds
-
-
-def num(concept: tuple[str, str, str], value: float, unit: tuple[str, str, str]) -> Dataset:
-    ds = _item("NUM", concept)
-    mv = Dataset()
-    mv.NumericValue = _ds(value)
-    mv.MeasurementUnitsCodeSequence = Sequence([code(unit)])
-    ds.MeasuredValueSequence = Sequence([mv])
-    return ds
-
-
-def _ds(value: float) -> str:
-    """A decimal string of at most 16 characters."""
-    text = f"{value:.6g}"
-    return text if len(text) <= 16 else f"{value:.8e}"[:16]
-
-
-def text(concept: tuple[str, str, str], value: str) -> Dataset:
-    ds = _item("TEXT", concept)
-    ds.TextValue = value[:1024]
-    return ds
-
-
-def uidref(concept: tuple[str, str, str], value: str) -> Dataset:
-    ds = _item("UIDREF", concept)
-    ds.UID = value
-    return ds
-
-
-def group(stats: SeriesStats, threshold: float) -> Dataset:
-    g = _item("CONTAINER", GROUP)
-    g.ContinuityOfContent = "SEPARATE"
-    unit = HU if stats.modality == "CT" else NO_UNIT
-    items = [uidref(SERIES_UID, stats.series_uid)]
-    if stats.voxels:
-        items += [num(MEAN, stats.mean, unit), num(STDDEV, stats.std, unit),
-                  num(MINIMUM, stats.minimum, unit), num(MAXIMUM, stats.maximum, unit)]
-        if stats.volume_ml is not None:
-            items.append(num(VOLUME, stats.volume_ml, ML))
-    items.append(text(FINDING, summary(stats, threshold)))
-    g.ContentSequence = Sequence(items)
-    return g
+def _code(value: tuple[str, str, str]) -> dict[str, str]:
+    return {"value": value[0], "scheme": value[1], "meaning": value[2]}
 
 
 def summary(stats: SeriesStats, threshold: float) -> str:
@@ -248,72 +231,32 @@ def summary(stats: SeriesStats, threshold: float) -> str:
             f"{vol}.")
 
 
-_COPIED = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-           "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-           "ReferringPhysicianName", "StudyDescription", "SpecificCharacterSet")
-
-
-def build_report(results: list[SeriesStats], source: Dataset, threshold: float,
-                 now: datetime | None = None) -> Dataset:
-    """A Comprehensive SR in the source's study and patient, with fresh UIDs."""
-    now = now or datetime.now()
-    ds = Dataset()
-    for keyword in _COPIED:
-        if keyword in source:
-            setattr(ds, keyword, source.data_element(keyword).value)  # type: ignore[union-attr]
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
-        if keyword not in ds:  # type 2: present, may be empty
-            setattr(ds, keyword, "")
-    ds.SOPClassUID = COMPREHENSIVE_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
-    ds.SeriesNumber = SERIES_NUMBER
-    ds.SeriesDescription = "dts series statistics"
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "dts"
-    ds.ManufacturerModelName = SOFTWARE
-    ds.SoftwareVersions = VERSION
-    ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.ReferencedPerformedProcedureStepSequence = Sequence()
-    ds.PerformedProcedureCodeSequence = Sequence()
-    ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "UNVERIFIED"
-    # SR document content: the root container
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = Sequence([code(REPORT)])
-    ds.ContinuityOfContent = "SEPARATE"
-    measured = [s for s in results if s.voxels]
-    overall = text(FINDING, f"dts series statistics, threshold {threshold:g}: "
-                            f"{len(measured)} of {len(results)} series measured.")
-    ds.ContentSequence = Sequence([overall] + [group(s, threshold) for s in results])
-    # every instance the findings were made from
-    series_items = []
+def results_document(results: list[SeriesStats], threshold: float,
+                     masks: dict[str, str]) -> dict[str, Any]:
+    """``results.json``: the figures of every measured series as measurements, and each
+    thresholded volume (``masks``: series -> .npy file) as a segmentation."""
+    measurements: list[dict[str, Any]] = []
     for s in results:
-        if not s.instances:
+        if not s.voxels:
             continue
-        ref = Dataset()
-        ref.SeriesInstanceUID = s.series_uid
-        sops = []
-        for sop_class, sop_uid in s.instances:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = sop_uid
-            sops.append(item)
-        ref.ReferencedSOPSequence = Sequence(sops)
-        series_items.append(ref)
-    evidence = Dataset()
-    evidence.StudyInstanceUID = ds.StudyInstanceUID
-    evidence.ReferencedSeriesSequence = Sequence(series_items)
-    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    return ds
+        unit = HU[0] if s.modality == "CT" else NO_UNIT[0]
+        figures = [(MEAN, s.mean, unit), (STDDEV, s.std, unit), (MINIMUM, s.minimum, unit),
+                   (MAXIMUM, s.maximum, unit)]
+        if s.volume_ml is not None:
+            figures.append((VOLUME, s.volume_ml, ML[0]))
+        for concept, value, u in figures:
+            measurements.append({"name": f"{concept[2].lower().replace(' ', '_')}",
+                                 "value": round(float(value), 6), "unit": u,
+                                 "code": _code(concept), "series_uid": s.series_uid})
+    label = {"value": 1, "label": f"at or above {threshold:g}"[:64], "category": _code(TISSUE),
+             "type": _code(TISSUE)}
+    return {
+        "model": {"name": SOFTWARE, "version": VERSION},
+        "measurements": measurements,
+        "segmentations": [{"file": f, "series_uid": uid, "labels": [label],
+                           "algorithm": {"name": "threshold", "version": VERSION}}
+                          for uid, f in masks.items()],
+    }
 
 
 def threshold_from_environment() -> float:
@@ -342,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     if source is None or not any(s.voxels for s in results):
         print(f"series_statistics: no measurable image under {input_dir}", file=sys.stderr)
         return 1
-    report = build_report(results, source, threshold)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report.save_as(output_dir / f"{report.SOPInstanceUID}.dcm", enforce_file_format=True)
+    masks = write_masks(results, output_dir)
+    (output_dir / "results.json").write_text(json.dumps(
+        results_document(results, threshold, masks), indent=2) + "\n")
     (output_dir / "statistics.json").write_text(json.dumps(
-        {"threshold": threshold, "report_sop_instance_uid": str(report.SOPInstanceUID),
-         "series": [s.as_dict() for s in results]}, indent=2) + "\n")
+        {"threshold": threshold, "series": [s.as_dict() for s in results]}, indent=2) + "\n")
     for s in results:
         print(summary(s, threshold))
     return 0
