@@ -268,14 +268,19 @@ class Shipper:
     """Copies new journal lines into the database, remembering how far it got."""
 
     def __init__(self, spool: Spool, url: str, *, batch: int = BATCH,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, cursor: Path | None = None) -> None:
         self.spool = spool
         self.db = JournalDB(url, connect_timeout=connect_timeout)
         self.batch = batch
+        self._cursor = cursor
+        # Called with each batch of rows once the database has them, before the cursor
+        # moves past them (dts.index derives its tables there): if it raises, the batch
+        # is read again next time.
+        self.on_rows: Callable[[list[dict[str, Any]]], None] | None = None
 
     @property
     def cursor_path(self) -> Path:
-        return self.spool.log_dir / CURSOR_NAME
+        return self._cursor if self._cursor is not None else self.spool.log_dir / CURSOR_NAME
 
     def close(self) -> None:
         self.db.close()
@@ -311,7 +316,7 @@ class Shipper:
         """One pass over the journal files; raises ``TemporaryFailure`` if the database is
         unreachable (nothing is lost: the cursor only moves after a commit)."""
         self.spool.log_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self.spool.log_dir / (CURSOR_NAME + ".lock"),
+        lock_fd = os.open(self.cursor_path.with_name(self.cursor_path.name + ".lock"),
                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -371,6 +376,8 @@ class Shipper:
                         break  # nothing complete past the cursor (a line still being written)
                     result.read += len(rows)
                     result.inserted += self.db.insert(rows)
+                    if self.on_rows is not None:
+                        self.on_rows(rows)
                     offset = end
                     files[name] = {"ino": st.st_ino, "offset": offset}
                     self._save_cursor(files)
