@@ -38,6 +38,7 @@ COMMANDS = {
     "requeue": "requeue",
     "clean": "clean",
     "config": "config",
+    "web": "web",
 }
 
 
