@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import threading
 import time
@@ -51,11 +52,13 @@ from .security import PRE_COOKIE, SESSION_COOKIE, Session, Sessions, Throttle, c
     session_key
 from .users import Role, User, UserFile
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 MASK = "***"
 PATIENT_ID_KEYS = frozenset({"patient_id", "PatientID", "OtherPatientIDs"})
 PATIENT_NAME_KEYS = frozenset({"patient_name", "PatientName", "PatientBirthName",
                                "PatientMotherBirthName", "OtherPatientNames"})
+RECEIVED_JOB = re.compile(r"^\d{8}T\d{6}\.\d+Z-[0-9a-f]+$")  # not a fan-out child J.<stream>
 LOG_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SYNC_EVERY = 1.0   # seconds: the index is synced at most this often
 EXPORT_LIMIT = 1_000_000
@@ -587,7 +590,7 @@ def _recent_jobs(p: Page) -> list[str]:
     spool = p.station.spool
     ids: list[str] = []
     for loc in spool.locations():
-        ids += [j for j in spool.list(loc.queue, loc.state) if "." not in j]
+        ids += [j for j in spool.list(loc.queue, loc.state) if RECEIVED_JOB.match(j)]
     return sorted(set(ids), reverse=True)[:50]
 
 
@@ -679,7 +682,7 @@ def _safe_next(target: str | None) -> str:
 
 
 def login_form(p: Page) -> Response:
-    token, cookie = p.web.sessions.pre_token()
+    token, cookie = p.web.sessions.pre_token(p.request.cookies.get(PRE_COOKIE))
     response = p.render("login.html", token=token, next=_safe_next(p.query.get("next")),
                         message=None, name="")
     response.set_cookie(PRE_COOKIE, cookie, max_age=3600, **p.web.cookie_args())
@@ -716,13 +719,15 @@ def login(p: Page) -> Response:
     name = str(p.form.get("name") or "")[:64]
     nxt = _safe_next(str(p.form.get("next") or ""))
     if not p.web.sessions.check_pre(p.request.cookies.get(PRE_COOKIE), p.form.get("csrf")):
+        log.warning("login form from %s without a valid token (cookie %s)", p.remote,
+                    "present" if p.request.cookies.get(PRE_COOKIE) else "absent")
         raise HttpError(403, "missing or wrong CSRF token (reload the login page)")
     try:
         user = _login(p, name, str(p.form.get("password") or ""))
     except HttpError as exc:
         if exc.status not in (401, 429):
             raise
-        token, cookie = p.web.sessions.pre_token()
+        token, cookie = p.web.sessions.pre_token(p.request.cookies.get(PRE_COOKIE))
         response: Response = p.render("login.html", status=exc.status, token=token, next=nxt,
                             message=exc.message, name=name)
         response.set_cookie(PRE_COOKIE, cookie, max_age=3600, **p.web.cookie_args())

@@ -105,7 +105,16 @@ class Sessions:
             self._void[session.sid] = now + self.max_age
 
     # the login form's token, before there is a session
-    def pre_token(self) -> tuple[str, str]:
+    def pre_token(self, cookie: str | None = None) -> tuple[str, str]:
+        """The login form's token and its cookie; a valid cookie keeps its token (two
+        login pages open, or one loaded twice, both still work)."""
+        if cookie:
+            try:
+                token = self.pre.loads(cookie, max_age=1800)
+                if isinstance(token, str):
+                    return token, self.pre.dumps(token)
+            except BadSignature:
+                pass
         token = secrets.token_urlsafe(24)
         return token, self.pre.dumps(token)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -23,6 +24,17 @@ from ..station import Station
 from ..status import hold_service, update_service
 from .app import create_app
 from .users import UserFile
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, exiting 0 after SIGTERM/SIGINT like every dts service (uvicorn
+    raises the signal again once it has shut down, which would end the process by it)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -64,7 +76,7 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
         options: dict[str, Any] = {}
         if cfg.certificate is not None and cfg.private_key is not None:
             options = {"ssl_certfile": str(cfg.certificate), "ssl_keyfile": str(cfg.private_key)}
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+        server = _Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                lifespan="off", server_header=False,
                                                proxy_headers=False, **options))
         station.journal.emit(Stage.WEB, Event.WEB_STARTED, Status.INFO,
