@@ -220,7 +220,7 @@ def test_requeue_from_the_page_and_409_when_it_moved(tmp_path: Path) -> None:
         assert client.post("/api/requeue", json={"job": row["job"], "to": "done"},
                            headers={"X-CSRF-Token": csrf}).status_code == 400
     (requeued,) = _events(station, "requeued")
-    assert requeued["by"] == "otto@web"
+    assert requeued["by"] == "web:otto"
     asked = _events(station, "requeue")
     assert asked[0]["user"] == "otto" and asked[0]["stage"] == "web"
     # and the run stage takes it again

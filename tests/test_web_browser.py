@@ -189,7 +189,7 @@ def test_an_operator_follows_the_exams_and_requeues_a_failure(browser: Any,
     # dts watch runs it again (and it fails again: the command always does)
     wait_for(lambda: len(_events(station, job=job, event="started")) > started_before and
              job in station.spool.list(Queue.FAILED), 60, what="the requeued job's new run")
-    refresh_until(browser, f"{url}/exams/{live['bad']['study_uid']}", "by otto@web")
+    refresh_until(browser, f"{url}/exams/{live['bad']['study_uid']}", "by web:otto")
     assert "exit-code: the processing exited with code 3" in body(browser)
     assert "model exploded" in body(browser)
     shot(browser, "timeline-failed")

@@ -421,6 +421,7 @@ def exams(p: Page) -> Response:
 
 def timeline(p: Page) -> Response:
     uid = _study_uid(p.request.path_params["study_uid"])
+    p.web.sync()
     data = p.web.index.timeline(uid)
     if data is None:
         raise actions.NotFound(f"no study {uid} in this station's spool or index")
@@ -485,7 +486,7 @@ def requeue(p: Page) -> Response:
                            f"{p.who()['user']} asked to requeue {job} to {target}",
                            job=_job_of(p, job), target=target, **p.who())
     done = actions.requeue_job(p.station, job, target, seen_in=seen,
-                               by=f"{p.session.user}@web")
+                               by=f"web:{p.session.user}")
     if _wants_json(p.request):
         return p.json(done)
     return RedirectResponse("/attention?" + urlencode({"requeued": job, "to": done["to"]}),

@@ -30,7 +30,7 @@
               "</td><td>" + esc(ev.status) + "</td><td>" + esc(ev.event) + "</td><td>" +
               (ev.job ? "<a href=\"/jobs/" + encodeURIComponent(ev.job) + "\">" + esc(ev.job) + "</a>" : "") +
               "</td><td>" + (ev.study_uid ? "<a href=\"/exams/" + encodeURIComponent(ev.study_uid) + "\">" +
-              esc(ev.accession || "study") + "</a>" : "") + "</td><td class=\"message\">" + esc(ev.message) + "</td>";
+              esc(ev.accession || "study") + "</a>" : "") + "</td><td class=\"msg\">" + esc(ev.message) + "</td>";
             rows.insertBefore(tr, rows.firstChild);
           });
         })
