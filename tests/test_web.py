@@ -375,3 +375,36 @@ def test_bad_web_keys_are_refused_naming_them(tmp_path: Path, keys: dict[str, An
     config = web_config(tmp_path, web=keys)
     done = run_dts("config", "check", config=config)
     assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
+def _web_pid(spool: Path) -> int | None:
+    from dts.spool import Spool
+    from dts.status import service_state
+
+    state = service_state(Spool(spool), "web")
+    return int(state["pid"]) if state.get("running") else None
+
+
+def test_dts_watch_restarts_a_dead_page_and_stops_it_at_shutdown(tmp_path: Path) -> None:
+    import signal
+
+    from tests.helpers import free_port, start_dts, stop_process, wait_for, wait_port
+
+    port = free_port()
+    config = web_config(tmp_path, web={"enabled": True, "port": port})
+    watch = start_dts("watch", config=config, log=tmp_path / "watch.log")
+    try:
+        wait_port(port, 30)
+        first = wait_for(lambda: _web_pid(tmp_path / "spool"), 30, what="dts web's lock")
+        os.kill(first, signal.SIGKILL)  # the page dies; dts watch must bring it back
+        second = wait_for(lambda: (p := _web_pid(tmp_path / "spool")) and p != first and p,
+                          30, what="a new dts web")
+        wait_port(port, 30)
+    finally:
+        assert stop_process(watch) == 0, (tmp_path / "watch.log").read_text()[-2000:]
+    assert not Path(f"/proc/{second}").exists() or \
+        "zombie" in Path(f"/proc/{second}/status").read_text().lower()
+    station = Station.open(config)
+    (exited,) = _events(station, "web-exited")
+    assert exited["stage"] == "watch" and exited["exit_code"] == -9
+    assert [e["event"] for e in _events(station, "web-stopped")] == ["web-stopped"]
