@@ -118,6 +118,7 @@ def station_status(spool: Spool) -> dict[str, Any]:
         "queues": queue_counts(spool),
         "receiver": service_state(spool, "receiver"),
         "watch": service_state(spool, "watch"),
+        "web": service_state(spool, "web"),
         "errors_24h": failures,
         "free_mb": round(spool.free_mb()),
     }

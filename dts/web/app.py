@@ -321,6 +321,10 @@ def endpoint(web: Web, handler: Handler, role: Role | None, post: bool) -> Any:
                                                                location=exc.location))
         except (UsageError, ConfigError) as exc:
             response = _error(web, request, session, HttpError(400, str(exc)))
+        except DtsError as exc:  # the spool or a peer: said as it is, never a traceback
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+            response = _error(web, request, session, HttpError(
+                503 if exc.exit_code == 75 else 500, str(exc)))
         return _headers(response)
 
     return serve
