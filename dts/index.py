@@ -228,8 +228,8 @@ class Index:
         url = station.config.journal.url
         self.embedded = not url
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)  # the cursor is kept here
             if self.embedded:
-                self.folder.mkdir(parents=True, exist_ok=True)
                 db_file = self.folder / SQLITE_NAME
                 if not db_file.exists():  # a new index starts reading from the beginning
                     (self.folder / CURSOR_NAME).unlink(missing_ok=True)
