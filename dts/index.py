@@ -43,7 +43,7 @@ import sqlalchemy as sa
 
 from . import journaldb
 from .config import parse_duration
-from .errors import TemporaryFailure, UsageError
+from .errors import SpoolError, TemporaryFailure, UsageError
 from .journal import EventFilter
 from .spool import (
     Job,
@@ -366,7 +366,7 @@ class Index:
             job = Job(path)
             try:
                 data = job.read()
-            except Exception:
+            except SpoolError:  # unreadable: the row waits for the next look
                 continue
             for key in ("patient_id", "received_at", "last_received_at"):
                 if exam.get(key) is None and data.get(key):
@@ -539,7 +539,7 @@ class Index:
         path = spool_path(self.spool, queue, state, job_id)
         try:
             data = Job(path).read()
-        except Exception:
+        except SpoolError:
             data = {}
         failure = data.get("failure") or {}
         reason = data.get("error") or (failure.get("message") if isinstance(failure, dict)
@@ -568,7 +568,7 @@ class Index:
             try:
                 loc, path = self.spool.find(job_id)
                 data: dict[str, Any] = dict(Job(path).read())
-            except Exception:
+            except (UsageError, SpoolError):  # cleaned away, or unreadable
                 jobs.append({"id": job_id, "queue": None, "state": None, "gone": True})
                 continue
             data["id"] = job_id
