@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Callable
 
 import jmespath
 import jmespath.exceptions
+from pydicom import datadict
 
 from . import rorselect, rules
 from .errors import ConfigError
@@ -108,6 +111,10 @@ class StationConfig:
     # 0: unlimited, see docs/architecture.md, "Bounded memory")
     max_pdu: int = 1048576
     max_associations: int = 16
+    # Connections that have not sent an A-ASSOCIATE-RQ yet: a budget of their own, per peer
+    # address and in total, the oldest closed first (docs/architecture.md, "No lock-out")
+    max_pending_connections: int = 64
+    max_pending_per_host: int = 8
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_attempts: int = 3
@@ -129,6 +136,9 @@ class Destination:
     calling_ae: str | None = None
     folder: Path | None = None
     tls: ClientTLS | None = None
+    # output objects go here only if they match one of these {keyword: glob} tables
+    # (every pattern of it); empty: everything (see _filter)
+    filter: tuple[dict[str, str], ...] = ()
 
     @property
     def is_folder(self) -> bool:
@@ -161,6 +171,14 @@ class Stream:
     allow_new_study: bool = False
     destinations: tuple[str, ...] = ()
     enabled: bool = True
+    # contract "ror": run the image as the predecessor's `ror trigger` did (runner.py);
+    # its call string, and its parameters with their JSON types (ROR_CONT_OPTIONS)
+    contract: str = "dts"
+    call: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+CONTRACTS = ("dts", "ror")
 
 
 @dataclass(frozen=True)
@@ -392,6 +410,42 @@ def _parameters(value: Any) -> dict[str, str]:
     return out
 
 
+def _ror_options(value: Any) -> dict[str, Any]:
+    """The parameters of a ``contract = "ror"`` stream: a table, or a string holding a
+    JSON object (ROR_CONT_OPTIONS as the predecessor wrote it); values keep their types."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"ROR_CONT_OPTIONS must be a JSON object; not valid JSON: "
+                             f"{exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"ROR_CONT_OPTIONS must be a JSON object (a table of options), "
+                         f"got {value!r}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"not representable as JSON: {exc}") from None
+    return dict(value)
+
+
+def _filter(value: Any) -> tuple[dict[str, str], ...]:
+    """``filter = { Keyword = "glob", ... }`` or a list of such tables (any one of them)."""
+    tables = value if isinstance(value, list) else [value]
+    out = []
+    for table in tables:
+        if not isinstance(table, dict) or not table:
+            raise ValueError(f"expected a table of DICOM keywords to glob patterns (or a list "
+                             f"of them), got {table!r}")
+        for keyword, pattern in table.items():
+            if datadict.tag_for_keyword(keyword) is None:
+                raise ValueError(f"{keyword!r} is not a DICOM attribute keyword")
+            if not isinstance(pattern, str):
+                raise ValueError(f"{keyword}: expected a glob pattern string, got {pattern!r}")
+        out.append(dict(table))
+    return tuple(out)
+
+
 def _default_rules(base: Path) -> Path:
     """``classifyRules.json`` beside the configuration, else the one dts ships (a station
     configured in /etc/dts with a few keys classifies with the default rules)."""
@@ -428,6 +482,10 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         classify_rules=t.convert("classify_rules", _path(base), _default_rules(base)),
         max_pdu=t.convert("max_pdu", _positive_int, d.max_pdu),
         max_associations=t.convert("max_associations", _positive_int, d.max_associations),
+        max_pending_connections=t.convert("max_pending_connections", _positive_int,
+                                          d.max_pending_connections),
+        max_pending_per_host=t.convert("max_pending_per_host", _positive_int,
+                                       d.max_pending_per_host),
         dimse_timeout=t.convert("dimse_timeout", _duration, d.dimse_timeout),
         network_timeout=t.convert("network_timeout", _duration, d.network_timeout),
         max_attempts=t.convert("max_attempts", _positive_int, d.max_attempts),
@@ -444,6 +502,12 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         raise ConfigError(file, "station.max_parallel_runs", "must be at least 1")
     if station.max_attempts < 1:
         raise ConfigError(file, "station.max_attempts", "must be at least 1")
+    for key in ("max_associations", "max_pending_connections", "max_pending_per_host"):
+        if getattr(station, key) < 1:
+            raise ConfigError(file, f"station.{key}", "must be at least 1")
+    if station.max_pending_per_host > station.max_pending_connections:
+        raise ConfigError(file, "station.max_pending_per_host",
+                          "must not be more than max_pending_connections")
     if station.rescan_seconds <= 0:
         raise ConfigError(file, "station.rescan_seconds", "must be more than 0")
     return station
@@ -466,6 +530,7 @@ def _destination(file: str, index: int, data: Any, base: Path, spool: Path) -> D
         calling_ae=t.convert("calling_ae", _ae),
         folder=t.convert("folder", _folder(base, spool)),
         tls=tls,
+        filter=t.convert("filter", _filter, ()),
     )
     t.finish()
     if dest.folder is not None:
@@ -538,6 +603,8 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         raise t.fail("per", f"expected \"study\" (one run job per study) or \"series\" "
                             f"(one per selected series), got {per!r}")
     command = t.convert("command", _string_list(_str))
+    contract = t.get("contract", str, "dts")
+    ror = contract == "ror"
     stream = Stream(
         name=name,
         called_ae=t.convert("called_ae", _regex, re.compile(".*")),
@@ -551,7 +618,7 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         per=per,
         image=t.get("image", str),
         command=command,
-        parameters=t.convert("parameters", _parameters, {}),
+        parameters={} if ror else t.convert("parameters", _parameters, {}),
         timeout=t.convert("timeout", _duration, 3600.0),
         memory=t.convert("memory", _memory),
         cpus=t.convert("cpus", _cpus),
@@ -563,8 +630,11 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         allow_new_study=t.get("allow_new_study", bool, False),
         destinations=t.convert("destinations", _string_list(_str), ()),
         enabled=t.get("enabled", bool, True),
+        contract=contract, call=t.get("call", str),
+        options=t.convert("parameters", _ror_options, {}) if ror else {},
     )
     t.finish()
+    _check_contract(file, t.prefix, stream)
     if bool(stream.image) == bool(stream.command):
         raise ConfigError(file, t.prefix, "give exactly one of image or command")
     if stream.command is not None and not stream.command:
@@ -617,6 +687,25 @@ def _web(file: str, data: Any, base: Path, spool: Path) -> WebConfig:
         if path is not None and not os.access(path, os.R_OK):
             raise t.fail(key, f"cannot read {path}")
     return web
+
+
+def _check_contract(file: str, prefix: str, stream: Stream) -> None:
+    if stream.contract not in CONTRACTS:
+        raise ConfigError(file, f"{prefix}.contract", f"expected one of {', '.join(CONTRACTS)}, "
+                          f"got {stream.contract!r}")
+    if stream.contract == "ror" and not stream.image:
+        raise ConfigError(file, f"{prefix}.contract", "contract = \"ror\" runs a container "
+                          "image: give image (not command)")
+    if stream.call is not None and stream.contract != "ror":
+        raise ConfigError(file, f"{prefix}.call", "call (ror's call string) goes with "
+                          "contract = \"ror\"; a dts stream's image runs its own command")
+    if stream.call is not None:
+        try:
+            if not shlex.split(stream.call):
+                raise ValueError("empty")
+        except ValueError as exc:
+            raise ConfigError(file, f"{prefix}.call", f"not a usable call string: {exc}") \
+                from None
 
 
 def embedded_config() -> Path:
@@ -718,6 +807,15 @@ def _masked(data: Any) -> Any:
     return data
 
 
+def _destination_entry(dest: Destination) -> Any:
+    entry = _plain(dest)
+    if len(dest.filter) == 1:
+        entry["filter"] = dict(dest.filter[0])
+    elif not dest.filter:
+        entry.pop("filter", None)
+    return entry
+
+
 def effective(config: Config) -> dict[str, Any]:
     """Every key with its value after defaults, in the layout of ``dts.toml`` (loadable
     again), secrets masked: passwords in URLs, and keys named like a password or token."""
@@ -732,6 +830,9 @@ def effective(config: Config) -> dict[str, Any]:
         if s.select_text:
             entry["select"] = dict(s.select_text)
         entry.pop("select_text", None)
+        options = entry.pop("options", {})
+        if s.contract == "ror":
+            entry["parameters"] = options
         entry.pop("ror_select", None)
         ror = entry.pop("ror_select_text", None)
         if ror is not None:
@@ -739,7 +840,7 @@ def effective(config: Config) -> dict[str, Any]:
         streams.append(entry)
     out: dict[str, Any] = {
         "station": _plain(config.station),
-        "destination": [_plain(d) for d in config.destinations.values()],
+        "destination": [_destination_entry(d) for d in config.destinations.values()],
         "stream": streams,
     }
     if config.journal.url is not None:

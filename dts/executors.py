@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,9 +72,31 @@ class RunResult:
 
 
 def parameter_environment(stream: Stream) -> dict[str, str]:
+    if stream.contract == "ror":
+        # as `ror trigger --envs` set it: the options object as one JSON string (compact,
+        # so the predecessor's ROR_CONT_OPTIONS text comes out as it was written)
+        ror = {"DTS_PARAMETERS": json.dumps(stream.options, sort_keys=True)}
+        if stream.options:
+            ror["ROR_CONT_OPTIONS"] = json.dumps(stream.options, separators=(",", ":"))
+        return ror
     env = dict(stream.parameters)
     env["DTS_PARAMETERS"] = json.dumps(stream.parameters, sort_keys=True)
     return env
+
+
+# ror's call string placeholders (ror.go callProgram), as seen inside the container.
+# Deliberate difference: ror put {output} and {output_json} under the read-only /data;
+# here they are in /output, the folder that is kept.
+ROR_PLACEHOLDERS = (("{}", "/data/"), ("{input}", "/data/input"), ("{output}", "/output"),
+                    ("{descr}", "/data/descr.json"), ("{output_json}", "/output/output.json"))
+
+
+def ror_command(call: str) -> list[str]:
+    """ror's call string as the container's argv: placeholders first, then split as a
+    shell would (quotes, backslashes), never run through one."""
+    for placeholder, value in ROR_PLACEHOLDERS:
+        call = call.replace(placeholder, value)
+    return shlex.split(call)
 
 
 def container_name(job_id: str) -> str:
@@ -314,16 +337,21 @@ class DockerExecutor:
             image = self._image(client, stream)
             remove_job_containers(client, task.job_id)  # left by an earlier attempt
             env = dict(task.environment)
-            env.update(DTS_INPUT="/input", DTS_OUTPUT="/output", DTS_JOB=task.job_id)
+            ror = stream.contract == "ror"
+            inside = "/data" if ror else "/input"
+            env.update(DTS_INPUT=inside + "/input" if ror else inside, DTS_OUTPUT="/output",
+                       DTS_JOB=task.job_id)
             kwargs: dict[str, Any] = dict(
                 name=container_name(task.job_id),
                 environment=env,
-                volumes={str(task.input_dir): {"bind": "/input", "mode": "ro"},
+                volumes={str(task.input_dir): {"bind": inside, "mode": "ro"},
                          str(task.output_dir): {"bind": "/output", "mode": "rw"}},
                 labels={JOB_LABEL: task.job_id, STREAM_LABEL: stream.name},
                 security_opt=["no-new-privileges"],
                 detach=True,
             )
+            if ror and stream.call:
+                kwargs["command"] = ror_command(stream.call)
             if not stream.network:
                 kwargs["network_mode"] = "none"
             if stream.memory:
@@ -343,7 +371,12 @@ class DockerExecutor:
                                            f"{_short(exc)}") from None
                 raise JobFailed(f"cannot create the container: {_short(exc)}") from None
             try:
-                return self._run(client, container, task, image, cancel, started)
+                result = self._run(client, container, task, image, cancel, started)
+                if ror:
+                    result.provenance["contract"] = "ror"
+                    if "command" in kwargs:
+                        result.provenance["command"] = kwargs["command"]
+                return result
             finally:
                 try:
                     container.remove(force=True)

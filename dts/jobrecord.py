@@ -79,6 +79,9 @@ Run stage (``dts.runner``):
   ``run`` (RunInfo)        provenance and result of the last run.
   ``outputs`` (list of OutputEntry)  the validated DICOM results the sender sends.
   ``other_files`` (list of str)  non-DICOM files of ``output/``, relative to it.
+  ``results`` (list of ResultEntry)  the values the model reported (``results.json`` in
+                           the dts contract, ``output.json`` in the ror contract;
+                           ``dts.results``, docs/results.md); only when there were any.
   ``failure`` (Failure)    the structured reason of a run that failed; removed on success.
   ``last_error`` (str)     the last temporary failure (container engine unreachable).
   ``orphans_stopped`` (list of str)  processes/containers of dead runs stopped on recovery,
@@ -86,7 +89,8 @@ Run stage (``dts.runner``):
 
 Send stage (``dts.sender``):
   ``destinations`` (object name -> DestinationState)  per-destination delivery state; a
-                           retry sends only what is missing. ``dts requeue`` resets it.
+                           retry sends only what is missing; objects a destination's
+                           ``filter`` kept out are its ``skipped``. ``dts requeue`` resets it.
   ``next_attempt_at`` (str)  when the next try is due (backoff); absent: due now.
   ``sent_at`` (str)        when every destination had everything.
 
@@ -131,7 +135,8 @@ class RunInfo(TypedDict, total=False):
     """Provenance and result of the last run (``run``)."""
 
     executor: str        # "command" or "docker"
-    command: list[str]   # command: the argv run
+    command: list[str]   # command: the argv run; docker with contract "ror": the call
+    contract: str        # docker: "ror" when the stream runs in the ror contract
     image: str           # docker: the stream's image as configured
     image_id: str        # docker: the image id actually run
     image_digests: list[str]  # docker: its repository digests
@@ -155,6 +160,19 @@ class OutputEntry(TypedDict, total=False):
     series_uid: str
 
 
+class ResultEntry(TypedDict, total=False):
+    """One value a model reported (``results``; ``dts.results``, docs/results.md)."""
+
+    name: str            # results.json: name; output.json: field_name
+    value: str | int | float | bool
+    unit: str | None     # results.json only (UCUM-style text, e.g. "mm", "ml")
+    source: str          # the file: "results.json" or "output.json"
+    series_uid: str      # results.json: the series the value is about, if given
+    record_id: str       # output.json: the record's record_id ...
+    event_name: str      # ... and event_name (the predecessor's REDCap fields)
+    key: str             # output.json: the record's name when it is an object of records
+
+
 class ViolationEntry(TypedDict, total=False):
     """One broken output rule (``failure.violations``; ``validate.Violation``)."""
 
@@ -168,7 +186,7 @@ class Failure(TypedDict, total=False):
 
     stage: str           # "run"
     reason: str          # no-stream, attempts, input, setup, timeout, oom, exit-code,
-                         # invalid-output, no-output, engine-unreachable
+                         # invalid-output, invalid-results, no-output, engine-unreachable
     message: str
     log_tail: str        # last lines of the processing's log ("" when there was no run)
     time: str
@@ -184,6 +202,7 @@ class DestinationState(TypedDict, total=False):
     status: SendStatus   # absent: not tried yet (or reset by dts requeue)
     sent: list[str]      # SOP Instance UIDs delivered (a warning status counts)
     failed: dict[str, str]  # SOP Instance UID -> the refusal, e.g. "0xA900" or a reason
+    skipped: list[str]   # SOP Instance UIDs the destination's filter kept out
     error: str           # why the destination failed or waits
     via: str             # "@sender" when the stream named it so
     path: str            # folder destination: where the results were put
@@ -238,6 +257,7 @@ class JobRecord(TypedDict, total=False):
     run: RunInfo
     outputs: list[OutputEntry]
     other_files: list[str]
+    results: list[ResultEntry]
     failure: Failure
     last_error: str
     orphans_stopped: list[str]
@@ -257,5 +277,5 @@ IDENTITY_KEYS: tuple[IdentityKey, ...] = (
     "received_at", "completed_at", "last_received_at", "source")
 
 __all__ = ["IDENTITY_KEYS", "DestinationState", "Failure", "IdentityKey", "JobRecord",
-           "OutputEntry", "RequeueEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",
+           "OutputEntry", "RequeueEntry", "ResultEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",
            "StreamVerdict", "ViolationEntry"]

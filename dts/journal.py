@@ -50,7 +50,8 @@ class Event(StrEnum):
     # receive (dts receive, dts import)
     RECEIVER_STARTED = "receiver-started"        # the C-STORE service listens
     RECEIVER_STOPPED = "receiver-stopped"        # it stopped (open associations finished)
-    ASSOCIATION_REFUSED = "association-refused"  # a peer failed the host/AE allow-lists
+    ASSOCIATION_REFUSED = "association-refused"  # allow-lists, or max_associations open
+    CONNECTIONS_CLOSED = "connections-closed"    # not associated, over the pending budget
     INSTANCE_REFUSED = "instance-refused"        # an instance answered with a failure status
     PUBLISH_FAILED = "publish-failed"            # a complete study could not move to classify/
     RECEIVED = "received"                        # a study was published to classify/new
@@ -65,12 +66,14 @@ class Event(StrEnum):
     INTERRUPTED = "interrupted"                  # stopped by a shutdown; job put back
     RETRY = "retry"                              # engine unreachable; job put back
     FINISHED = "finished"                        # valid output: job to send/
+    RESULT = "result"                            # one value the model reported (dts_results)
     ORPHAN_STOPPED = "orphan-stopped"            # what a dead dts run left running was stopped
     # send
     SEND_STARTED = "send-started"                # a try to deliver a job began
     STORED = "stored"                            # objects reached one destination
     STORE_WARNING = "store-warning"              # the peer stored an object with a warning
     STORE_FAILED = "store-failed"                # the peer refused an object
+    FILTERED = "filtered"                        # a destination's filter kept objects out
     DESTINATION_FAILED = "destination-failed"    # a destination cannot be resolved
     SEND_RETRY = "send-retry"                    # some destination waits: next try later
     SENT = "sent"                                # every destination has everything: done/

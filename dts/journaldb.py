@@ -3,7 +3,8 @@
 The daily files ``spool/log/YYYY-MM-DD.jsonl`` stay the source of truth; no stage
 ever waits on the database. A *shipper* tails those files with a durable cursor
 (``spool/log/.dbcursor``: per file, its inode and the byte offset shipped so far)
-and inserts new events in batches into table ``dts_events`` (created if missing).
+and inserts new events in batches into table ``dts_events`` (created if missing), and
+each ``result`` event also as a row of ``dts_results`` (docs/results.md).
 Each row carries ``event_key``, the SHA-256 of the event's journal line, under a
 unique constraint: a batch delivered twice (a crash between the commit and the
 cursor update, a cursor lost, a file read again) inserts nothing the second time.
@@ -20,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +38,7 @@ from .spool import Spool, isotime, parse_isotime, write_file_durably
 log = logging.getLogger(__name__)
 
 TABLE = "dts_events"
+RESULTS_TABLE = "dts_results"
 CURSOR_NAME = ".dbcursor"
 BATCH = 500
 
@@ -87,6 +90,59 @@ def _table(metadata: Any) -> Any:
     )
 
 
+def _results_table(metadata: Any) -> Any:
+    """One row per ``result`` event: the predecessor's ``prediction`` table, generalised
+    (docs/results.md). ``event_key`` is the event's, so a batch shipped twice adds nothing."""
+    sa = _sqlalchemy()
+    return sa.Table(
+        RESULTS_TABLE, metadata,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                  primary_key=True, autoincrement=True),
+        sa.Column("event_key", sa.String(64), nullable=False, unique=True),
+        sa.Column("time", sa.DateTime(timezone=True), index=True),
+        sa.Column("study_uid", sa.String(64), index=True),
+        sa.Column("accession", sa.Text, index=True),
+        sa.Column("stream", sa.Text, index=True),
+        sa.Column("job", sa.Text, index=True),
+        sa.Column("name", sa.Text, index=True),
+        sa.Column("value", sa.Text),
+        sa.Column("value_number", sa.Float),   # the value when it reads as a number
+        sa.Column("unit", sa.Text),
+        sa.Column("source", sa.String(32)),    # results.json or output.json
+        sa.Column("record_id", sa.Text),       # output.json's record_id and event_name
+        sa.Column("event_name", sa.Text),
+        sa.Column("series_uid", sa.String(64)),
+    )
+
+
+def result_row(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``dts_results`` row of an event row, if it is a ``result`` event."""
+    if row.get("event") != "result":
+        return None
+    details = row.get("details") or {}
+    res = details.get("result") if isinstance(details, dict) else None
+    if not isinstance(res, dict) or not res.get("name"):
+        return None
+    value = res.get("value")
+    text = ("true" if value else "false") if isinstance(value, bool) else \
+        None if value is None else str(value)
+    number: float | None = None
+    if not isinstance(value, bool) and value is not None:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and not math.isfinite(number):
+            number = None
+    out = {k: row.get(k) for k in ("event_key", "time", "study_uid", "accession", "stream",
+                                   "job")}
+    out.update(name=str(res["name"]), value=text, value_number=number)
+    for key in ("unit", "source", "record_id", "event_name", "series_uid"):
+        v = res.get(key)
+        out[key] = None if v is None else str(v)
+    return out
+
+
 def _jsonb() -> Any:
     from sqlalchemy.dialects.postgresql import JSONB
 
@@ -109,6 +165,7 @@ class JournalDB:
             raise UsageError(f"[journal] url {redact(url)}: {exc}") from None
         self.metadata = sa.MetaData()
         self.table = _table(self.metadata)
+        self.results = _results_table(self.metadata)
         self._created = False
 
     def close(self) -> None:
@@ -138,24 +195,30 @@ class JournalDB:
             return sum(self.insert([r]) for r in rows)
 
     def _insert(self, rows: list[dict[str, Any]]) -> int:
-        dialect = self.engine.dialect.name
-        with self.engine.begin() as conn:
-            if dialect in ("postgresql", "sqlite"):
-                from sqlalchemy.dialects import postgresql, sqlite
+        results = [r for r in map(result_row, rows) if r is not None]
+        with self.engine.begin() as conn:  # an event and its dts_results row together
+            if results:
+                self._insert_into(conn, self.results, results)
+            return self._insert_into(conn, self.table, rows)
 
-                insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-                stmt = insert(self.table).on_conflict_do_nothing(
-                    index_elements=["event_key"]).returning(self.table.c.id)
-                return len(conn.execute(stmt, rows).all())
-            # other databases: look the keys up first (one shipper at a time, see the lock)
-            sa = _sqlalchemy()
-            keys = [r["event_key"] for r in rows]
-            have = set(conn.execute(sa.select(self.table.c.event_key)
-                                    .where(self.table.c.event_key.in_(keys))).scalars())
-            fresh = [r for r in rows if r["event_key"] not in have]
-            if fresh:
-                conn.execute(self.table.insert(), fresh)
-            return len(fresh)
+    def _insert_into(self, conn: Any, table: Any, rows: list[dict[str, Any]]) -> int:
+        dialect = self.engine.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            stmt = insert(table).on_conflict_do_nothing(
+                index_elements=["event_key"]).returning(table.c.id)
+            return len(conn.execute(stmt, rows).all())
+        # other databases: look the keys up first (one shipper at a time, see the lock)
+        sa = _sqlalchemy()
+        keys = [r["event_key"] for r in rows]
+        have = set(conn.execute(sa.select(table.c.event_key)
+                                .where(table.c.event_key.in_(keys))).scalars())
+        fresh = [r for r in rows if r["event_key"] not in have]
+        if fresh:
+            conn.execute(table.insert(), fresh)
+        return len(fresh)
 
     def select(self, flt: EventFilter) -> Iterator[dict[str, Any]]:
         sa = _sqlalchemy()

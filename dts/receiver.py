@@ -40,6 +40,7 @@ from pynetdicom import evt
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
 from .dicom.header import read_header
+from .dicom.pending import PendingBudget
 from .dicom.uid import valid_uid
 from .errors import TemporaryFailure
 from .jobrecord import JobRecord
@@ -65,6 +66,10 @@ MARKER = ".receiving"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+# Connections pynetdicom may count beyond dts's own limits: ones closing down.
+PYNETDICOM_SLACK = 64
+# Connections closed over the pending budget are journalled at most this often.
+CLOSED_REPORT_SECONDS = 60.0
 
 def check_uids(header: dict[str, str | None]) -> str | None:
     """Why these UIDs cannot become path components, or None when they are fine."""
@@ -169,6 +174,9 @@ class Receiver:
         self._tmp = str(self.spool.tmp)
         self._free_ok = True
         self._unfinished = False  # a publication failed after its files moved to tmp/
+        self._budget = PendingBudget(self.cfg.max_pending_connections,
+                                     self.cfg.max_pending_per_host)
+        self._closed_reported = -CLOSED_REPORT_SECONDS
 
     # -- life cycle -----------------------------------------------------------
     def start(self) -> None:
@@ -177,11 +185,16 @@ class Receiver:
         patches.tune()
         patches.set_receive_directory(self.spool.tmp)
         # acse_timeout: how long a connection may take to send its A-ASSOCIATE-RQ
+        # pynetdicom counts every accepted connection as an association; dts counts
+        # associations itself (_on_requested) and connections not yet associated in
+        # self._budget, so pynetdicom's own limit only has to stay out of the way.
         ae = dicom_ae.make_ae(self.cfg.ae_title, max_pdu=self.cfg.max_pdu,
                               acse_timeout=self.cfg.network_timeout,
                               dimse_timeout=self.cfg.dimse_timeout,
                               network_timeout=self.cfg.network_timeout,
-                              max_associations=self.cfg.max_associations or 16)
+                              max_associations=(self.cfg.max_associations
+                                                + self.cfg.max_pending_connections
+                                                + PYNETDICOM_SLACK))
         dicom_ae.add_scp_contexts(ae)
         scp.enable(ae, self._fast_store, self._tmp)
         ssl_context = None
@@ -203,6 +216,9 @@ class Receiver:
             raise TemporaryFailure(f"cannot listen on {self.host}:{self.port}: "
                                    f"{exc.strerror or exc}") from None
         self.port = int(self._server.server_address[1])
+        dicom_ae.widen_backlog(self._server)
+        # socketserver asks this on the accepting thread, in the order of the accepts
+        self._server.verify_request = self._on_accept
         self._checker = threading.Thread(target=self._check_loop, name="dts-stable",
                                          daemon=True)
         self._checker.start()
@@ -252,9 +268,11 @@ class Receiver:
                 LOGGER.exception("publishing stable studies failed")
 
     def poll(self) -> list[str]:
-        """One round of the background loop: report journal lines a full disk kept out,
-        finish publications that failed halfway, publish what is stable; the new job ids."""
+        """One round of the background loop: report journal lines a full disk kept out
+        and connections closed over budget, finish publications that failed halfway,
+        publish what is stable; the new job ids."""
         self.station.journal.report_lost()
+        self._report_closed()
         published = []
         if self._unfinished:  # e.g. job.json could not be written: the disk was full
             self._unfinished = False
@@ -265,24 +283,57 @@ class Receiver:
                 raise
         return published + self.publish_stable()
 
+    def _report_closed(self, *, now: float | None = None) -> None:
+        """At most once per CLOSED_REPORT_SECONDS: one journal line for the connections
+        closed over the pending budget (a flood must not flood the journal too)."""
+        now = time.monotonic() if now is None else now
+        if now - self._closed_reported < CLOSED_REPORT_SECONDS:
+            return
+        closed = self._budget.closed_since_last()
+        if not closed:
+            return
+        self._closed_reported = now
+        total = sum(closed.values())
+        worst = sorted(closed.items(), key=lambda kv: -kv[1])[:10]
+        self.station.journal.emit(
+            Stage.RECEIVE, Event.CONNECTIONS_CLOSED, Status.WARNING,
+            f"closed {total} connection(s) that had sent no association request, over the "
+            f"budget (max_pending_connections {self._budget.total}, max_pending_per_host "
+            f"{self._budget.per_host}); most from {worst[0][0]}",
+            closed=total, by_host=dict(worst), best_effort=True)
+
     # -- association handling ----------------------------------------------------
+    def _on_accept(self, request: Any, client_address: Any) -> bool:
+        """A connection was accepted: it takes a place in the pending budget, which may
+        shut down the oldest pending ones (they had not associated); always served."""
+        host = str(client_address[0]) if client_address else "?"
+        for victim in self._budget.opened(request, host):
+            dicom_ae.shut(victim)
+        return True
+
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
+        self._budget.done(dicom_ae.socket_of(assoc))
         prim = assoc.requestor.primitive
         calling = _ae_text(prim.calling_ae_title)
         called = _ae_text(prim.called_ae_title)
         peer, peer_port = dicom_ae.peer_of(assoc)
         conn = Connection(calling, called, peer, peer_port)
         reason, diagnostic = self._refusal(conn)
-        if reason is not None:
-            self.station.journal.emit(
-                Stage.RECEIVE, Event.ASSOCIATION_REFUSED, Status.WARNING,
-                f"refused association from {calling}@{peer} to {called}: {reason}",
-                **conn.as_dict(), reason=reason, best_effort=True)
-            assoc.acse.send_reject(0x01, 0x01, diagnostic)
-            return
-        with self._lock:
-            self._conns[id(assoc)] = conn
+        result, source = 0x01, 0x01  # rejected permanent, by the service user
+        if reason is None:
+            with self._lock:
+                if len(self._conns) < self.cfg.max_associations:
+                    self._conns[id(assoc)] = conn
+                    return
+            reason = f"max_associations ({self.cfg.max_associations}) are open"
+            # transient, by the service provider (presentation): local limit exceeded
+            result, source, diagnostic = 0x02, 0x03, 0x02
+        self.station.journal.emit(
+            Stage.RECEIVE, Event.ASSOCIATION_REFUSED, Status.WARNING,
+            f"refused association from {calling}@{peer} to {called}: {reason}",
+            **conn.as_dict(), reason=reason, best_effort=True)
+        dicom_ae.reject(assoc, result, source, diagnostic)
 
     def _refusal(self, conn: Connection) -> tuple[str | None, int]:
         cfg = self.cfg
@@ -304,6 +355,9 @@ class Receiver:
         return None, 0
 
     def _on_close(self, event: Any) -> None:
+        sock = dicom_ae.socket_of(event.assoc)
+        if sock is not None:  # else closed: the budget forgets it by itself
+            self._budget.done(sock)
         scp.discard_partial(event.assoc)  # a data set cut off on pynetdicom's path
         key = id(event.assoc)
         now = time.monotonic()

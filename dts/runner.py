@@ -24,6 +24,9 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import pydicom
+from pydicom.errors import InvalidDicomError
+
 from . import worker
 from .config import Stream
 from .dicom.uid import valid_uid
@@ -42,6 +45,7 @@ from .executors import (
 from .jobrecord import JobRecord, RunInfo, RunningInfo, ViolationEntry
 from .journal import Event, Stage, Status
 from .provenance import register_produced
+from .results import InvalidResults, describe, read_results
 from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
 from .station import Station
 from .validate import InputFacts, InvalidOutput, check_output
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 
 VIEW_DIR = "view"            # <job>/view: what the processing sees as /input
 TASK_FILE = "task.json"
+ROR_DATA = "/data"           # the ror contract: the view is /data, descr.json in it
+ROR_DESCR = "descr.json"
 WHOLE_STUDY = "study"        # selection name when a stream selects nothing (whole study)
 _SELECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -88,11 +94,15 @@ def selection_of(job: Job, data: JobRecord) -> dict[str, list[str]]:
 
 
 def build_view(job: Job, data: JobRecord, stream: Stream) -> Path:
-    """Create ``<job>/view`` by hard links (never byte copies) and write task.json."""
+    """Create ``<job>/view`` by hard links (never byte copies) and write task.json (the
+    ``ror`` contract: the predecessor's ``/data`` layout instead, ``build_ror_view``)."""
     view = job.path / VIEW_DIR
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir()
     selection = selection_of(job, data)
+    if stream.contract == "ror":
+        build_ror_view(job, view, selection, stream)
+        return view
     files: dict[str, dict[str, list[str]]] = {}
     for name, series_uids in selection.items():
         files[name] = {}
@@ -125,6 +135,96 @@ def build_view(job: Job, data: JobRecord, stream: Stream) -> Path:
     }
     (view / TASK_FILE).write_bytes(dump_json(task))
     return view
+
+
+# DICOM attributes ror's descr.json carries per series (Description in ror.go), read from
+# the series' first instance
+_DESCR_KEYS = ("SeriesDescription", "Modality", "PatientID", "PatientName", "SequenceName",
+               "StudyDate", "StudyTime", "SeriesTime", "SeriesNumber", "ReferringPhysicianName")
+
+
+def _path_part(text: str) -> str:
+    """One folder name of input_view_dicom_series/ (ror replaces only "/"; ".." and NUL
+    could leave the view)."""
+    text = text.replace("/", "_").replace("\0", "_")
+    return "_" if text in (".", "..") else text
+
+
+def _header(path: Path) -> dict[str, str]:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_DESCR_KEYS)
+                             + ["StudyInstanceUID"])
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise JobFailed(f"{path.name}: not a readable DICOM file: {exc}") from None
+    return {k: str(ds.get(k, "") or "") for k in (*_DESCR_KEYS, "StudyInstanceUID")}
+
+
+def build_ror_view(job: Job, view: Path, selection: dict[str, list[str]],
+                   stream: Stream) -> None:
+    """The ``/data`` folder ``ror trigger`` gave a container (ror.go ``copyFiles``):
+
+    - ``input/<Modality>_<NNNNNN>.dcm``: every selected file, numbered from 0 over the
+      series in selection order (hard links here, copies in ror);
+    - ``input_view_dicom_series/<PatientID>_<PatientName>/<StudyDate>_<StudyTime>/
+      <SeriesNumber>_<SeriesDescription>/<same name>``: relative symbolic links to them;
+    - ``descr.json``: one entry per selected series, with ``NameFromSelect`` the name
+      the select statement gave it.
+    """
+    inp = view / "input"
+    inp.mkdir()
+    sorted_root = view / "input_view_dicom_series"
+    study_doc = _study_document(job)
+    types = {str(s.get("SeriesInstanceUID")): list(s.get("ClassifyType") or [])
+             for s in study_doc.get("series", []) if isinstance(s, dict)}
+    counter = 0
+    linked: dict[str, tuple[int, str]] = {}  # series -> (files, its view path)
+    descr: list[dict[str, Any]] = []
+    for name, series_uids in selection.items():
+        for uid in series_uids:
+            src = job.input_dir / uid
+            names = sorted(f.name for f in src.iterdir() if f.is_file()) if src.is_dir() else []
+            if not names:
+                raise JobFailed(f"selected series {uid} ({name}) has no instances in input/")
+            head = _header(src / names[0])
+            if uid not in linked:
+                folder = (sorted_root / _path_part(f"{head['PatientID']}_{head['PatientName']}")
+                          / _path_part(f"{head['StudyDate']}_{head['StudyTime']}")
+                          / _path_part(f"{head['SeriesNumber']}_{head['SeriesDescription']}"))
+                folder.mkdir(parents=True, exist_ok=True)
+                for f in names:
+                    fname = f"{counter:06d}.dcm"
+                    if head["Modality"]:
+                        fname = f"{head['Modality']}_{fname}"
+                    fname = _path_part(fname)
+                    counter += 1
+                    os.link(src / f, inp / fname)
+                    if stream.user:
+                        _readable(inp / fname)
+                    os.symlink(os.path.relpath(inp / fname, folder), folder / fname)
+                linked[uid] = (len(names), str(folder.relative_to(view)))
+            files, view_path = linked[uid]
+            descr.append({
+                "NameFromSelect": name, "SeriesInstanceUID": uid,
+                "SeriesDescription": head["SeriesDescription"],
+                "StudyInstanceUID": head["StudyInstanceUID"], "NumFiles": files,
+                "Modality": head["Modality"], "PatientID": head["PatientID"],
+                "PatientName": head["PatientName"], "SequenceName": head["SequenceName"],
+                "StudyDate": head["StudyDate"], "StudyTime": head["StudyTime"],
+                "SeriesTime": head["SeriesTime"], "SeriesNumber": head["SeriesNumber"],
+                "ReferringPhysician": head["ReferringPhysicianName"],
+                "ProcessDataPath": ROR_DATA, "ClassifyTypes": types.get(uid, []),
+                "InputViewDICOMSeriesPath": view_path})
+    (view / ROR_DESCR).write_text(json.dumps(descr, indent=2))
+
+
+def _study_document(job: Job) -> dict[str, Any]:
+    try:
+        doc = json.loads((job.path / "study.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise JobFailed(f"study.json is not valid JSON: {exc}") from None
+    return doc if isinstance(doc, dict) else {}
 
 
 def _readable(path: Path) -> None:
@@ -234,6 +334,10 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     if checked.empty and stream.expect_output:
         return _fail(station, claim, "no-output", "the processing wrote nothing to its output "
                      "(set expect_output = false in the stream if that can be right)", run=run)
+    try:
+        results = read_results(job.output_dir, stream.contract)
+    except InvalidResults as exc:
+        return _fail(station, claim, "invalid-results", str(exc), run=run)
     _sync_tree(job.output_dir)  # the processing wrote without fsync; the sender relies on it
     # Registered before the results can leave, so that our own objects coming back from
     # a PACS are always recognised.
@@ -243,7 +347,13 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
         data.pop(key, None)
     data.update({"run": run, "outputs": [o.as_dict() for o in checked.dicom],
                  "other_files": checked.other})
+    data.pop("results", None)
+    if results:
+        data["results"] = results
     job.write(data)
+    for entry in results:
+        station.journal.emit(Stage.RUN, Event.RESULT, Status.INFO, describe(entry), job=job,
+                             job_data=data, result=dict(entry))
     station.journal.emit(Stage.RUN, Event.FINISHED, Status.OK,
                          f"{len(checked.dicom)} DICOM object(s), {len(checked.other)} other "
                          f"file(s) in {result.duration:.1f} s", job=job, job_data=data,
@@ -277,6 +387,7 @@ def _fail(station: Station, claim: Claim, reason: str, message: str,
     tail = log_tail(job.logs_dir) if run is not None else ""
     data = job.read()
     data.pop("running", None)
+    data.pop("results", None)  # an earlier run's values do not stand for a failed one
     data["error"] = message + (f"\n--- last lines of the log ---\n{tail}" if tail else "")
     data["failure"] = {"stage": "run", "reason": reason, "message": message, "log_tail": tail,
                        "time": isotime()}

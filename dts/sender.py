@@ -17,6 +17,7 @@ instances concerned, and the job ends in ``failed/`` naming them.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ from pathlib import Path
 from . import worker
 from .config import Config, Destination, StationConfig, valid_ae_title
 from .dicom import ae as dicom_ae
+from .dicom.header import read_attributes
 from .dicom.store import (
     Delivery,
     Item,
@@ -90,6 +92,31 @@ def job_items(job: Job, data: JobRecord) -> list[Item]:
             items.append(found)
     return items
 
+def apply_filter(dest: Destination, items: list[Item]) -> tuple[list[Item], list[str]]:
+    """The objects that go to ``dest`` and the SOP Instance UIDs its ``filter`` keeps out.
+
+    An object matches a filter table when every attribute the table names is present
+    and its value (text; several values joined by ``\\``) matches the glob pattern
+    (``fnmatch``, case-sensitive); a missing attribute matches no pattern, not even
+    ``"*"``. With several tables, one matching table is enough. No filter: everything."""
+    if not dest.filter:
+        return items, []
+    keywords = sorted({k for table in dest.filter for k in table})
+    keep: list[Item] = []
+    skipped: list[str] = []
+    for it in items:
+        try:
+            attrs = read_attributes(it.path, keywords)
+        except ValueError as exc:
+            raise JobFailed(f"destination {dest.name}: filter: {exc}") from None
+        if any(all(k in attrs and fnmatch.fnmatchcase(attrs[k], pattern)
+                   for k, pattern in table.items()) for table in dest.filter):
+            keep.append(it)
+        else:
+            skipped.append(it.sop_uid)
+    return keep, skipped
+
+
 # -- folder delivery ----------------------------------------------------------------------------
 
 def _copy_durably(src: Path, dest: Path) -> None:
@@ -129,11 +156,12 @@ def deliver_to_folder(folder: Path, name: str, files: list[tuple[Path, Path]]) -
     return final
 
 
-def _output_files(job: Job) -> list[tuple[Path, Path]]:
+def _output_files(job: Job, leave_out: set[Path] | None = None) -> list[tuple[Path, Path]]:
     root = job.output_dir
     if not root.is_dir():
         return []
-    return [(f, f.relative_to(root)) for f in collect_files([root])]
+    return [(f, f.relative_to(root)) for f in collect_files([root])
+            if not leave_out or f.resolve() not in leave_out]
 
 
 # -- resolving destinations ---------------------------------------------------------------------
@@ -290,8 +318,10 @@ def _send_dicom(station: Station, job: Job, data: JobRecord, dest: Destination,
 def _send_folder(station: Station, job: Job, data: JobRecord, dest: Destination,
                  state: DestinationState, items: list[Item]) -> SendStatus:
     assert dest.folder is not None
+    skipped = set(state.get("skipped", []))
+    leave_out = {it.path.resolve() for it in job_items(job, data) if it.sop_uid in skipped}
     try:
-        final = deliver_to_folder(dest.folder, job.id, _output_files(job))
+        final = deliver_to_folder(dest.folder, job.id, _output_files(job, leave_out))
     except OSError as exc:
         state["error"] = f"cannot write to {dest.folder}: {exc.strerror or exc}"
         return "retry"
@@ -341,8 +371,19 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
             state["via"] = SENDER
         if state.get("status") in ("done", "failed"):
             continue
+        try:
+            wanted, skipped = apply_filter(dest, items)
+        except JobFailed as exc:
+            return _fail(station, claim, data, str(exc))
+        if dest.filter:
+            state["skipped"] = skipped
+        if skipped:
+            journal.emit(Stage.SEND, Event.FILTERED, Status.INFO,
+                         f"{len(skipped)} of {len(items)} object(s) kept from {dest.name} by "
+                         "its filter", job=job, job_data=data, destination=dest.name,
+                         count=len(skipped))
         send = _send_folder if dest.is_folder else _send_dicom
-        state["status"] = send(station, job, data, dest, state, items)
+        state["status"] = send(station, job, data, dest, state, wanted)
         job.write(data)
     return _decide(station, claim, data, handled)
 

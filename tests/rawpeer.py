@@ -41,10 +41,12 @@ def associate_rq(called: str, calling: str, abstract: tuple[str, ...] = (CT_IMAG
 
 
 class RawPeer:
-    """One connection to ``port`` on 127.0.0.1; every read has a deadline."""
+    """One connection to ``port`` on 127.0.0.1 (from ``source``, another loopback address
+    when a test needs a second peer host); every read has a deadline."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, source: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.timeout = timeout
 
     def close(self) -> None:

@@ -10,9 +10,12 @@ The last test turns it round: a peer that answers dts's C-STORE with such a head
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from tests.helpers import (
     STORESCU,
     free_port,
     make_instance,
+    make_study,
+    run_dts,
     start_dts,
     station_config,
     stop_process,
@@ -63,13 +68,13 @@ class Receiver:
 def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(**station: Any) -> Receiver:
+    def start(station_text: str = "", command: str = "receive", **station: Any) -> Receiver:
         port = free_port()
         config = station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
                                                    "port": port, "stable_seconds": 1,
-                                                   **station})
+                                                   **station}, station_text=station_text)
         log = tmp_path / f"receiver-{len(procs)}.log"
-        proc = start_dts("receive", config=config, log=log)
+        proc = start_dts(command, config=config, log=log)
         procs.append(proc)
         wait_port(port, 30)
         assert proc.poll() is None, log.read_text()
@@ -232,6 +237,28 @@ def test_half_an_association_request_is_closed_after_the_network_timeout(
 
 
 @pytest.mark.peers
+def test_a_trickled_association_request_is_closed_after_the_network_timeout(
+        start_receiver: Any, tmp_path: Path) -> None:
+    """A byte at a time, each well within the timeout: the request as a whole must come
+    within network_timeout of the connection."""
+    rx = start_receiver(network_timeout=f"{TIMEOUT:g}s")
+    peer = RawPeer(rx.port)
+    start = time.monotonic()
+    rq = associate_rq("DTS", "HOSTILE")
+    try:
+        for byte in rq[:-1]:
+            peer.send(bytes([byte]))
+            if not _open(peer):
+                break
+            assert time.monotonic() - start < CLOSED_WITHIN, "still open"
+            time.sleep(TIMEOUT / 4)
+    except OSError:
+        pass  # closed while sending: what is wanted
+    assert _closed_in_time(peer, start) < CLOSED_WITHIN
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
 def test_a_silent_connection_is_closed_after_the_network_timeout(
         start_receiver: Any, tmp_path: Path) -> None:
     """Not after pynetdicom's 30-s ACSE default: nothing sent, not even a header."""
@@ -277,11 +304,14 @@ def test_half_a_p_data_on_the_fast_path_is_closed_after_the_network_timeout(
 
 
 @pytest.mark.peers
+@pytest.mark.parametrize("command", ["receive", "watch"])
 def test_sigterm_ends_the_receiver_whatever_its_peers_do(start_receiver: Any,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, command: str) -> None:
     """Half a request, half a PDU on either path, a silent connection and an idle
-    association are all open when SIGTERM comes: dts receive exits 0 within a bound."""
-    rx = start_receiver(network_timeout="10s")  # receive's grace: established ones may end
+    association are all open when SIGTERM comes: dts receive and dts watch exit 0 within
+    a bound."""
+    # network_timeout: the receiver's grace, established associations may end
+    rx = start_receiver(network_timeout="10s", command=command)
     peers = [RawPeer(rx.port) for _ in range(5)]
     rq = associate_rq("DTS", "HOSTILE")
     peers[0].send(rq[:len(rq) // 2])
@@ -303,7 +333,7 @@ def test_sigterm_ends_the_receiver_whatever_its_peers_do(start_receiver: Any,
         code = rx.proc.wait(16)
     except subprocess.TimeoutExpired:
         rx.proc.kill()
-        raise AssertionError("dts receive did not exit after SIGTERM") from None
+        raise AssertionError(f"dts {command} did not exit after SIGTERM") from None
     finally:
         for peer in peers:
             peer.close()
@@ -459,3 +489,274 @@ def test_a_cut_off_data_set_leaves_nothing_in_tmp(start_receiver: Any, tmp_path:
              what="the cut-off data set removed from tmp/")
     _serves_real_peers(rx, tmp_path)
     assert rx.proc.poll() is None
+
+
+# -- no lock-out ---------------------------------------------------------------------
+# Connections that have not sent a valid A-ASSOCIATE-RQ do not count against
+# max_associations; they have a budget per address and in total, oldest closed first.
+FLOOD = "127.0.0.2"  # the flooding peer's address; real peers come from 127.0.0.1
+
+
+def _events(tmp_path: Path, event: str) -> list[dict[str, Any]]:
+    return [rec for f in sorted((tmp_path / "spool" / "log").glob("*.jsonl"))
+            for rec in map(json.loads, f.read_text().splitlines()) if rec["event"] == event]
+
+
+def _fds(rx: Receiver) -> int:
+    return len(list(Path(f"/proc/{rx.proc.pid}/fd").iterdir()))
+
+
+def _threads(rx: Receiver) -> int:
+    for line in Path(f"/proc/{rx.proc.pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads")
+
+
+def _open(peer: RawPeer) -> bool:
+    """True while the receiver keeps ``peer``'s connection open: no end of stream in what
+    it sent (a closed one may have sent an A-ABORT first, read and dropped here)."""
+    peer.sock.setblocking(False)
+    try:
+        while peer.sock.recv(4096):
+            pass
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        peer.sock.setblocking(True)
+        peer.sock.settimeout(peer.timeout)
+
+
+@pytest.mark.peers
+def test_idle_connections_do_not_lock_out_real_peers(start_receiver: Any,
+                                                     tmp_path: Path) -> None:
+    """20 silent connections from one address, max_associations = 4: echoscu and storescu
+    from another address are served at once, and the flood keeps only its newest
+    max_pending_per_host connections."""
+    rx = start_receiver(network_timeout="60s", max_associations=4, max_pending_per_host=3)
+    flood = []
+    for _ in range(20):
+        flood.append(RawPeer(rx.port, source=FLOOD))
+        time.sleep(0.02)  # in order: the oldest are closed first
+    try:
+        _serves_real_peers(rx, tmp_path)
+        state: list[bool] = []
+
+        def cut_to_budget() -> bool:
+            state[:] = [_open(p) for p in flood]
+            return sum(state) == 3
+        wait_for(cut_to_budget, 10, what="three flooding connections left open")
+        assert state == [False] * 17 + [True] * 3, "not the oldest closed first"
+        # a journal line says so (one per minute at most, whatever the flood)
+        (closed,) = wait_for(lambda: _events(tmp_path, "connections-closed"), 5,
+                             what="the connections-closed event")
+        assert closed["status"] == "warning" and FLOOD in closed["by_host"]
+        assert 1 <= closed["closed"] <= 17
+    finally:
+        for peer in flood:
+            peer.close()
+
+
+@pytest.mark.peers
+def test_max_associations_still_bounds_established_associations(
+        start_receiver: Any, tmp_path: Path) -> None:
+    rx = start_receiver(network_timeout="60s", max_associations=2)
+    held = [RawPeer(rx.port) for _ in range(3)]
+    try:
+        held[0].associate()
+        held[1].associate()
+        held[2].send(associate_rq("DTS", "THIRD"))
+        pdu_type, body = held[2].read_pdu()
+        assert pdu_type == wire.A_ASSOCIATE_RJ
+        assert body[1:4] == bytes([0x02, 0x03, 0x02])  # transient, local limit exceeded
+        held[0].send(wire.PDU_HEADER.pack(wire.A_RELEASE_RQ, 0, 4) + bytes(4))
+        assert held[0].read_pdu()[0] == wire.A_RELEASE_RP
+        held[0].close()
+        wait_for(lambda: subprocess.run(
+            [ECHOSCU, "-aet", "PACS", "-aec", "DTS", "127.0.0.1", str(rx.port)],
+            capture_output=True, timeout=30, check=False).returncode == 0, 10,
+            what="an association once one was released")
+    finally:
+        for peer in held:
+            peer.close()
+
+
+@pytest.mark.peers
+def test_a_flood_from_many_addresses_spares_the_one_with_few(start_receiver: Any,
+                                                             tmp_path: Path) -> None:
+    """The total budget is exhausted by two flooding addresses: the one with the most
+    pending connections loses its oldest; a single pending connection from a third
+    address is never the one closed."""
+    rx = start_receiver(network_timeout="60s", max_pending_per_host=8,
+                        max_pending_connections=10)
+    lone = RawPeer(rx.port, source="127.0.0.4")
+    time.sleep(0.05)
+    flood = []
+    try:
+        for i in range(30):
+            flood.append(RawPeer(rx.port, source="127.0.0.2" if i % 2 else "127.0.0.3"))
+            time.sleep(0.01)
+        wait_for(lambda: sum(_open(p) for p in flood) <= 9, 10,
+                 what="the flood cut to the total budget")
+        assert _open(lone)
+        lone.send(associate_rq("DTS", "LONE"))
+        assert lone.read_pdu()[0] == wire.A_ASSOCIATE_AC
+    finally:
+        lone.close()
+        for peer in flood:
+            peer.close()
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_a_burst_of_200_connections_does_not_keep_a_study_out(start_receiver: Any,
+                                                               tmp_path: Path) -> None:
+    """200 connections in a burst from one address (silent, half a request, closed at
+    once) while dcmtk storescu sends a study from another: the study arrives whole, and
+    the receiver's descriptors and threads return to their idle level."""
+    rx = start_receiver(network_timeout="3s")
+    study = make_study(tmp_path / "exam", n_series=2, per_series=20)
+    files = sorted(str(p) for p in study["folder"].rglob("*.dcm"))
+    idle_fds, idle_threads = _fds(rx), _threads(rx)
+    rq = associate_rq("DTS", "HOSTILE")
+    flood: list[RawPeer] = []
+    errors: list[OSError] = []
+
+    def burst(count: int) -> None:
+        try:
+            for i in range(count):
+                peer = RawPeer(rx.port, source=FLOOD)
+                if i % 3 == 1:
+                    peer.send(rq[:len(rq) // 2])
+                elif i % 3 == 2:
+                    peer.close()
+                    continue
+                flood.append(peer)
+        except OSError as exc:  # reported by the main thread
+            errors.append(exc)
+
+    burst(100)  # open before the study comes, and 100 more while it comes
+    assert not errors, errors
+    flooder = threading.Thread(target=burst, args=(100,))
+    flooder.start()
+    try:
+        store = subprocess.run([STORESCU, "-aet", "PACS", "-aec", "DTS", "127.0.0.1",
+                                str(rx.port), *files],
+                               capture_output=True, text=True, timeout=60, check=False)
+        flooder.join(60)
+        assert not flooder.is_alive() and not errors, errors
+        assert store.returncode == 0, store.stderr
+        job = wait_for(lambda: list((tmp_path / "spool" / "classify" / "new").iterdir()), 20,
+                       what="the study published")
+        assert len(job) == 1
+        received = list((job[0] / "input").rglob("*.dcm"))
+        assert len(received) == len(files)
+    finally:
+        for peer in flood:
+            peer.close()
+    wait_for(lambda: _fds(rx) <= idle_fds + 2 and _threads(rx) <= idle_threads + 2, 15,
+             what=f"descriptors and threads back to idle ({idle_fds}, {idle_threads})")
+    _serves_real_peers(rx, tmp_path)
+
+
+@pytest.mark.peers
+def test_a_silent_connection_does_not_block_a_tls_station(start_receiver: Any,
+                                                          tmp_path: Path) -> None:
+    """The TLS handshake happens on the connection's own thread with a deadline, not on
+    the one that accepts: a peer that connects and sends nothing delays nobody."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    rx = start_receiver(network_timeout=f"{TIMEOUT:g}s", station_text=(
+        f'[station.tls]\ncertificate = "{cert}"\nprivate_key = "{key}"'))
+    silent = RawPeer(rx.port, source=FLOOD)
+    try:
+        done = run_dts("echo", config=tmp_path / "dts.toml")
+        assert done.returncode == 0, done.stderr
+        assert _closed_in_time(silent, time.monotonic()) < CLOSED_WITHIN
+    finally:
+        silent.close()
+
+
+# -- the requestor side: dts echo and dts send against a peer that stops halfway --------
+
+class HalfAnswer:
+    """A listening "SCP" that reads an A-ASSOCIATE-RQ and answers with the first bytes
+    of an A-ASSOCIATE-AC only, then holds the connection open and silent."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.listener.settimeout(30)
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.held.append(conn)
+        conn.settimeout(30)
+        head = conn.recv(wire.PDU_HEADER_LEN, socket.MSG_WAITALL)
+        if len(head) == wire.PDU_HEADER_LEN:
+            conn.recv(wire.pdu_header(head)[1], socket.MSG_WAITALL)
+            conn.sendall(wire.PDU_HEADER.pack(wire.A_ASSOCIATE_AC, 0, 200) + bytes(20))
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.mark.peers
+def test_dts_echo_gives_up_on_a_peer_silent_mid_answer(tmp_path: Path) -> None:
+    config = station_config(tmp_path, station={"network_timeout": f"{TIMEOUT:g}s"})
+    peer = HalfAnswer()
+    try:
+        start = time.monotonic()
+        done = run_dts("echo", f"127.0.0.1:{peer.port}", "--timeout", f"{TIMEOUT:g}",
+                       config=config, timeout=30)
+        took = time.monotonic() - start
+    finally:
+        peer.close()
+    assert done.returncode == 75, done.stderr
+    assert took < TIMEOUT + 10, took
+
+
+@pytest.mark.peers
+def test_dts_send_gives_up_on_a_peer_silent_mid_response(tmp_path: Path) -> None:
+    """A real association, then half a C-STORE response and silence: dts send ends
+    the try as a lost connection within network_timeout (exit 75), nothing marked sent."""
+    release = threading.Event()
+
+    def half_response(event: Any) -> int:
+        event.assoc.dul.socket.socket.sendall(
+            struct.pack(">BBI", wire.P_DATA_TF, 0, 200) + bytes(20))
+        release.wait(30)
+        return 0
+
+    scp_ae = pynetdicom.AE(ae_title="HOSTILE")
+    scp_ae.add_supported_context(CT_IMAGE, pynetdicom.ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp_ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, half_response)])
+    assert server is not None
+    config = station_config(tmp_path, station={"network_timeout": f"{TIMEOUT:g}s",
+                                               "dimse_timeout": "60s"})
+    try:
+        start = time.monotonic()
+        done = run_dts("send", "--to", f"127.0.0.1:{port}", "--ae-title", "HOSTILE",
+                       str(_instance(tmp_path)), config=config, timeout=60)
+        took = time.monotonic() - start
+    finally:
+        release.set()
+        server.shutdown()
+    assert done.returncode == 75, done.stderr
+    assert took < TIMEOUT + 10, took

@@ -17,6 +17,7 @@ from dts.journal import EventFilter
 from dts.metrics import render
 from dts.station import Station
 from tests.helpers import make_study, run_dts, station_config
+from tests.plugins.database import PostgresServer
 
 
 def _config(tmp_path: Path, command: list[str] | None = None) -> Path:
@@ -234,3 +235,30 @@ def test_no_patient_name_in_the_index(tmp_path: Path, station: Station) -> None:
     dump = "\n".join(db.iterdump())
     assert "Doe^Jane" not in dump and "Doe" not in dump
     assert "PAT001" in dump  # the patient ID is there, for the search
+
+
+def test_the_index_in_postgresql_when_journal_url_is_set(tmp_path: Path,
+                                                        postgres: PostgresServer) -> None:
+    """[journal] url: the same tables in the journal database, beside dts_events."""
+    url = postgres.create_database("index")
+    config = station_config(
+        tmp_path, station={"ae_title": "DTS", "stable_seconds": 1},
+        destinations=[{"name": "reports", "folder": str(tmp_path / "reports")}],
+        streams=[{"name": "stats", "command": ["{python}", "-m",
+                                               "dts.examples.series_statistics", "{input}",
+                                               "{output}"], "destinations": ["reports"]}],
+        tail=f'[journal]\nurl = "{url}"\n')
+    station = Station.open(config)
+    study = _study(tmp_path, "pg", accession="ACC-PG")
+    _pipeline(config, study["folder"])
+    index = Index(station)
+    assert not index.embedded and not index_path(station).exists()
+    index.sync()
+    (row,) = index.exams(ExamQuery(text="ACC-PG")).rows
+    assert row["status"] == "done" and row["study_uid"] == study["study_uid"]
+    assert index.exams(ExamQuery(stream="stats", status="done")).total == 1
+    assert postgres.query("index", "select count(*) from dts_exams") == [["1"]]
+    tl = index.timeline(study["study_uid"])
+    assert tl is not None and [e for e in tl["entries"] if e["event"] == "sent"]
+    body, _ = render(station, index)
+    assert b"dts_studies_received_total 1.0" in body

@@ -303,14 +303,18 @@ def test_called_ae_and_allow_lists_refuse_with_event(start_receiver: Any) -> Non
     rx = start_receiver(station='check_called_ae = true\nallowed_calling_ae = ["PACS", "MOD"]',
                         extra=STREAM)
 
-    def echo(aet: str, aec: str) -> int:
-        return subprocess.run([ECHOSCU, "-aet", aet, "-aec", aec, "127.0.0.1", str(rx.port)],
-                              capture_output=True, timeout=30, check=False).returncode
+    def echo(aet: str, aec: str) -> tuple[int, str]:
+        done = subprocess.run([ECHOSCU, "-aet", aet, "-aec", aec, "127.0.0.1", str(rx.port)],
+                              capture_output=True, text=True, timeout=30, check=False)
+        return done.returncode, done.stderr
 
-    assert echo("PACS", "DTS") == 0
-    assert echo("MOD", "AICORE1") == 0
-    assert echo("PACS", "WRONG") != 0
-    assert echo("STRANGER", "DTS") != 0
+    assert echo("PACS", "DTS")[0] == 0
+    assert echo("MOD", "AICORE1")[0] == 0
+    # The peer is told why (an A-ASSOCIATE-RJ, not a closed connection).
+    code, err = echo("PACS", "WRONG")
+    assert code != 0 and "Called AE Title Not Recognized" in err, err
+    code, err = echo("STRANGER", "DTS")
+    assert code != 0 and "Calling AE Title Not Recognized" in err, err
     refused = rx.events("association-refused")
     assert len(refused) == 2
     assert {(e["calling_ae"], e["called_ae"]) for e in refused} == {("PACS", "WRONG"),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 import tomli_w
 
 from .. import config as config_mod
+from .. import legacy
 from . import StationContext, pass_ctx
-from .common import json_option
+from .common import json_option, print_json
 
 
 @click.group(name="config")
@@ -20,6 +22,7 @@ def command() -> None:
     Example:
       dts config check /etc/dts/dts.toml.new && systemctl restart dts-watch
       dts config show --json | jq .station.spool
+      dts config import-legacy /opt/dts-old/configuration --out /etc/dts
     """
 
 
@@ -62,3 +65,55 @@ def show(ctx: StationContext, as_json: bool) -> None:
         return
     click.echo(f"# the effective configuration of {cfg.path}")
     click.echo(tomli_w.dumps(data), nl=False)
+
+
+@command.command(name="import-legacy")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write dts.toml and classifyRules.json into.")
+@click.option("--force", is_flag=True, help="Replace dts.toml/classifyRules.json if they exist.")
+@json_option
+def import_legacy(folder: str, out_dir: str, force: bool, as_json: bool) -> None:
+    """Translate the data transfer station's config.json, select_statements.json and
+    classifyRules.json in FOLDER into a dts.toml (the rule file is copied unchanged).
+
+    Prints, for every legacy key, the dts key it became or why it was not carried over.
+    Exit 0 when everything translated, 1 when a person must decide something (listed
+    last; such a stream is written disabled), 2 for unreadable input (file, line, key).
+
+    \b
+    Example:
+      dts config import-legacy /opt/dts-old/configuration --out /etc/dts
+      dts config check /etc/dts/dts.toml
+    """
+    translation = legacy.translate(folder)
+    written = legacy.write(translation, out_dir, force=force)
+    if as_json:
+        print_json({**translation.as_dict(), "written": [str(p) for p in written]})
+    else:
+        _print_report(translation.entries)
+        for p in written:
+            click.echo(f"wrote {p}", err=True)
+        for e in translation.decisions:
+            click.echo(f"to decide: {e.legacy}: {e.note}", err=True)
+    click.get_current_context().exit(translation.exit_code)
+
+
+def _print_report(entries: list[legacy.Entry]) -> None:
+    """A table on a terminal; otherwise two lines per key (legacy -> dts, then the note)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="legacy configuration -> dts", title_justify="left")
+        for col in ("legacy", "dts", "note"):
+            table.add_column(col, overflow="fold")
+        for e in entries:
+            table.add_row(e.legacy, e.dts or "-", ("[bold]DECIDE:[/] " if e.decide else "")
+                          + e.note.replace("[", "\\["))
+        Console().print(table)
+        return
+    for e in entries:
+        click.echo(f"{e.legacy}  ->  {e.dts or '(not carried over)'}")
+        if e.note:
+            click.echo(f"    {'DECIDE: ' if e.decide else ''}{e.note}")

@@ -235,12 +235,18 @@ def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DTS",
     return int(status.Status)
 
 
+def socket_of(assoc: Any) -> Any:
+    """The connected socket of ``assoc`` (an ``ssl.SSLSocket`` under TLS), None once
+    pynetdicom closed it."""
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
 def cut(assoc: Any) -> None:
     """Shut ``assoc``'s connection down at once, with an A-ABORT if the kernel takes it
     without waiting: a thread blocked reading from a peer that sends nothing returns
     (with nothing), so that pynetdicom can end the association (``abort()``) without
     waiting for that peer."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = socket_of(assoc)
     if sock is None:
         return
     if not isinstance(sock, ssl.SSLSocket):
@@ -248,8 +254,35 @@ def cut(assoc: Any) -> None:
             sock.send(wire.a_abort(0), socket.MSG_DONTWAIT)
         except OSError:
             pass
+    shut(sock)
+
+
+def shut(sock: Any) -> None:
+    """Shut a connection down both ways (its reader sees the end at once); the owner
+    still closes it."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    """Reject an association request from an ``EVT_REQUESTED`` handler, and wait until
+    the A-ASSOCIATE-RJ is out. pynetdicom closes the socket as soon as the handler
+    returns, often before its DUL thread sent the rejection, so the peer saw a closed
+    connection instead (no reason, no "transient"); this waits as pynetdicom does for
+    its own rejections (``kill`` returns once the DUL is idle, bounded by its ARTIM
+    timer, network_timeout)."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    assoc.kill()
+
+
+def widen_backlog(server: Any) -> None:
+    """Let the kernel queue as many connections as it allows (socketserver listens with
+    5): after a burst of connections, a real peer's SYN would be dropped and retried only
+    seconds later (1, 3, 7, 15 s ...), so that a station under a flood answered late."""
+    try:
+        server.socket.listen(socket.SOMAXCONN)
     except OSError:
         pass
 

@@ -147,3 +147,29 @@ def _skip_items(buf: bytes, pos: int, implicit: bool) -> int:
             pos += 8 + length
 
 
+
+
+def read_attributes(path: Path | str, keywords: list[str]) -> dict[str, str]:
+    """The values of the attributes ``keywords`` that a file has, as text: several
+    values joined by a backslash (as DICOM writes them), an attribute present but empty
+    as ``""``; an attribute the file lacks is not in the result. Pixel data is never
+    read. ValueError if the file is not DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
+    except (InvalidDicomError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable DICOM file: {exc}") from None
+    out: dict[str, str] = {}
+    for keyword in keywords:
+        if keyword not in ds:
+            continue
+        value = ds[keyword].value
+        if value is None:
+            out[keyword] = ""
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            out[keyword] = "\\".join(str(v) for v in value)
+        else:
+            out[keyword] = str(value)
+    return out

@@ -21,6 +21,10 @@ pynetdicom                              changed to
 ``AssociationSocket.recv``              replaced: large reads into place, QUICKACK re-armed,
                                         a PDU longer than accepted refused unread, a
                                         peer silent mid-PDU a closed connection
+``AssociationSocket.connect``           wrapped: a requestor's socket keeps a timeout,
+                                        ``network_timeout``, once connected
+``AssociationServer.get_request``       replaced: the TLS handshake is not made on the
+                                        accepting thread (it had no deadline)
 ``DULServiceProvider                    wrapped: under the receive lock
 ._is_transport_event``
 ``Association._serve_request``          wrapped: the SCP fast path takes over after it
@@ -146,6 +150,14 @@ INTERNALS: tuple[Internal, ...] = (
              source=("self._shutdown_socket()", 'self.event_queue.put("Evt17")'),
              params=("self",)),
     Internal("transport.AssociationSocket.ready", "QuietSocket overrides this property"),
+    Internal("transport.AssociationSocket.connect",
+             "wrapped: a connected requestor socket gets network_timeout (pynetdicom clears it)",
+             source=("self.socket.settimeout(None)", "self._is_connected = True"),
+             params=("self", "primitive")),
+    Internal("transport.AssociationServer.get_request",
+             "replaced: accepts, and wraps a TLS socket without its handshake",
+             source=("self.socket.accept()", "self.ssl_context.wrap_socket(",
+                     "server_side=True"), params=("self",)),
     Internal("dimse.DIMSEServiceProvider.receive_primitive",
              "the SCP fast path hands a request it does not serve to it",
              source=("self.message = None", "self.msg_queue.put("), params=("self", "primitive")),
@@ -287,6 +299,8 @@ REVIEWED: dict[str, str] = {
     "transport.AssociationSocket.recv": "6bc20a33b1b7cfe7",
     "transport.AssociationSocket.ready": "3eb58e3d39dc076d",
     "transport.AssociationSocket.close": "c726c8db53813d55",
+    "transport.AssociationServer.get_request": "925a4f3a3042f6e4",
+    "transport.AssociationSocket.connect": "aeeeae413bd339dc",
     "dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
     "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a76be",
     "dimse_primitives.DIMSEPrimitive._AffectedSOPInstanceUID": "9277bce0ad4d990f",
@@ -349,14 +363,28 @@ def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
     assert sock is not None
     self._dts_last_rx = time.monotonic()  # type: ignore[attr-defined]
     body = self.__dict__.pop("_dts_body", None)  # the header's length, when read last
+    # An accepted connection's first PDU (its A-ASSOCIATE-RQ) must be whole by this time
+    # however slowly it trickles in (set in __init__, dropped once that PDU is read).
+    deadline = self.__dict__.get("_dts_rq_deadline")
+    timeout = sock.gettimeout() if deadline is not None else None
     try:
-        data = wire.recv_exact(sock, nr_bytes, ack=True)
+        data = wire.recv_exact(sock, nr_bytes, ack=True, deadline=deadline)
     except TimeoutError:
-        # Silent mid-PDU for network_timeout (the socket's timeout, see __init__): the
-        # connection is as good as closed; pynetdicom is told so and closes it.
-        LOGGER.warning("%s sent nothing for %ss in the middle of a PDU: closing the "
-                       "connection", _peer(sock), sock.gettimeout())
+        # Silent mid-PDU for network_timeout (the socket's timeout, see __init__), or no
+        # whole request in time: the connection is as good as closed; pynetdicom is told
+        # so and closes it.
+        if deadline is not None and time.monotonic() >= deadline:
+            LOGGER.warning("%s sent no whole association request within %ss of "
+                           "connecting: closing the connection", _peer(sock), timeout)
+        else:
+            LOGGER.warning("%s sent nothing for %ss in the middle of a PDU: closing the "
+                           "connection", _peer(sock), sock.gettimeout())
         return bytearray()
+    finally:
+        if deadline is not None:
+            _restore_timeout(sock, timeout)
+    if body is not None and deadline is not None:
+        del self._dts_rq_deadline  # type: ignore[attr-defined]
     if body is None and nr_bytes == wire.PDU_HEADER_LEN == len(data):
         pdu_type, length = wire.pdu_header(data)
         if pdu_type in wire.PDU_TYPES:  # else pynetdicom reads no body
@@ -364,6 +392,13 @@ def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
                 return bytearray()
             self._dts_body = length  # type: ignore[attr-defined]
     return data
+
+
+def _restore_timeout(sock: Any, timeout: float | None) -> None:
+    try:
+        sock.settimeout(timeout)
+    except OSError:
+        pass  # closed meanwhile
 
 
 def _refuse(self: transport.AssociationSocket, sock: Any, pdu_type: int, length: int) -> bool:
@@ -414,9 +449,46 @@ def _patch_socket_init(original: Callable[..., None]) -> Callable[..., None]:
                     self.socket.settimeout(timeout)
                 except OSError:
                     pass
+                # ... and its A-ASSOCIATE-RQ must be whole within it of the accept, not
+                # only have no gap that long (a byte at a time held a place for ever).
+                self._dts_rq_deadline = time.monotonic() + timeout  # type: ignore
 
     __init__._dts_tuned = True  # type: ignore[attr-defined]
     return __init__
+
+
+def _patch_connect(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def connect(self: transport.AssociationSocket, primitive: Any) -> None:
+        original(self, primitive)
+        # pynetdicom clears the socket's timeout once connected: a peer that stopped
+        # halfway through a PDU (its A-ASSOCIATE-AC, a C-STORE response) held dts echo
+        # and dts send for ever. With network_timeout on it, such a read ends (``_recv``:
+        # as a closed connection) and the association with it.
+        timeout = getattr(self._assoc, "network_timeout", None)
+        if self._is_connected and self.socket is not None and timeout is not None:
+            try:
+                self.socket.settimeout(timeout)
+            except OSError:
+                pass
+
+    connect._dts_tuned = True  # type: ignore[attr-defined]
+    return connect
+
+
+def _get_request(self: transport.AssociationServer) -> tuple[Any, Any]:
+    """``AssociationServer.get_request`` without the TLS handshake. pynetdicom makes it
+    here, on the one thread that accepts every connection, with no deadline: a peer that
+    connected and sent nothing kept the station from accepting anyone else. The socket
+    is wrapped unshaken; the handshake happens with the connection's first read, on its
+    own thread, bounded by the socket's timeout and the ACSE timeout (network_timeout)."""
+    listening = self.socket
+    assert listening is not None
+    client, address = listening.accept()
+    if self.ssl_context:
+        client = self.ssl_context.wrap_socket(client, server_side=True,
+                                              do_handshake_on_connect=False)
+    return client, address
 
 
 def _serve_request(self: association.Association, msg: Any, context_id: int) -> None:
@@ -471,6 +543,8 @@ def tune() -> bool:
                 dul.DULServiceProvider._is_transport_event,
             "transport.AssociationSocket.recv": transport.AssociationSocket.recv,
             "transport.AssociationSocket.__init__": transport.AssociationSocket.__init__,
+            "transport.AssociationServer.get_request": transport.AssociationServer.get_request,
+            "transport.AssociationSocket.connect": transport.AssociationSocket.connect,
         })
         association.time = _ShortSleepTime(FAST_DELAY)  # type: ignore[assignment]
         dul.DULServiceProvider._run_loop_delay = property(  # type: ignore[assignment]
@@ -478,6 +552,9 @@ def tune() -> bool:
         transport.AssociationSocket.__init__ = _patch_socket_init(  # type: ignore[method-assign]
             transport.AssociationSocket.__init__)
         transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        transport.AssociationServer.get_request = _get_request  # type: ignore[method-assign]
+        transport.AssociationSocket.connect = _patch_connect(  # type: ignore[method-assign]
+            transport.AssociationSocket.connect)
         association.Association._serve_request = _serve_request  # type: ignore[method-assign]
         locked = takeover.locked_transport_event(dul.DULServiceProvider._is_transport_event)
         dul.DULServiceProvider._is_transport_event = locked  # type: ignore

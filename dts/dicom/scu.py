@@ -54,13 +54,15 @@ class Sender:
     """C-STORE requests and responses straight over an established association's socket
     (see the module docstring); ``held`` says whether the socket is ours."""
 
-    def __init__(self, assoc: Association, timeout: float) -> None:
+    def __init__(self, assoc: Association, timeout: float,
+                 gap: float | None = None) -> None:
         self.assoc = assoc
         self.sock: socket.socket | None = None
         self.max_pdu = int(assoc.acceptor.maximum_length or 0)
         self.local_max_pdu = int(assoc.requestor.maximum_length or 0)  # what we accept
         self.msg_id = 0
-        self.timeout = timeout
+        self.timeout = timeout  # for a response to start (the DIMSE timeout)
+        self.gap = timeout if gap is None else gap  # in one PDU (the network timeout)
         self.held = False
         self._next: tuple[tuple[str, int], bytearray] | None = None
 
@@ -174,7 +176,13 @@ class Sender:
             if limit is not None and length > limit:
                 raise ConnectionError(f"the peer announced {wire.pdu_name(pdu_type)} of "
                                       f"{length} bytes, more than the {limit} accepted")
-            body = wire.read_exact(self.sock, length, ack=True)
+            # A peer silent in the middle of its PDU is gone: network_timeout, not the
+            # DIMSE timeout (which is for the response to start).
+            self.sock.settimeout(self.gap)
+            try:
+                body = wire.read_exact(self.sock, length, ack=True)
+            finally:
+                self.sock.settimeout(self.timeout)
             if pdu_type != wire.P_DATA_TF:
                 raise ConnectionError(f"the peer sent {wire.pdu_name(pdu_type)} instead of a "
                                       "C-STORE response")

@@ -308,7 +308,7 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
             str(cx.transfer_syntax[0]), int(cx.context_id or 0))
     missing: list[Item] = []
     why_missing: str | None = None
-    with scu.Sender(assoc, net.dimse_timeout) as sender:
+    with scu.Sender(assoc, net.dimse_timeout, net.network_timeout) as sender:
         fast = sender if sender.held else None
         for i, item in enumerate(items):
             if not assoc.is_established:
@@ -323,8 +323,10 @@ def _store_on(assoc: Association, peer: Peer, items: list[Item], out: Delivery,
             except (scu.FileError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
                 status, why = None, ("unreadable", f"cannot be read and sent: {exc}")
             except TimeoutError:
-                missing, why_missing = items[i:], (f"{peer}: no C-STORE response within "
-                                                   f"{net.dimse_timeout:g}s")
+                missing, why_missing = items[i:], (f"{peer}: no whole C-STORE response "
+                                                   f"within {net.dimse_timeout:g}s, or "
+                                                   f"silent for {net.network_timeout:g}s "
+                                                   "inside one")
                 break
             except (OSError, RuntimeError) as exc:  # the connection went away
                 missing, why_missing = items[i:], f"{peer}: connection lost: {exc}"

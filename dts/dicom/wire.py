@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 Bytes = bytes | bytearray | memoryview
@@ -103,17 +104,21 @@ def set_nodelay(sock: socket.socket | None) -> None:
         pass
 
 
-def recv_exact(sock: socket.socket, n: int, *, ack: bool = False) -> bytearray:
+def recv_exact(sock: socket.socket, n: int, *, ack: bool = False,
+               deadline: float | None = None) -> bytearray:
     """``n`` bytes from ``sock``, read straight into place in large chunks; fewer only
     when the peer closed the connection. Memory grows with what arrived (chunks of
     ``RECV_CHUNK``, joined at the end), never with what ``n`` announces. ``ack``: re-arm
-    TCP_QUICKACK before each read (see ``quickack``)."""
+    TCP_QUICKACK before each read (see ``quickack``). ``deadline`` (time.monotonic()):
+    TimeoutError once it passed, however steadily bytes trickle in (the socket's own
+    timeout bounds only the wait for the next one; it is lowered to the time left and
+    not restored, which is the caller's to do)."""
     if n <= RECV_CHUNK:
-        return _fill(sock, bytearray(n), ack)
+        return _fill(sock, bytearray(n), ack, deadline)
     chunks: list[bytearray] = []
     got = 0
     while got < n:
-        chunk = _fill(sock, bytearray(min(n - got, RECV_CHUNK)), ack)
+        chunk = _fill(sock, bytearray(min(n - got, RECV_CHUNK)), ack, deadline)
         chunks.append(chunk)
         got += len(chunk)
         if len(chunk) < RECV_CHUNK and got < n:
@@ -121,13 +126,20 @@ def recv_exact(sock: socket.socket, n: int, *, ack: bool = False) -> bytearray:
     return bytearray().join(chunks)
 
 
-def _fill(sock: socket.socket, buf: bytearray, ack: bool) -> bytearray:
+def _fill(sock: socket.socket, buf: bytearray, ack: bool,
+          deadline: float | None = None) -> bytearray:
     """``buf`` filled from ``sock``; cut short where the peer closed the connection."""
     n = len(buf)
     view = memoryview(buf)
     got = 0
+    timeout = sock.gettimeout() if deadline is not None else None
     try:
         while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("deadline passed")
+                sock.settimeout(left if timeout is None else min(timeout, left))
             if ack:
                 quickack(sock)
             k = sock.recv_into(view[got:], n - got)
