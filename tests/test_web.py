@@ -20,8 +20,7 @@ from dts.web.app import create_app
 from dts.web.security import SESSION_COOKIE
 from dts.web.users import UserFile, check_password
 from tests.helpers import make_study, run_dts
-from tests.webhelpers import PASSWORDS, add_users, csrf_of, login, pipeline, two_exams, \
-    web_config
+from tests.webhelpers import PASSWORDS, add_users, csrf_of, login, pipeline, two_exams, web_config
 
 
 @pytest.fixture(scope="module")

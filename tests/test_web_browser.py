@@ -21,8 +21,15 @@ import pytest
 from dts.journal import EventFilter, read_events
 from dts.spool import Queue
 from dts.station import Station
-from tests.helpers import (STORESCU, free_port, make_study, start_dts, stop_process, wait_for,
-                           wait_port)
+from tests.helpers import (
+    STORESCU,
+    free_port,
+    make_study,
+    start_dts,
+    stop_process,
+    wait_for,
+    wait_port,
+)
 from tests.webhelpers import PASSWORDS, add_users, web_config
 
 pytestmark = pytest.mark.peers
@@ -78,7 +85,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                      patient_id=pid)
             sent = subprocess.run([STORESCU, "-aet", "PACS", "-aec", "DTS", "+sd", "+r",
                                    "127.0.0.1", str(dicom_port), str(folder / name)],
-                                  capture_output=True, text=True, timeout=60)
+                                  capture_output=True, text=True, timeout=60, check=False)
             assert sent.returncode == 0, sent.stderr
         yield {"url": f"http://127.0.0.1:{web_port}", "station": station, "proc": proc,
                "folder": folder, **exams}

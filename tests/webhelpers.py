@@ -30,8 +30,9 @@ def web_config(folder: Path, *, web: dict[str, Any] | None = None, **station: An
                               "{output}"], "timeout": "2m", "destinations": ["reports"],
                   "parameters": {"threshold": "300"}},
                  {"name": "broken", "when": "AccessionNumber == 'BAD1'",
-                  "command": ["{python}", "-c", "import sys; print('model exploded'); "
-                              "sys.exit(3)"], "timeout": "1m", "destinations": ["reports"]}],
+                  "command": ["{python}", "-c",
+                              "import sys; print('model exploded'); sys.exit(3)"],
+                  "timeout": "1m", "destinations": ["reports"]}],
         tail=tail)
 
 

@@ -32,8 +32,14 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
-from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse,
-                                 RedirectResponse, Response, StreamingResponse)
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -48,8 +54,7 @@ from ..spool import Job, parse_isotime, valid_job_id
 from ..station import Station
 from ..status import service_state
 from . import actions
-from .security import PRE_COOKIE, SESSION_COOKIE, Session, Sessions, Throttle, csrf_ok, \
-    session_key
+from .security import PRE_COOKIE, SESSION_COOKIE, Session, Sessions, Throttle, csrf_ok, session_key
 from .users import Role, User, UserFile
 
 log = logging.getLogger(__name__)
@@ -131,7 +136,7 @@ def _plain_json(value: Any) -> str:
 class Page:
     """One request as a handler sees it."""
 
-    web: "Web"
+    web: Web
     request: Request
     session: Session
     form: Mapping[str, Any] = field(default_factory=dict)

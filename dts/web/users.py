@@ -44,7 +44,7 @@ class Role(str, Enum):
     def rank(self) -> int:
         return list(Role).index(self)
 
-    def allows(self, needed: "Role") -> bool:
+    def allows(self, needed: Role) -> bool:
         return self.rank >= needed.rank
 
 
