@@ -45,6 +45,7 @@ def browser() -> Iterator[Any]:
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
+    offline = os.environ.get("SE_OFFLINE")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager: never fetch a browser or driver
     options = Options()
     options.binary_location = CHROMIUM
@@ -64,6 +65,10 @@ def browser() -> Iterator[Any]:
         driver.quit()
         if pid is not None and service.process is not None and service.process.poll() is None:
             service.process.kill()  # by its PID: quit() should have ended it
+        if offline is None:
+            os.environ.pop("SE_OFFLINE", None)
+        else:
+            os.environ["SE_OFFLINE"] = offline
 
 
 @pytest.fixture(scope="module")
