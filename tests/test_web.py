@@ -122,6 +122,9 @@ def test_a_viewer_sees_masked_patient_ids_no_button_and_a_forged_post_is_403(
                        headers={"X-CSRF-Token": csrf}).status_code == 403
     assert "PATBAD88" not in client.get(f"/api/jobs/{job}").text
     assert "effective" not in client.get("/api/config").json()
+    # nor finds an exam by a patient ID it may not see
+    assert client.get("/api/exams", params={"q": "PATBAD88"}).json()["rows"] == []
+    assert len(client.get("/api/exams", params={"q": "BAD1"}).json()["rows"]) == 1
 
 
 def test_an_operator_sees_patient_ids_and_a_post_without_csrf_is_403(
@@ -129,6 +132,7 @@ def test_an_operator_sees_patient_ids_and_a_post_without_csrf_is_403(
     csrf = login(client, "otto")
     rows = client.get("/api/exams", params={"q": "BAD1"}).json()["rows"]
     assert [r["patient_id"] for r in rows] == ["PATBAD88"]
+    assert len(client.get("/api/exams", params={"q": "PATBAD88"}).json()["rows"]) == 1
     assert 'class="requeue"' in client.get("/attention").text
     job = client.get("/api/attention").json()["jobs"][0]["job"]
     assert client.post("/attention/requeue", data={"job": job, "to": "run"}).status_code == 403

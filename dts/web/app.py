@@ -301,6 +301,10 @@ def endpoint(web: Web, handler: Handler, role: Role | None, post: bool) -> Any:
             session = web.session_of(request)
             if role is not None and session is None:
                 raise NeedLogin()
+            # the role first: a viewer's upload is refused before it is read
+            if role is not None and session is not None and not session.role.allows(role):
+                raise HttpError(403, f"this needs the role {role.value} (you are "
+                                     f"{session.role.value})")
             form: dict[str, Any] = {}
             files: list[tuple[str, bytes]] = []
             if post:
@@ -309,9 +313,6 @@ def endpoint(web: Web, handler: Handler, role: Role | None, post: bool) -> Any:
                 token = request.headers.get("x-csrf-token") or form.get("csrf")
                 if not csrf_ok(session, token):
                     raise HttpError(403, "missing or wrong CSRF token (reload the page)")
-            if role is not None and session is not None and not session.role.allows(role):
-                raise HttpError(403, f"this needs the role {role.value} (you are "
-                                     f"{session.role.value})")
             page = Page(web, request, session or Session(None, Role.VIEWER, ""), form, files)
             response = await run_in_threadpool(handler, page)
         except HttpError as exc:
@@ -416,8 +417,13 @@ def exams(p: Page) -> Response:
     query = ExamQuery.parse(p.query)
     p.web.sync()
     page = p.web.index.exams(query)
-    data = {"rows": page.rows, "total": page.total, "page": page.page,
-            "per_page": page.per_page}
+    rows, total = page.rows, page.total
+    if query.text and not p.may_see_ids:
+        # a viewer cannot see patient IDs, so cannot find exams by one either
+        rows = [r for r in rows if query.text in (r.get("accession"), r.get("study_uid"))
+                or query.text in (r.get("jobs") or [])]
+        total = len(rows) if len(rows) != len(page.rows) else total
+    data = {"rows": rows, "total": total, "page": page.page, "per_page": page.per_page}
     if _wants_json(p.request):
         return p.json(data)
     pages = max(1, -(-page.total // max(1, page.per_page)))
