@@ -20,9 +20,8 @@ from typing import Any, Callable
 
 import jmespath
 import jmespath.exceptions
-from pydicom import datadict
 
-from . import rorselect, rules
+from . import rules
 from .errors import ConfigError
 
 # A checkout: the package's parent holds configuration/ (the copy users edit) and spool/.
@@ -438,7 +437,7 @@ def _filter(value: Any) -> tuple[dict[str, str], ...]:
             raise ValueError(f"expected a table of DICOM keywords to glob patterns (or a list "
                              f"of them), got {table!r}")
         for keyword, pattern in table.items():
-            if datadict.tag_for_keyword(keyword) is None:
+            if rules.tag_for_keyword(keyword) is None:
                 raise ValueError(f"{keyword!r} is not a DICOM attribute keyword")
             if not isinstance(pattern, str):
                 raise ValueError(f"{keyword}: expected a glob pattern string, got {pattern!r}")
@@ -594,6 +593,10 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
             raise t.fail("ror_select", "give either ror_select or select.<name>, not both "
                                        "(a ror_select statement names its own selections: "
                                        "WHERE series NAMED \"x\" HAS ...)")
+        # imported here, not at the top: lark, re2 and pydicom's dictionary cost a
+        # command that never reads a statement (dts status, log ...) 0.3 s (issue 16)
+        from . import rorselect
+
         try:
             ror_statement = rorselect.parse(ror_text)
         except rorselect.RorSelectError as exc:

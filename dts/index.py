@@ -272,29 +272,24 @@ class Index:
                 result = self.shipper.ship()
             except TemporaryFailure as exc:
                 raise IndexUnavailable(str(exc)) from None
+            except sa.exc.SQLAlchemyError as exc:
+                raise IndexUnavailable(f"index {journaldb.redact(self.db.url)}: "
+                                       f"{journaldb._short(exc)}") from None
             finally:
                 self.shipper.on_rows = None
                 self._folders = None
             return result.read
 
-    def _apply(self, rows: list[dict[str, Any]]) -> None:
-        """Recompute what a batch of journal rows touches (before the cursor moves)."""
+    def _apply(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        """Recompute what a batch of journal rows touches, in the transaction that
+        inserts them (before the cursor moves)."""
         touched = _Touched()
         touched.add(rows)
-        if touched.studies or touched.days:
-            self._recompute(touched)
-
-    def _recompute(self, touched: _Touched) -> None:
-        try:
-            with self.db.engine.begin() as conn:
-                studies = sorted(touched.studies)
-                for i in range(0, len(studies), CHUNK):
-                    touched.days |= self._recompute_exams(conn, studies[i:i + CHUNK])
-                for day in sorted(touched.days):
-                    self._recompute_day(conn, day)
-        except sa.exc.SQLAlchemyError as exc:
-            raise IndexUnavailable(f"index {journaldb.redact(self.db.url)}: "
-                                   f"{journaldb._short(exc)}") from None
+        studies = sorted(touched.studies)
+        for i in range(0, len(studies), CHUNK):
+            touched.days |= self._recompute_exams(conn, studies[i:i + CHUNK])
+        for day in sorted(touched.days):
+            self._recompute_day(conn, day)
 
     def _recompute_exams(self, conn: sa.Connection, studies: list[str]) -> set[str]:
         """The exam rows of ``studies`` from their events (and, while the index lacks

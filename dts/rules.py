@@ -47,6 +47,7 @@ classifier does not parse them again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,16 +55,17 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence as DicomSequence
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 from .errors import ConfigError
 
+# DICOM keywords and their tags (pydicom's dictionary; see tag_for_keyword)
+KEYWORDS_FILE = "dicom-keywords.json"
 
 OPERATORS = ("regexp", "contains", "==", "!=", "<", ">", "<=", ">=", "approx", "exist",
              "notexist")
@@ -221,16 +223,42 @@ def text(value: Any) -> str:
         return value.decode("latin-1").strip("\x00 ")
     if isinstance(value, str):
         return value
-    if isinstance(value, DicomSequence):
+    multi, sequence = _dicom_types()
+    if isinstance(value, sequence):
         return ""
-    if isinstance(value, (list, tuple, MultiValue)):
+    if isinstance(value, (list, tuple, multi)):
         items = (repr(text(x)) if isinstance(x, (str, bytes)) else text(x) for x in value)
         return "[" + ", ".join(items) + "]"
     return str(value)
 
 
 def _is_multi(value: Any) -> bool:
-    return isinstance(value, (list, tuple, MultiValue)) and not isinstance(value, DicomSequence)
+    multi, sequence = _dicom_types()
+    return isinstance(value, (list, tuple, multi)) and not isinstance(value, sequence)
+
+
+@functools.cache
+def _dicom_types() -> tuple[type[Any], type[Any]]:
+    """pydicom's MultiValue and Sequence. pydicom is imported here, when values are read
+    (it is loaded by then), not when the rule file is: commands that only load the
+    configuration (dts status, show, log ...) start without it (issue 16)."""
+    from pydicom.multival import MultiValue
+    from pydicom.sequence import Sequence
+
+    return MultiValue, Sequence
+
+
+def tag_for_keyword(name: str) -> int | None:
+    """The tag of a DICOM keyword, from pydicom's dictionary as shipped in
+    ``dts/data/dicom-keywords.json`` (reading it takes milliseconds, importing pydicom
+    a third of a second; tests/test_rules.py keeps the two equal)."""
+    return _keywords().get(name)
+
+
+@functools.cache
+def _keywords() -> dict[str, int]:
+    data = json.loads(resources.files("dts.data").joinpath(KEYWORDS_FILE).read_bytes())
+    return {str(k): int(v) for k, v in data["keywords"].items()}
 
 
 def _number(value: Any) -> float | None:

@@ -11,12 +11,14 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import DtsError
-from ..station import Station
+
+if TYPE_CHECKING:
+    from ..station import Station
 
 EPILOG = """\b
 Exit status: 0 ok · 1 some work failed (moved to failed/) · 2 usage or
@@ -41,6 +43,26 @@ COMMANDS = {
     "web": "web",
 }
 
+# The line each command shows in `dts --help`, so that listing them imports none of them
+# (pydicom and pynetdicom alone take half a second; tests/test_cli.py keeps these equal to
+# the commands' own docstrings). A command missing here is imported to ask it.
+SHORT_HELP = {
+    "classify": "Classify received studies and queue one run job per matching stream.",
+    "clean": "Remove finished jobs older than a duration, and stale tmp/ entries.",
+    "config": "Check a configuration before a restart, or show the effective one.",
+    "echo": "Check with a DICOM C-ECHO that a peer answers (exit 0) or not (exit 75).",
+    "import": "Bring DICOM files or folders in as if received: one job per study.",
+    "log": "Print the station journal, oldest first.",
+    "receive": "Receive studies over DICOM into the spool until stopped.",
+    "requeue": "Put finished, failed or unmatched jobs back into a queue for another try.",
+    "run": "Run each waiting job's processing (container or command), check its output, "
+           "and move the job to send/ (valid results) or failed/ (with the reason).",
+    "send": "Deliver results in send/new/ to their stream's destinations.",
+    "show": "Print a job's job.json and history.",
+    "status": "Show every queue's count and oldest age, and whether the receiver runs.",
+    "watch": "Run the whole station: receive, classify, run and send, until stopped.",
+}
+
 
 class StationContext:
     """What the group hands every command: the station, built on first use."""
@@ -54,6 +76,8 @@ class StationContext:
     @property
     def station(self) -> Station:
         if self._station is None:
+            from ..station import Station  # not for `dts --help` (see SHORT_HELP)
+
             self._station = Station.open(self.config_path, self.spool_path)
         return self._station
 
@@ -84,6 +108,22 @@ class DtsGroup(click.Group):
         cmd = importlib.import_module(f"{__name__}.{module}").command
         assert isinstance(cmd, click.Command)
         return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's listing, from SHORT_HELP instead of importing every command."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            text = SHORT_HELP.get(name)
+            # a stand-in with the same help: click shortens it as it would the command's
+            cmd = click.Command(name, help=text) if text is not None \
+                else self.get_command(ctx, name)
+            rows.append((name, cmd.get_short_help_str(limit) if cmd is not None else ""))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
