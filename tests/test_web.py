@@ -411,3 +411,46 @@ def test_dts_watch_restarts_a_dead_page_and_stops_it_at_shutdown(tmp_path: Path)
     (exited,) = _events(station, "web-exited")
     assert exited["stage"] == "watch" and exited["exit_code"] == -9
     assert [e["event"] for e in _events(station, "web-stopped")] == ["web-stopped"]
+
+
+def test_https_with_certificate_and_private_key_and_secure_cookies(tmp_path: Path) -> None:
+    """A real dts web over TLS (openssl's self-signed certificate for 127.0.0.1)."""
+    import http.cookiejar
+    import ssl
+    import subprocess
+    import urllib.request
+
+    from tests.helpers import free_port, start_dts, stop_process, wait_port
+
+    key, cert = tmp_path / "web.key", tmp_path / "web.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    config = web_config(tmp_path, web={"port": port, "certificate": str(cert),
+                                       "private_key": str(key)})
+    add_users(Station.open(config))
+    proc = start_dts("web", config=config, log=tmp_path / "web.log")
+    try:
+        wait_port(port, 30)
+        ctx = ssl.create_default_context(cafile=str(cert))
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx),
+                                             urllib.request.HTTPCookieProcessor(jar))
+        base = f"https://127.0.0.1:{port}"
+        with opener.open(f"{base}/login", timeout=20) as page:
+            assert page.status == 200
+            assert "Secure" in page.headers["set-cookie"]
+        req = urllib.request.Request(f"{base}/api/login", method="POST",
+                                     data=json.dumps({"name": "vera", "password":
+                                                      PASSWORDS["vera"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with opener.open(req, timeout=20) as done:
+            cookie = done.headers["set-cookie"]
+            assert json.loads(done.read())["role"] == "viewer"
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        with opener.open(f"{base}/api/me", timeout=20) as me:
+            assert json.loads(me.read())["user"] == "vera"
+    finally:
+        assert stop_process(proc) == 0, (tmp_path / "web.log").read_text()[-2000:]
