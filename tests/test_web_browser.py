@@ -202,6 +202,10 @@ def test_an_operator_follows_the_exams_and_requeues_a_failure(browser: Any,
     wait_for(lambda: len(_events(station, job=job, event="started")) > started_before and
              job in station.spool.list(Queue.FAILED), 60, what="the requeued job's new run")
     refresh_until(browser, f"{url}/exams/{live['bad']['study_uid']}", "by web:otto")
+    wait_for(lambda: browser.refresh() or (
+        body(browser).count("failed the processing exited with code 3") == 2 and
+        browser.find_element(By.ID, "exam-status").text == "failed"), 30, interval=0.5,
+        what="the second run's failure on the timeline")
     assert "exit-code: the processing exited with code 3" in body(browser)
     assert "model exploded" in body(browser)
     shot(browser, "timeline-failed")
