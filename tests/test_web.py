@@ -454,3 +454,12 @@ def test_https_with_certificate_and_private_key_and_secure_cookies(tmp_path: Pat
             assert json.loads(me.read())["user"] == "vera"
     finally:
         assert stop_process(proc) == 0, (tmp_path / "web.log").read_text()[-2000:]
+
+
+def test_the_embedded_configuration_serves_the_page_on_loopback_8080() -> None:
+    """`make run` (dts watch on configuration/dts.toml) shows the page at once."""
+    from dts import config as config_mod
+
+    web = config_mod.load(config_mod.CHECKOUT_CONFIG).web
+    assert (web.enabled, web.host, web.port, web.loopback) == (True, "127.0.0.1", 8080, True)
+    assert "http://127.0.0.1:8080/" in (Path(config_mod.PACKAGE_ROOT) / "Makefile").read_text()

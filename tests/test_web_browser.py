@@ -227,6 +227,12 @@ def test_an_operator_follows_the_exams_and_requeues_a_failure(browser: Any,
     follow(browser, browser.find_element(By.CSS_SELECTOR, "#rule-test button"))
     assert "Outcome: run:" in body(browser)
     shot(browser, "rule-tester")
+    # the same with the study's files uploaded, as a person picks them
+    files = sorted(str(f) for f in (live["folder"] / "ok").rglob("*.dcm"))
+    browser.find_element(By.ID, "rule-files").send_keys("\n".join(files))
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "#rule-test button"))
+    assert "3 uploaded file(s)" in body(browser) and "Outcome: run: stats" in body(browser)
+    shot(browser, "rule-tester-upload")
 
 
 def test_a_viewer_sees_masked_ids_no_button_and_a_forged_post_is_403(
