@@ -9,12 +9,13 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dicom3tools (dciodvfy checks every object the result builder makes),
 # Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
 # busybox-static (a root filesystem for test container images), logrotate (its dts file
-# is run by the tests).
-TEST_DEBS := dcmtk dicom3tools orthanc podman runc busybox-static postgresql logrotate systemd
+# is run by the tests), chromium + chromium-driver (the page in a real browser, Selenium).
+TEST_DEBS := dcmtk dicom3tools orthanc podman runc busybox-static postgresql logrotate systemd \
+             chromium chromium-driver
 TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
              /usr/bin/dciodvfy \
              /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate \
-             /usr/bin/systemd-analyze
+             /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver
 
 .PHONY: run test unit venv system-deps lint typecheck bench clean-venv
 
@@ -30,6 +31,7 @@ venv: $(BIN)/dts
 
 ## Start the station (receiver + every stage) on the embedded default configuration.
 run: venv
+	@echo "dts: DICOM on port 11112 (AE DTS); the page on http://127.0.0.1:8080/ ([web] in configuration/dts.toml)"
 	$(BIN)/dts --config configuration/dts.toml --spool spool watch
 
 system-deps:

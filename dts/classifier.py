@@ -41,6 +41,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jmespath
@@ -495,12 +496,18 @@ def explain(station: Station, job_id: str) -> dict[str, Any]:
     """Why each stream would or would not take this job; moves and writes nothing."""
     loc, path = station.spool.find(job_id)
     job = Job(path)
-    data = job.read()
-    out: dict[str, Any] = {"job": job_id, "location": str(loc), "error": None,
+    return explain_input(station, job.input_dir, job.read(), job_id, str(loc))
+
+
+def explain_input(station: Station, input_dir: Path, data: JobRecord, label: str,
+                  location: str) -> dict[str, Any]:
+    """``explain()`` of any ``input/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` folder
+    (the page's rule tester: uploaded files), with ``data`` for the connection keys."""
+    out: dict[str, Any] = {"job": label, "location": location, "error": None,
                            "own_result": None, "outcome": None, "series": [], "streams": []}
     rules = load_station_rules(station.config.rules_path, station.config.path)
     try:
-        study = build_study(job.input_dir, data, rules, tags=statement_tags(station.config))
+        study = build_study(input_dir, data, rules, tags=statement_tags(station.config))
     except StudyError as exc:
         out["error"] = str(exc)
         out["outcome"] = "failed"

@@ -190,12 +190,46 @@ class JournalConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the tracking and configuration page (``dts web``, docs/web.md)."""
+
+    enabled: bool = False              # dts watch starts and supervises dts web
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users_file: Path = Path("web/users.json")        # default: in the spool
+    session_key_file: Path = Path("web/session.key")  # made once (0600) when absent
+    certificate: Path | None = None    # with private_key: HTTPS
+    private_key: Path | None = None
+    max_upload_mb: int = 100           # the rule tester's uploads, all files together
+    session_hours: float = 12.0        # a login lasts this long
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     station: StationConfig
     destinations: dict[str, Destination]
     streams: tuple[Stream, ...]
     journal: JournalConfig
+    web: WebConfig = WebConfig()
 
     @property
     def rules_path(self) -> Path:
@@ -635,6 +669,48 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
     return stream
 
 
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected an address to listen on, got {value!r}")
+    if value != "localhost":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"not an IP address (or localhost): {value!r}") from None
+    return value
+
+
+def _web(file: str, data: Any, base: Path, spool: Path) -> WebConfig:
+    t = _Table(file, "web", data)
+    d = WebConfig()
+    in_spool = _folder(base, spool)
+    hours = t.get("session_hours", (int, float), d.session_hours)
+    web = WebConfig(
+        enabled=t.get("enabled", bool, d.enabled),
+        host=t.convert("host", _host, d.host),
+        port=t.convert("port", _port, d.port),
+        users_file=t.convert("users_file", in_spool, spool / d.users_file),
+        session_key_file=t.convert("session_key_file", in_spool, spool / d.session_key_file),
+        certificate=t.convert("certificate", _path(base)),
+        private_key=t.convert("private_key", _path(base)),
+        max_upload_mb=t.convert("max_upload_mb", _positive_int, d.max_upload_mb),
+        session_hours=float(hours),
+    )
+    t.finish()
+    if not (math.isfinite(web.session_hours) and 0 < web.session_hours <= 24 * 366):
+        raise t.fail("session_hours", f"expected hours between 0 and a year, got {hours!r}")
+    if web.max_upload_mb < 1:
+        raise t.fail("max_upload_mb", "must be at least 1")
+    if (web.certificate is None) != (web.private_key is None):
+        raise ConfigError(file, "web", "certificate and private_key go together (HTTPS), "
+                          "or neither")
+    for key in ("certificate", "private_key"):
+        path = getattr(web, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise t.fail(key, f"cannot read {path}")
+    return web
+
+
 def _check_contract(file: str, prefix: str, stream: Stream) -> None:
     if stream.contract not in CONTRACTS:
         raise ConfigError(file, f"{prefix}.contract", f"expected one of {', '.join(CONTRACTS)}, "
@@ -708,9 +784,10 @@ def load(path: str | os.PathLike[str] | None = None,
     jt = _Table(file, "journal", top.get("journal", dict, {}))
     journal = JournalConfig(url=jt.get("url", str))
     jt.finish()
+    web = _web(file, top.get("web", dict, {}), base, station.spool)
     top.finish()
     config = Config(path=cfg_path.resolve(), station=station, destinations=destinations,
-                    streams=tuple(streams), journal=journal)
+                    streams=tuple(streams), journal=journal, web=web)
     # a bad rule file is refused now, not at the first classification
     rules.load_station_rules(config.rules_path, config.path)
     return config
@@ -790,4 +867,5 @@ def effective(config: Config) -> dict[str, Any]:
     }
     if config.journal.url is not None:
         out["journal"] = {"url": mask_url(config.journal.url)}
+    out["web"] = _plain(config.web)
     return _masked({k: v for k, v in out.items() if v != []})

@@ -27,6 +27,8 @@ or ``dts import`` (``importer``); a fan-out run job copies them (``IDENTITY_KEYS
   ``peer_port`` (int|null) its TCP port.
   ``received_at`` (str|null) when the first instance arrived (import: when imported).
   ``completed_at`` (str)   when the study counted as complete and was published.
+  ``last_received_at`` (str|null)  when its last instance was written (the newest file in
+                           ``input/``): where the turnaround starts (``dts.index``).
   ``source`` (str)         ``"dicom"`` (received) or ``"import"`` (``dts import``).
 Written with the identity, not copied to run jobs:
   ``sources`` (list of Source)  every connection that carried the study, only when more
@@ -245,6 +247,7 @@ class JobRecord(TypedDict, total=False):
     peer_port: int | None
     received_at: str | None
     completed_at: str
+    last_received_at: str | None
     source: str
     sources: list[Source]
     duplicates: int
@@ -283,10 +286,11 @@ class JobRecord(TypedDict, total=False):
 # The identity keys a fan-out run job copies from its parent, typed so that mypy checks
 # each one against JobRecord.
 IdentityKey = Literal["study_uid", "patient_id", "accession", "calling_ae", "called_ae",
-                      "peer", "peer_port", "received_at", "completed_at", "source"]
+                      "peer", "peer_port", "received_at", "completed_at", "last_received_at",
+                      "source"]
 IDENTITY_KEYS: tuple[IdentityKey, ...] = (
     "study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer", "peer_port",
-    "received_at", "completed_at", "source")
+    "received_at", "completed_at", "last_received_at", "source")
 
 __all__ = ["IDENTITY_KEYS", "DestinationState", "Failure", "IdentityKey", "JobRecord",
            "OutputEntry", "RequeueEntry", "ResultEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",

@@ -32,6 +32,7 @@ class Stage(str, Enum):
     REQUEUE = "requeue"
     CLEAN = "clean"
     WATCH = "watch"
+    WEB = "web"
 
 
 class Status(str, Enum):
@@ -93,6 +94,18 @@ class Event(StrEnum):
     JOURNAL_DB_UNUSABLE = "journal-db-unusable"  # [journal] url cannot be used at all
     JOURNAL_DB_DOWN = "journal-db-down"          # the journal database became unreachable
     JOURNAL_DB_UP = "journal-db-up"              # it is reachable again
+    WEB_EXITED = "web-exited"                    # the page's process (dts web) died; restarted
+    # web (dts web: the page's audit trail; user and remote address, never patient names)
+    WEB_STARTED = "web-started"                  # dts web listens
+    WEB_STOPPED = "web-stopped"                  # it stopped
+    LOGIN = "login"                              # a user logged in
+    LOGIN_FAILED = "login-failed"                # a wrong name or password (or throttled)
+    LOGOUT = "logout"                            # a user logged out
+    TIMELINE_VIEWED = "timeline-viewed"          # who opened which study's timeline
+    REQUEUE = "requeue"                          # a requeue asked for on the page (then requeued)
+    ECHO = "echo"                                # a C-ECHO of a destination from the page
+    RULE_TEST = "rule-test"                      # the rule tester ran (a job or uploaded files)
+    USER_CHANGED = "user-changed"                # dts web user add/passwd/remove
     # any stage
     JOURNAL_LOST = "journal-lost"                # lines that could not be written (disk full)
 

@@ -37,6 +37,9 @@ from .spool import Spool, isotime, parse_isotime, write_file_durably
 
 log = logging.getLogger(__name__)
 
+# What a shipper's user derives from a batch of rows, in the transaction inserting them.
+Derive = Callable[[Any, list[dict[str, Any]]], None]
+
 TABLE = "dts_events"
 RESULTS_TABLE = "dts_results"
 CURSOR_NAME = ".dbcursor"
@@ -176,8 +179,10 @@ class JournalDB:
             self.metadata.create_all(self.engine, checkfirst=True)
             self._created = True
 
-    def insert(self, rows: list[dict[str, Any]]) -> int:
+    def insert(self, rows: list[dict[str, Any]], derive: Derive | None = None) -> int:
         """Insert rows, skipping those already there (by ``event_key``); returns new rows.
+        ``derive(conn, rows)`` runs in the same transaction (``dts.index`` keeps its
+        tables there), so the rows and what is derived from them commit together.
 
         A row the database refuses (e.g. a NUL character PostgreSQL cannot store) is
         stored without its details rather than blocking every event behind it."""
@@ -186,30 +191,39 @@ class JournalDB:
         self.ensure_table()
         sa = _sqlalchemy()
         try:
-            return self._insert(rows)
+            return self._insert(rows, derive)
         except (sa.exc.DataError, sa.exc.ProgrammingError) as exc:
             if len(rows) == 1:
                 row = {k: (_scrub(v) if isinstance(v, str) else v) for k, v in rows[0].items()}
                 row["details"] = {"details_error": _short(exc)[:200]}
-                return self._insert([row])
-            return sum(self.insert([r]) for r in rows)
+                return self._insert([row], derive)
+            count = sum(self.insert([r]) for r in rows)
+            if derive is not None:
+                with self.engine.begin() as conn:
+                    derive(conn, rows)
+            return count
 
-    def _insert(self, rows: list[dict[str, Any]]) -> int:
+    def _insert(self, rows: list[dict[str, Any]], derive: Derive | None) -> int:
         results = [r for r in map(result_row, rows) if r is not None]
         with self.engine.begin() as conn:  # an event and its dts_results row together
             if results:
                 self._insert_into(conn, self.results, results)
-            return self._insert_into(conn, self.table, rows)
+            count = self._insert_into(conn, self.table, rows)
+            if derive is not None:
+                derive(conn, rows)
+            return count
 
     def _insert_into(self, conn: Any, table: Any, rows: list[dict[str, Any]]) -> int:
         dialect = self.engine.dialect.name
         if dialect in ("postgresql", "sqlite"):
             from sqlalchemy.dialects import postgresql, sqlite
 
-            insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-            stmt = insert(table).on_conflict_do_nothing(
+            if dialect == "sqlite":  # its executemany counts the rows it inserted
+                stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=["event_key"])
+                return int(conn.execute(stmt, rows).rowcount)
+            returning = postgresql.insert(table).on_conflict_do_nothing(
                 index_elements=["event_key"]).returning(table.c.id)
-            return len(conn.execute(stmt, rows).all())
+            return len(conn.execute(returning, rows).all())
         # other databases: look the keys up first (one shipper at a time, see the lock)
         sa = _sqlalchemy()
         keys = [r["event_key"] for r in rows]
@@ -331,14 +345,19 @@ class Shipper:
     """Copies new journal lines into the database, remembering how far it got."""
 
     def __init__(self, spool: Spool, url: str, *, batch: int = BATCH,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, cursor: Path | None = None) -> None:
         self.spool = spool
         self.db = JournalDB(url, connect_timeout=connect_timeout)
         self.batch = batch
+        self._cursor = cursor
+        # Called with each batch of rows in the transaction that inserts them, before
+        # the cursor moves past them (dts.index derives its tables there): if it raises,
+        # nothing of the batch is kept and it is read again next time.
+        self.on_rows: Derive | None = None
 
     @property
     def cursor_path(self) -> Path:
-        return self.spool.log_dir / CURSOR_NAME
+        return self._cursor if self._cursor is not None else self.spool.log_dir / CURSOR_NAME
 
     def close(self) -> None:
         self.db.close()
@@ -374,7 +393,7 @@ class Shipper:
         """One pass over the journal files; raises ``TemporaryFailure`` if the database is
         unreachable (nothing is lost: the cursor only moves after a commit)."""
         self.spool.log_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self.spool.log_dir / (CURSOR_NAME + ".lock"),
+        lock_fd = os.open(self.cursor_path.with_name(self.cursor_path.name + ".lock"),
                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -433,7 +452,7 @@ class Shipper:
                     if end == offset:
                         break  # nothing complete past the cursor (a line still being written)
                     result.read += len(rows)
-                    result.inserted += self.db.insert(rows)
+                    result.inserted += self.db.insert(rows, self.on_rows)
                     offset = end
                     files[name] = {"ino": st.st_ino, "offset": offset}
                     self._save_cursor(files)

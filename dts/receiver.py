@@ -31,6 +31,7 @@ import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,15 @@ def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
              duplicates: int = 0) -> JobRecord:
     """job.json of a freshly received (or imported) study."""
     series: dict[str, int] = {}
+    last = 0.0  # when the last instance was written: the start of the turnaround
     for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
         if entry.is_dir():
-            series[entry.name] = sum(1 for f in os.scandir(entry.path)
-                                     if f.name.endswith(".dcm") and not f.name.startswith("."))
+            count = 0
+            for f in os.scandir(entry.path):
+                if f.name.endswith(".dcm") and not f.name.startswith("."):
+                    count += 1
+                    last = max(last, f.stat().st_mtime)
+            series[entry.name] = count
     data: JobRecord = {
         "study_uid": study_uid,
         "patient_id": meta.get("patient_id"),
@@ -129,6 +135,7 @@ def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
         "peer_port": meta.get("peer_port"),
         "received_at": meta.get("received_at"),
         "completed_at": isotime(),
+        "last_received_at": isotime(datetime.fromtimestamp(last, UTC)) if last else None,
         "instances": sum(series.values()),
         "series": series,
         "source": meta.get("source", "dicom"),

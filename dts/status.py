@@ -51,6 +51,18 @@ def hold_service(spool: Spool, name: str, **details: Any) -> ServiceLock | None:
     return ServiceLock(fd, str(path))
 
 
+def update_service(lock: ServiceLock, details: dict[str, Any]) -> None:
+    """Add ``details`` to a held service lock's JSON (a port known only after binding)."""
+    try:
+        raw = os.pread(lock.fd, 65536, 0)
+        info = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        info = {}
+    info.update(details)
+    os.ftruncate(lock.fd, 0)
+    os.pwrite(lock.fd, (json.dumps(info) + "\n").encode(), 0)
+
+
 def service_state(spool: Spool, name: str) -> dict[str, Any]:
     path = spool.run_dir / f"{name}.pid"
     try:
@@ -106,6 +118,7 @@ def station_status(spool: Spool) -> dict[str, Any]:
         "queues": queue_counts(spool),
         "receiver": service_state(spool, "receiver"),
         "watch": service_state(spool, "watch"),
+        "web": service_state(spool, "web"),
         "errors_24h": failures,
         "free_mb": round(spool.free_mb()),
     }

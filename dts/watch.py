@@ -13,7 +13,9 @@ At start it holds the service locks ``watch`` and ``receiver`` (one station per
 spool) and moves back the jobs of dead workers (for run, stopping what they left
 running). Beside the stages it runs retention (``[station] retention``, the
 free-disk watermark ``clean_below_free_mb``) and the journal database shipper
-(``[journal] url``), each in a thread.
+(``[journal] url``), each in a thread, and with ``[web] enabled`` the page: ``dts web``
+as a child process of its own (so it never slows the receiver), restarted with backoff
+when it dies and stopped by its PID at shutdown.
 
 Stopping (``stop`` set, e.g. on SIGTERM): the receiver stops accepting and lets
 open associations finish; the stages take no new job; in-flight work may finish
@@ -29,6 +31,9 @@ import functools
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -98,13 +103,15 @@ class Watch:
     """The station in one process. ``run(stop)`` blocks until ``stop`` is set."""
 
     def __init__(self, station: Station, *, host: str | None = None, port: int | None = None,
-                 receive: bool = True, grace: float = 30.0,
+                 receive: bool = True, grace: float = 30.0, web: bool | None = None,
                  on_result: OnResult | None = None,
                  on_event: Callable[[str], None] | None = None) -> None:
         self.station = station
         self.cfg = station.config.station
         self.host, self.port = host, port
         self.receive = receive
+        self.web = station.config.web.enabled if web is None else web
+        self.web_process: subprocess.Popen[bytes] | None = None
         self.grace = grace
         self.on_result = on_result
         self.on_event = on_event
@@ -227,6 +234,8 @@ class Watch:
             self._helper("retention", self._retention_loop)
         if self.station.config.journal.url:
             self._helper("journaldb", self._ship_loop)
+        if self.web:
+            self._helper("web", self._web_loop)
 
     def _helper(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=f"dts-{name}", daemon=True)
@@ -291,6 +300,51 @@ class Watch:
         finally:
             shipper.close()
 
+    def _web_command(self) -> list[str]:
+        cfg = self.station.config
+        return [sys.executable, "-m", "dts", "--config", str(cfg.path), "--spool",
+                str(self.station.spool.root), "web"]
+
+    def _web_loop(self) -> None:
+        """Run ``dts web`` as a child process (the page never shares the receiver's
+        process), restart it with backoff when it dies, stop it by its PID at shutdown.
+        A refusal to start (exit 2: a configuration or usage error) is not retried."""
+        cfg = self.station.config.web
+        backoff = 1.0
+        while not self.helpers_stop.is_set():
+            started = time.monotonic()
+            try:
+                # a session of its own: a Ctrl-C on the terminal reaches dts watch only,
+                # which stops the page by its PID once the stages are parked
+                proc = subprocess.Popen(self._web_command(), stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            except OSError as exc:
+                log.error("cannot start dts web: %s", exc)
+                code: int | None = None
+            else:
+                self.web_process = proc
+                self._say(f"page: dts web (pid {proc.pid}) on "
+                          f"{'https' if cfg.tls else 'http'}://{cfg.host}:{cfg.port}/")
+                while proc.poll() is None and not self.helpers_stop.wait(0.5):
+                    pass
+                if proc.poll() is None:  # shutting down
+                    _stop_child(proc)
+                    return
+                code = proc.returncode
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it ran a while: a new failure starts the backoff again
+            refused = code == 2
+            self.station.journal.emit(
+                Stage.WATCH, Event.WEB_EXITED, Status.ERROR,
+                f"dts web exited with status {code}" + (
+                    ": it refused to start (see its message); not restarted" if refused
+                    else f"; restarting in {backoff:g}s"), exit_code=code)
+            if refused:
+                return
+            if self.helpers_stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 60.0)
+
     # -- stopping -----------------------------------------------------------------------
     def _shutdown(self) -> None:
         if not self._locks:
@@ -341,6 +395,18 @@ class Watch:
             "journal_db": self.db_up,
             "uptime_seconds": round(time.time() - self.started_at),
         }
+
+
+def _stop_child(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM to the child by its PID, SIGKILL after ``timeout``."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    except OSError:
+        pass
 
 
 def _rewrite(lock: ServiceLock, details: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ COMMANDS = {
     "clean": "clean",
     "config": "config",
     "results": "results",
+    "web": "web",
 }
 
 # The line each command shows in `dts --help`, so that listing them imports none of them
@@ -62,6 +63,8 @@ SHORT_HELP = {
     "show": "Print a job's job.json and history.",
     "status": "Show every queue's count and oldest age, and whether the receiver runs.",
     "watch": "Run the whole station: receive, classify, run and send, until stopped.",
+    "web": "Serve the page: overview, exams, timelines, attention, log, configuration, and "
+           "the JSON API (/api/...) and /metrics, until SIGTERM.",
 }
 
 

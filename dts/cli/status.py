@@ -62,7 +62,7 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
                 table.add_row(name, "", "", str(q["count"]), _age(q["oldest_seconds"]))
         console = Console()
         console.print(table)
-        for svc in ("receiver", "watch"):
+        for svc in ("receiver", "watch", "web"):
             s = st[svc]
             state = f"running (pid {s.get('pid')})" if s["running"] else "not running"
             extra = f" on port {s['port']}" if s.get("running") and s.get("port") else ""

@@ -40,12 +40,15 @@ def _status_line(snap: dict[str, Any]) -> str:
 @click.option("--port", type=click.IntRange(0, 65535), help="Receiver port (default: [station] port).")
 @click.option("--receive/--no-receive", default=True, show_default=True,
               help="Run the receiver too (--no-receive when `dts receive` runs separately).")
+@click.option("--web/--no-web", default=None,
+              help="Start the page (dts web) as a supervised child process "
+                   "(default: [web] enabled).")
 @click.option("--grace", default="30s", show_default=True,
               help="On SIGTERM: how long running processing may finish before it is stopped "
                    "and its job put back.")
 @pass_ctx
 def command(ctx: StationContext, host: str | None, port: int | None, receive: bool,
-            grace: str) -> None:
+            web: bool | None, grace: str) -> None:
     """Run the whole station: receive, classify, run and send, until stopped.
 
     Each stage starts the moment work appears in its queue (and rescans every
@@ -53,7 +56,9 @@ def command(ctx: StationContext, host: str | None, port: int | None, receive: bo
     start. SIGTERM or SIGINT stops accepting, lets in-flight work finish (up to
     --grace, then running processing is stopped and its job put back), exits 0;
     a second SIGINT skips the grace period. On a terminal a live status line is
-    shown, otherwise one line per finished job on stderr.
+    shown, otherwise one line per finished job on stderr. With [web] enabled
+    (or --web) the page runs beside it as a child process (dts web), restarted
+    if it dies.
 
     \b
     Example:
@@ -74,7 +79,7 @@ def command(ctx: StationContext, host: str | None, port: int | None, receive: bo
     def on_event(message: str) -> None:
         click.echo(f"{_stamp()} dts watch: {message}", err=True)
 
-    w = Watch(station, host=host, port=port, receive=receive, grace=grace_s,
+    w = Watch(station, host=host, port=port, receive=receive, grace=grace_s, web=web,
               on_result=on_result, on_event=on_event)
     # asked twice: do not wait for the grace period
     with stop_on_signals(again=w.cancel.set) as stop:
