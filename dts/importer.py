@@ -123,6 +123,7 @@ def _import_study(station: Station, study_uid: str, entries: list[tuple[Path, st
             Stage.RECEIVE, Event.RECEIVED, Status.OK,
             f"study {study_uid}: {data['instances']} instance(s) in {len(data['series'])} "
             "series imported from disk", job=job, job_data=data, instances=data["instances"],
+            calling_ae=data.get("calling_ae"), called_ae=data.get("called_ae"),
             source="import")
         spool.publish(job, Queue.CLASSIFY)
     except BaseException:

@@ -680,6 +680,10 @@ def _derive_exam(study: str, rows: Sequence[Any],
     for job, status in jobs.items():
         if status == "classified":
             parents.add(job)
+    if not jobs:
+        # only events without a job: every instance refused, or only page views; no
+        # exam of this station (its refusals still show in the journal and on /log)
+        return None
     leaves = {j: s for j, s in jobs.items() if j not in parents} or jobs
     status = min(leaves.values(), key=lambda s: _PRECEDENCE.index(s)
                  if s in _PRECEDENCE else len(_PRECEDENCE))

@@ -13,7 +13,7 @@ import pytest
 
 from dts.errors import UsageError
 from dts.index import ExamQuery, Index, index_path
-from dts.journal import EventFilter
+from dts.journal import Event, EventFilter, Stage, Status
 from dts.metrics import render
 from dts.station import Station
 from tests.helpers import make_study, run_dts, station_config
@@ -262,3 +262,27 @@ def test_the_index_in_postgresql_when_journal_url_is_set(tmp_path: Path,
     assert tl is not None and [e for e in tl["entries"] if e["event"] == "sent"]
     body, _ = render(station, index)
     assert b"dts_studies_received_total 1.0" in body
+
+
+def test_the_calling_ae_of_an_import_is_the_exams(tmp_path: Path, station: Station) -> None:
+    study = _study(tmp_path, "c")
+    done = run_dts("import", "--calling-ae", "PACS", str(study["folder"]),
+                   config=station.config.path)
+    assert done.returncode == 0, done.stderr
+    index = Index(station)
+    index.sync()
+    (row,) = index.exams(ExamQuery(calling_ae="PACS")).rows
+    assert row["study_uid"] == study["study_uid"] and row["calling_ae"] == "PACS"
+
+
+def test_a_study_whose_every_instance_was_refused_is_no_exam(station: Station) -> None:
+    """Events with a study but no job (refusals, page views) make no exam row, and do
+    not stop the index."""
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    station.journal.emit(Stage.RECEIVE, Event.INSTANCE_REFUSED, Status.ERROR,
+                         "refused an instance with 0xA700: disk full", study_uid=uid)
+    index = Index(station)
+    assert index.sync() == 1
+    assert index.exam(uid) is None and index.exams(ExamQuery()).total == 0
+    assert index.events(EventFilter(study=uid))[0]["event"] == "instance-refused"
+    assert index.totals()[("instances_refused", "status=?")] == 1

@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 
 from dts.journal import EventFilter, read_events
 from dts.station import Station
+from dts.web import app as web_app
 from dts.web.app import create_app
 from dts.web.security import SESSION_COOKIE
 from dts.web.users import UserFile, check_password
@@ -81,6 +82,17 @@ def test_the_login_form_needs_its_csrf_token(client: TestClient) -> None:
     client.get("/login")
     done = client.post("/login", data={"name": "otto", "password": PASSWORDS["otto"]})
     assert done.status_code == 403
+
+
+def test_a_body_without_a_length_is_refused_before_it_is_read(client: TestClient) -> None:
+    """A chunked body could be gigabytes (anyone may POST /api/login): 411, unread."""
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"name": "otto", '
+        yield b'"password": "x"}'
+
+    done = client.post("/api/login", content=chunks(),
+                       headers={"content-type": "application/json"})
+    assert done.status_code == 411
 
 
 def test_five_wrong_passwords_throttle_the_name_even_with_the_right_one(
@@ -154,7 +166,7 @@ def test_an_admin_sees_the_effective_configuration_secrets_masked(client: TestCl
 
 
 def test_timeline_shows_every_stage_and_the_view_is_audited(
-        client: TestClient, made: dict[str, Any]) -> None:
+        client: TestClient, made: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     login(client, "otto")
     uid = made["ok"]["study_uid"]
     page = client.get(f"/exams/{uid}")
@@ -172,6 +184,9 @@ def test_timeline_shows_every_stage_and_the_view_is_audited(
     logs = client.get(f"/api/jobs/{job}").json()
     assert logs["location"] == "failed" and logs["job"]["failure"]["reason"] == "exit-code"
     assert "model exploded" in client.get(f"/jobs/{job}/logs/run-stdout.log").text
+    monkeypatch.setattr(web_app, "MAX_LOG_BYTES", 9)  # a huge log: only its end is read
+    tail = client.get(f"/jobs/{job}/logs/run-stdout.log").text
+    assert tail.startswith("[the first ") and tail.endswith("exploded\n")
     explained = client.get(f"/api/jobs/{job.rsplit('.', 1)[0]}/explain").json()
     assert explained["outcome"] == "run: broken"
 

@@ -65,6 +65,7 @@ PATIENT_NAME_KEYS = frozenset({"patient_name", "PatientName", "PatientBirthName"
                                "PatientMotherBirthName", "OtherPatientNames"})
 RECEIVED_JOB = re.compile(r"^\d{8}T\d{6}\.\d+Z-[0-9a-f]+$")  # not a fan-out child J.<stream>
 LOG_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_LOG_BYTES = 8 << 20  # a job's log as shown: at most its last 8 MiB
 SYNC_EVERY = 1.0   # seconds: the index is synced at most this often
 EXPORT_LIMIT = 1_000_000
 STATUSES = ("receiving", "classifying", "running", "sending", "done", "failed", "unmatched")
@@ -190,13 +191,33 @@ class Web:
                                       autoescape=True)
         self.env.filters.update(when=_when, seconds=_seconds, plain_json=_plain_json)
         self._sync_lock = threading.Lock()
-        self._synced = 0.0
+        self._synced = -SYNC_EVERY
+        self._background: threading.Thread | None = None
         self.index_error: str | None = None
 
     # -- the index ------------------------------------------------------------------
+    def start_syncing(self, stop: threading.Event) -> threading.Thread:
+        """Keep the index in step from a thread of its own (``dts web``): a request then
+        never waits for a sync, not even the first after days of backlog (a year of
+        journal takes minutes to index), and pages answer from what is there."""
+        def loop() -> None:
+            while not stop.is_set():
+                self._sync_now()
+                stop.wait(SYNC_EVERY)
+
+        self._background = threading.Thread(target=loop, name="dts-index", daemon=True)
+        self._background.start()
+        return self._background
+
     def sync(self) -> None:
         """Ship new journal lines into the index (at most every SYNC_EVERY seconds);
-        the index being down is shown on the page, never raised from here."""
+        the index being down is shown on the page, never raised from here. With the
+        background thread running (``start_syncing``) a request does not sync."""
+        if self._background is not None and self._background.is_alive():
+            return
+        self._sync_now()
+
+    def _sync_now(self) -> None:
         if time.monotonic() - self._synced < SYNC_EVERY:
             return
         if not self._sync_lock.acquire(blocking=False):
@@ -206,6 +227,9 @@ class Web:
             self.index_error = None
         except IndexUnavailable as exc:
             self.index_error = str(exc)
+        except Exception as exc:  # a bug in the index must not take the page down
+            log.exception("syncing the index failed")
+            self.index_error = f"the index could not be brought up to date: {exc}"
         finally:
             self._synced = time.monotonic()
             self._sync_lock.release()
@@ -259,6 +283,10 @@ async def _read_body(web: Web, request: Request) -> tuple[dict[str, Any], list[t
     limit = web.cfg.max_upload_mb * 1024 * 1024
     length = request.headers.get("content-length")
     kind = request.headers.get("content-type", "")
+    if length is None and request.headers.get("transfer-encoding"):
+        # a chunked body has no length to check before it is read: anyone could send
+        # gigabytes to /api/login; browsers and scripts send Content-Length
+        raise HttpError(411, "a request body needs a Content-Length")
     if kind.startswith("multipart/"):
         if length is None:
             raise HttpError(411, "an upload needs a Content-Length")
@@ -675,7 +703,14 @@ def job_log(p: Page) -> Response:
     path = found[1] / "logs" / name
     if not path.is_file() or path.is_symlink():
         raise actions.NotFound(f"no log {name!r} of job {job_id}")
-    return PlainTextResponse(path.read_text(errors="replace"))
+    # a model that logged gigabytes must not cost the page as much memory: its end
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(max(0, size - MAX_LOG_BYTES))
+        data = fh.read(MAX_LOG_BYTES)
+    head = (f"[the first {size - len(data)} bytes of {size} are left out]\n"
+            if size > len(data) else "")
+    return PlainTextResponse(head + data.decode(errors="replace"))
 
 
 def metrics_page(p: Page) -> Response:

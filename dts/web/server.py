@@ -11,6 +11,7 @@ the page would be open to anyone), serves HTTPS with ``[web] certificate`` and
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -73,6 +74,8 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
         url = f"{scheme}://{shown}:{port}/"
         update_service(lock, {"port": port, "url": url})
         app = create_app(station)
+        stop_syncing = threading.Event()
+        app.state.web.start_syncing(stop_syncing)
         options: dict[str, Any] = {}
         if cfg.certificate is not None and cfg.private_key is not None:
             options = {"ssl_certfile": str(cfg.certificate), "ssl_keyfile": str(cfg.private_key)}
@@ -86,6 +89,7 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
         try:
             server.run(sockets=[sock])
         finally:
+            stop_syncing.set()
             sock.close()
             station.journal.emit(Stage.WEB, Event.WEB_STOPPED, Status.INFO,
                                  f"dts web stopped ({url})", url=url)
