@@ -439,20 +439,7 @@ class Index:
     def events(self, flt: EventFilter, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
         """Journal lines matching ``flt``, newest first."""
         t = self.db.table
-        q = sa.select(t)
-        for name, value in (("study_uid", flt.study), ("accession", flt.accession),
-                            ("stream", flt.stream), ("stage", flt.stage),
-                            ("event", flt.event)):
-            if value is not None:
-                q = q.where(t.c[name] == value)
-        if flt.job is not None:
-            q = q.where(sa.or_(t.c.job == flt.job, t.c.job.like(journaldb._like_prefix(flt.job))))
-        if flt.status:
-            q = q.where(t.c.status.in_(list(flt.status)))
-        if flt.since is not None:
-            q = q.where(t.c.time >= flt.since)
-        if flt.until is not None:
-            q = q.where(t.c.time <= flt.until)
+        q = self.db.filtered(flt)
         rows = self._read(q.order_by(t.c.time.desc(), t.c.id.desc()).limit(limit).offset(offset))
         return [journaldb.row_to_event(r) for r in rows]
 

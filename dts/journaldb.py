@@ -234,10 +234,13 @@ class JournalDB:
             conn.execute(table.insert(), fresh)
         return len(fresh)
 
-    def select(self, flt: EventFilter) -> Iterator[dict[str, Any]]:
+    def filtered(self, flt: EventFilter) -> Any:
+        """``SELECT`` of the events ``flt`` asks for (unordered; ``dts log --db`` and
+        ``dts.index`` order it as they need). A job matches itself, its fan-out
+        children (``J.*``) and the events naming it as their parent."""
         sa = _sqlalchemy()
         t = self.table
-        q = sa.select(t).order_by(t.c.time, t.c.id)
+        q = sa.select(t)
         if flt.job is not None:
             q = q.where(sa.or_(t.c.job == flt.job, t.c.job.like(_like_prefix(flt.job)),
                                t.c.details["parent"].as_string() == flt.job))
@@ -252,6 +255,11 @@ class JournalDB:
             q = q.where(t.c.time >= flt.since)
         if flt.until is not None:
             q = q.where(t.c.time <= flt.until)
+        return q
+
+    def select(self, flt: EventFilter) -> Iterator[dict[str, Any]]:
+        t = self.table
+        q = self.filtered(flt).order_by(t.c.time, t.c.id)
         self.ensure_table()
         with self.engine.connect() as conn:
             for row in conn.execute(q.execution_options(yield_per=1000)).mappings():

@@ -104,11 +104,13 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name beside it, fsync, rename."""
+def write_file_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary name beside it, fsync, rename;
+    the file has ``mode`` from its first byte on (0600 for a secret)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)  # whatever the umask took away
         view = memoryview(data)
         while view:
             n = os.write(fd, view)

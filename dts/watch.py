@@ -28,7 +28,6 @@ kernel and recovered at the next start.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -45,7 +44,7 @@ from .errors import UsageError
 from .journal import Event, Stage, Status
 from .spool import Job, Queue, State, parse_isotime
 from .station import Station
-from .status import ServiceLock, hold_service, queue_counts
+from .status import ServiceLock, hold_service, queue_counts, update_service
 from .worker import Outcome
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ class Watch:
             self.port = self.receiver.port
             details["port"] = self.port
             for lk in self._locks:
-                _rewrite(lk, details)
+                update_service(lk, details)
             self._say(f"receiving as {self.cfg.ae_title} on "
                       f"{self.receiver.host}:{self.receiver.port}")
         # The observer first: a job published before it watches is found by the workers'
@@ -407,15 +406,3 @@ def _stop_child(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         proc.wait(5)
     except OSError:
         pass
-
-
-def _rewrite(lock: ServiceLock, details: dict[str, Any]) -> None:
-    """Update a held service lock's JSON (the receiver's port is known after it starts)."""
-    try:
-        raw = os.pread(lock.fd, 65536, 0)
-        info = json.loads(raw) if raw.strip() else {}
-    except (OSError, ValueError):
-        info = {}
-    info.update(details)
-    os.ftruncate(lock.fd, 0)
-    os.pwrite(lock.fd, (json.dumps(info) + "\n").encode(), 0)

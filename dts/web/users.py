@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..journal import Event, Stage, Status
-from ..spool import isotime
+from ..spool import isotime, write_file_durably
 from ..station import Station
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -187,20 +187,7 @@ def write_private(path: Path, data: bytes) -> None:
     """Write a file only its owner can read (0600), atomically: temporary name, fsync,
     rename; the folder is made (0700) when missing."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fchmod(fd, 0o600)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
+    write_file_durably(path, data, mode=0o600)
 
 
 # -- dts web user add|passwd|remove: the file changed, and the change in the journal ------

@@ -6,7 +6,8 @@ starts it) and a client asks for the overview, the exam list, the log and ``/met
 every ``--refresh`` seconds for as long as the study is sent (each answer syncs the index
 from the journal). "Without": ``dts receive`` alone. The study is ``tests.bench.data``
 (1,000 CT images of 512×512 by default); the time until storescu exits gives images/s.
-Medians of ``--runs`` each; the ratio is what must stay within 5 %. Only 127.0.0.1.
+Medians of ``--runs`` each, after one warm-up run that is not counted; the ratio is what
+must stay within 5 %. Only 127.0.0.1.
 
     .venv/bin/python -m tests.bench.bench_web [--images 1000] [--runs 5] [--refresh 1]
 """
@@ -73,7 +74,9 @@ class Refresher(threading.Thread):
 
 def one_run(data: Path, images: int, with_page: bool, refresh: float) -> float:
     work = Path(tempfile.mkdtemp(prefix="bench-web-", dir=data.parent))
-    port, web_port = free_port(), free_port()
+    port = web_port = free_port()
+    while web_port == port:  # two free ports, not the same one twice
+        web_port = free_port()
     cfg = _config(work, port, web_port)
     env = _env(False)
     procs = [subprocess.Popen(DTS + ["-q", "--config", str(cfg), "receive"], env=env,
@@ -115,6 +118,7 @@ def main() -> int:
     data = make_study(Path(tempfile.gettempdir()) / f"dts-bench-study-{args.images}-"
                       f"{args.size}", images=args.images, size=args.size)
     rates: dict[bool, list[float]] = {False: [], True: []}
+    one_run(data, args.images, False, args.refresh)  # warm-up: caches, not counted
     for i in range(args.runs):
         for with_page in (False, True) if i % 2 == 0 else (True, False):
             rate = one_run(data, args.images, with_page, args.refresh)
