@@ -379,8 +379,10 @@ class Index:
         t = self.db.table
         start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
         end = start + timedelta(days=1)
-        rows = conn.execute(sa.select(t.c.event, t.c.stage, t.c.status, t.c.details)
-                            .where(t.c.time >= start, t.c.time < end)).mappings().all()
+        rows = conn.execute(sa.select(t.c.time, t.c.job, t.c.event, t.c.stage, t.c.status,
+                                      t.c.details)
+                            .where(t.c.time >= start, t.c.time < end)
+                            .order_by(t.c.time, t.c.id)).mappings().all()
         metrics = _Metrics()
         for row in rows:
             metrics.add_event(row)
@@ -728,6 +730,7 @@ class _Metrics:
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], float] = {}
+        self._sending: dict[str, datetime] = {}  # job -> its send try's start
 
     def inc(self, metric: str, labels: str = "", by: float = 1.0) -> None:
         key = (metric, labels)
@@ -756,8 +759,18 @@ class _Metrics:
             self.inc("associations_refused")
         elif event == "finished" and isinstance(d.get("duration"), (int, float)):
             self.observe("stage_duration_seconds", "stage=run", float(d["duration"]))
+        elif event == "send-started" and row.get("job"):
+            started = _as_time(row.get("time"))
+            if started is not None:
+                self._sending[row["job"]] = started
         elif event == "sent":
             self.inc("deliveries", "status=ok")
+            started, sent = self._sending.pop(row.get("job") or "", None), \
+                _as_time(row.get("time"))
+            # the try that delivered (one that spans midnight is not counted)
+            if started is not None and sent is not None:
+                self.observe("stage_duration_seconds", "stage=send",
+                             max(0.0, (sent - started).total_seconds()))
         elif event == "send-failed":
             self.inc("deliveries", "status=failed")
         if event in ("failed", "send-failed", "internal-error", "publish-failed"):

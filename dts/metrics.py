@@ -15,7 +15,7 @@ Metric names (prefix ``dts_``):
 ``failures_total{stage,event}``          counter    jobs failed, internal errors, publications
 ``deliveries_total{status}``             counter    jobs delivered (ok) or given up (failed)
 ``events_total{stage,status}``           counter    journal lines
-``stage_duration_seconds{stage}``        histogram  run durations
+``stage_duration_seconds{stage}``        histogram  run durations; send: the try that delivered
 ``turnaround_seconds``                   histogram  last instance received -> delivered
 ``jobs{queue,state}``                    gauge      jobs in each queue now
 ``queue_oldest_seconds{queue}``          gauge      age of each queue's oldest job

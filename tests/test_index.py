@@ -220,6 +220,7 @@ def test_metrics_in_prometheus_text(tmp_path: Path, station: Station) -> None:
     assert "dts_studies_received_total 1.0" in text
     assert 'dts_deliveries_total{status="ok"} 1.0' in text
     assert 'dts_stage_duration_seconds_count{stage="run"} 1.0' in text
+    assert 'dts_stage_duration_seconds_count{stage="send"} 1.0' in text
     assert 'dts_turnaround_seconds_bucket{le="+Inf"} 1.0' in text
     assert 'dts_jobs{queue="done",state=""} 2.0' in text
     assert 'dts_service_up{service="receiver"} 0.0' in text
