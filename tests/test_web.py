@@ -478,3 +478,27 @@ def test_the_embedded_configuration_serves_the_page_on_loopback_8080() -> None:
     web = config_mod.load(config_mod.CHECKOUT_CONFIG).web
     assert (web.enabled, web.host, web.port, web.loopback) == (True, "127.0.0.1", 8080, True)
     assert "http://127.0.0.1:8080/" in (Path(config_mod.PACKAGE_ROOT) / "Makefile").read_text()
+
+
+def test_dts_web_stopped_as_soon_as_it_listens_exits_cleanly(tmp_path: Path) -> None:
+    """dts watch may stop a page that has only just bound its port (uvicorn installs its
+    signal handlers later): SIGTERM then still ends dts web with 0 and web-stopped."""
+    import signal
+
+    from tests.helpers import free_port, start_dts, wait_port
+
+    port = free_port()
+    config = web_config(tmp_path, web={"port": port})
+    for _ in range(3):
+        web = start_dts("web", config=config, log=tmp_path / "web.log")
+        try:
+            wait_port(port, 30)
+            web.send_signal(signal.SIGTERM)
+            code = web.wait(20)
+        finally:
+            if web.poll() is None:
+                web.kill()
+                web.wait(5)
+        assert code == 0, (tmp_path / "web.log").read_text()[-2000:]
+    station = Station.open(config)
+    assert len(_events(station, "web-stopped")) == 3

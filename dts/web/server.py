@@ -10,6 +10,7 @@ the page would be open to anyone), serves HTTPS with ``[web] certificate`` and
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -63,8 +64,23 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
         raise UsageError(f"dts web: no users in {cfg.users_file}, so the page would be open "
                          f"to anyone on {host}: listen on 127.0.0.1, or add a user first "
                          "(dts web user add NAME --role admin)")
+    # A SIGTERM before uvicorn has its own handlers (it installs them in run()) must not
+    # kill the process mid-start: dts watch stops a page that has only just bound.
+    stop_early = threading.Event()
+    servers: list[uvicorn.Server] = []
+
+    def early(_sig: int, _frame: FrameType | None) -> None:
+        stop_early.set()
+        for started in servers:  # in run() before its own handlers: it exits at once
+            started.should_exit = True
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, early)
+                for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     lock = hold_service(station.spool, "web", host=host, port=port)
     if lock is None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         raise UsageError(f"dts web is already running on spool {station.spool.root}")
     try:
         sock = bind(host, port)
@@ -86,8 +102,10 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
                              f"dts web serves {url}", url=url)
         if on_ready is not None:
             on_ready(url)
+        servers.append(server)
         try:
-            server.run(sockets=[sock])
+            if not stop_early.is_set():
+                server.run(sockets=[sock])
         finally:
             stop_syncing.set()
             sock.close()
@@ -95,3 +113,5 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
                                  f"dts web stopped ({url})", url=url)
     finally:
         lock.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
