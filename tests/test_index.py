@@ -15,6 +15,7 @@ from dts.errors import UsageError
 from dts.index import ExamQuery, Index, index_path
 from dts.journal import Event, EventFilter, Stage, Status
 from dts.metrics import render
+from dts.spool import Job
 from dts.station import Station
 from tests.helpers import make_study, run_dts, station_config
 from tests.plugins.database import PostgresServer
@@ -287,3 +288,23 @@ def test_a_study_whose_every_instance_was_refused_is_no_exam(station: Station) -
     assert index.exam(uid) is None and index.exams(ExamQuery()).total == 0
     assert index.events(EventFilter(study=uid))[0]["event"] == "instance-refused"
     assert index.totals()[("instances_refused", "status=?")] == 1
+
+
+def test_what_the_page_did_is_no_work_on_the_exam(tmp_path: Path, station: Station) -> None:
+    """Web events name the study (and a rule test its job): the exam keeps its jobs and
+    its status."""
+    study = _study(tmp_path, "w")
+    _pipeline(station.config.path, study["folder"])
+    index = Index(station)
+    index.sync()
+    before = index.exam(study["study_uid"])
+    assert before is not None and before["status"] == "done"
+    station.journal.emit(Stage.WEB, Event.RULE_TEST, Status.INFO, "otto tested the rules",
+                         job=Job(tmp_path / "20261202T000000.000000Z-00000000"),
+                         study_uid=study["study_uid"], user="otto")
+    station.journal.emit(Stage.WEB, Event.TIMELINE_VIEWED, Status.INFO, "otto looked",
+                         study_uid=study["study_uid"], user="otto")
+    assert index.sync() == 2
+    after = index.exam(study["study_uid"])
+    assert after is not None
+    assert (after["status"], after["jobs"]) == ("done", before["jobs"])

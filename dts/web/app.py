@@ -648,10 +648,7 @@ def echo(p: Page) -> Response:
                            destination=name, reachable=result["reachable"], **p.who())
     if _wants_json(p.request):
         return p.json(result)
-    data = _configuration(p)
-    effective = tomli_w.dumps(data["effective"]) if "effective" in data else None
-    return p.render("config.html", c=data, effective=effective, recent=_recent_jobs(p),
-                    echo=result, test=None, tested=None)
+    return _config_page(p, echo=result)
 
 
 def rule_test(p: Page) -> Response:
@@ -676,10 +673,16 @@ def rule_test(p: Page) -> Response:
                            **p.who())
     if _wants_json(p.request):
         return p.json(result)
+    return _config_page(p, test=result, tested=what)
+
+
+def _config_page(p: Page, *, echo: dict[str, Any] | None = None,
+                 test: dict[str, Any] | None = None, tested: str | None = None) -> Response:
+    """The configuration page, with the answer of a C-ECHO or a rule test on it."""
     data = _configuration(p)
     effective = tomli_w.dumps(data["effective"]) if "effective" in data else None
     return p.render("config.html", c=data, effective=effective, recent=_recent_jobs(p),
-                    echo=None, test=result, tested=what)
+                    echo=echo, test=test, tested=tested)
 
 
 def show_job(p: Page) -> Response:
