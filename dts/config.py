@@ -138,6 +138,13 @@ class Destination:
     # output objects go here only if they match one of these {keyword: glob} tables
     # (every pattern of it); empty: everything (see _filter)
     filter: tuple[dict[str, str], ...] = ()
+    # proof of delivery (dts.commitment, docs/delivery.md): a Storage Commitment request
+    # after storing, answered within commitment_timeout; requested commitment_delay after
+    # the last store (some archives commit only once their own intake is done)
+    commitment: bool = False
+    commitment_timeout: float = 600.0
+    commitment_delay: float = 0.0
+    verify: str | None = None  # "find": a C-FIND after storing finds every instance
 
     @property
     def is_folder(self) -> bool:
@@ -392,6 +399,13 @@ def _duration(value: Any) -> float:
     return parse_duration(value)
 
 
+def _verify(value: Any) -> str:
+    if value != "find":
+        raise ValueError(f'the one check there is is "find" (a C-FIND after storing), '
+                         f"got {value!r}")
+    return "find"
+
+
 def _series_description(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a non-empty text, got {value!r}")
@@ -546,12 +560,25 @@ def _destination(file: str, index: int, data: Any, base: Path, spool: Path) -> D
         folder=t.convert("folder", _folder(base, spool)),
         tls=tls,
         filter=t.convert("filter", _filter, ()),
+        commitment=t.get("commitment", bool, False),
+        commitment_timeout=t.convert("commitment_timeout", _duration, 600.0),
+        commitment_delay=t.convert("commitment_delay", _duration, 0.0),
+        verify=t.convert("verify", _verify),
     )
+    if dest.commitment_timeout <= 0:
+        raise t.fail("commitment_timeout", "must be more than 0")
+    for key in ("commitment_timeout", "commitment_delay"):
+        if key in t.data and not dest.commitment:
+            raise t.fail(key, "goes with commitment = true")
     t.finish()
     if dest.folder is not None:
         if dest.ae_title or dest.host or dest.port or dest.tls:
             raise ConfigError(file, t.prefix, "either folder or ae_title/host/port(/tls), "
                               "not both")
+        for key in ("commitment", "verify"):
+            if getattr(dest, key):
+                raise ConfigError(file, f"{t.prefix}.{key}", "is for DICOM destinations, "
+                                  "not folders")
     elif not (dest.ae_title and dest.host and dest.port):
         raise ConfigError(file, t.prefix, "a DICOM destination needs ae_title, host and port "
                           "(or give folder)")
@@ -835,6 +862,9 @@ def _destination_entry(dest: Destination) -> Any:
         entry["filter"] = dict(dest.filter[0])
     elif not dest.filter:
         entry.pop("filter", None)
+    if not dest.commitment:  # the defaults of a key not used: loadable again
+        for key in ("commitment", "commitment_timeout", "commitment_delay"):
+            entry.pop(key, None)
     return entry
 
 

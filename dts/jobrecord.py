@@ -94,6 +94,9 @@ Send stage (``dts.sender``):
   ``destinations`` (object name -> DestinationState)  per-destination delivery state; a
                            retry sends only what is missing; objects a destination's
                            ``filter`` kept out are its ``skipped``. ``dts requeue`` resets it.
+                           With ``commitment = true`` its ``commitment`` holds every storage
+                           commitment transaction (``dts.commitment``); status ``waiting``
+                           while an answer is out. ``verify = "find"``: ``verified_at``.
   ``next_attempt_at`` (str)  when the next try is due (backoff); absent: due now.
   ``sent_at`` (str)        when every destination had everything.
 
@@ -208,7 +211,18 @@ class Failure(TypedDict, total=False):
     violations: list[ViolationEntry]  # invalid-output only
 
 
-SendStatus = Literal["done", "failed", "retry"]
+# "waiting": everything stored, the peer's storage commitment answer (or the N-ACTION's
+# commitment_delay) still outstanding (dts.commitment)
+SendStatus = Literal["done", "failed", "retry", "waiting"]
+
+
+class CommitmentTransaction(TypedDict, total=False):
+    """One storage commitment request (``destinations.<name>.commitment.<TransactionUID>``)."""
+
+    sent_at: str         # when the N-ACTION went out
+    instances: dict[str, str]  # SOP Instance UID -> "pending", "committed", "failed: <reason>"
+    answered_at: str     # when the peer's N-EVENT-REPORT arrived
+    timed_out_at: str    # when commitment_timeout passed without an answer
 
 
 class DestinationState(TypedDict, total=False):
@@ -221,6 +235,9 @@ class DestinationState(TypedDict, total=False):
     error: str           # why the destination failed or waits
     via: str             # "@sender" when the stream named it so
     path: str            # folder destination: where the results were put
+    commitment: dict[str, CommitmentTransaction]  # Transaction UID -> request and answer
+    commit_after: str    # when the N-ACTION is due (commitment_delay after storing)
+    verified_at: str     # verify = "find": when a C-FIND found every instance
 
 
 # The functional form: "from" is a Python keyword.
@@ -292,6 +309,6 @@ IDENTITY_KEYS: tuple[IdentityKey, ...] = (
     "study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer", "peer_port",
     "received_at", "completed_at", "last_received_at", "source")
 
-__all__ = ["IDENTITY_KEYS", "DestinationState", "Failure", "IdentityKey", "JobRecord",
+__all__ = ["IDENTITY_KEYS", "CommitmentTransaction", "DestinationState", "Failure", "IdentityKey", "JobRecord",
            "OutputEntry", "RequeueEntry", "ResultEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",
            "StreamVerdict", "ViolationEntry"]

@@ -78,6 +78,15 @@ class Event(StrEnum):
     SEND_RETRY = "send-retry"                    # some destination waits: next try later
     SENT = "sent"                                # every destination has everything: done/
     SEND_FAILED = "send-failed"                  # delivery gave up: failed/
+    # send: proof of delivery (dts.commitment, dts.verify)
+    COMMIT_REQUESTED = "commit-requested"        # N-ACTION: storage commitment asked for
+    COMMITTED = "committed"                      # the peer committed every instance asked
+    COMMIT_FAILED = "commit-failed"              # some not committed (or no answer in time)
+    VERIFIED = "verified"                        # a C-FIND found every instance stored
+    VERIFY_MISSING = "verify-missing"            # a C-FIND did not find some: sent again
+    # receive: storage commitment answers on a new association (dts.commitment)
+    COMMIT_REPORT = "commit-report"              # an N-EVENT-REPORT kept for its job
+    COMMIT_REPORT_REFUSED = "commit-report-refused"  # one refused: unknown transaction etc.
     # any work queue (classify, run, send)
     RECOVERED = "recovered"                      # a dead worker's job moved back to new/
     FAILED = "failed"                            # the job went to failed/ (classify, run, worker)

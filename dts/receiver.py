@@ -37,6 +37,7 @@ from typing import Any
 
 from pynetdicom import evt
 
+from . import commitment
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
 from .dicom.header import read_header
@@ -196,6 +197,9 @@ class Receiver:
                                                 + self.cfg.max_pending_connections
                                                 + PYNETDICOM_SLACK))
         dicom_ae.add_scp_contexts(ae)
+        # Storage commitment answers (dts.commitment): the peer, as the commitment SCP,
+        # opens the association and proposes the SCP role; dts takes the SCU role
+        ae.add_supported_context(commitment.SOP_CLASS, scu_role=True, scp_role=True)
         scp.enable(ae, self._fast_store, self._tmp)
         ssl_context = None
         if self.cfg.tls is not None:
@@ -207,6 +211,7 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         try:
@@ -371,6 +376,10 @@ class Receiver:
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
+
+    def _on_event_report(self, event: Any) -> tuple[int, None]:
+        """A storage commitment answer: validated and kept for its job (dts.commitment)."""
+        return commitment.on_report(self.station, event, via="receiver")
 
     # -- storing -------------------------------------------------------------------
     def _connection(self, assoc: Any) -> Connection:

@@ -23,15 +23,15 @@ import os
 import random
 import secrets
 import shutil
-import threading
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from . import worker
+from . import commitment, verify, worker
 from .config import Config, Destination, StationConfig, valid_ae_title
 from .dicom import ae as dicom_ae
 from .dicom.header import read_attributes
@@ -252,12 +252,52 @@ def backoff(station: StationConfig, attempts: int) -> float:
 
 
 def ready(job: Job) -> bool:
-    """Is the job due (no ``next_attempt_at`` in the future)?"""
+    """Is the job due (no ``next_attempt_at`` in the future, or a storage commitment
+    answer it waits for has arrived)?"""
     try:
-        due = job.read().get("next_attempt_at")
-        return not due or parse_isotime(str(due)) <= utcnow()
+        data = job.read()
+        due = data.get("next_attempt_at")
+        if not due or parse_isotime(str(due)) <= utcnow():
+            return True
+        # send/new/<job>: the spool is three levels up
+        return commitment.answer_arrived(job.path.parents[2], data)
     except Exception:  # an unreadable job is processed, and failed there with the reason
         return True
+
+
+def _settle(station: Station, job: Job, data: JobRecord, names: list[str],
+            now: bool = False) -> tuple[bool, bool, set[str]]:
+    """Merge what arrived for destinations waiting on storage commitment: (whether a
+    try ended with it, whether any destination needs a new try, the state keys of the
+    stream's destinations). ``now``: an N-ACTION waiting for its commitment_delay is
+    due at once (``dts send JOB``)."""
+    states = data.setdefault("destinations", {})
+    changed, work = False, False
+    current: set[str] = set()
+    for name in names:
+        try:
+            dest = resolve(station.config, name, data)
+        except JobFailed:
+            work = True  # the try says so
+            continue
+        current.add(dest.name)
+        state = states.get(dest.name)
+        status = state.get("status") if state else None
+        if state is None or status not in ("done", "failed", "waiting"):
+            work = True
+            continue
+        if status != "waiting":
+            continue
+        if not dest.commitment:  # switched off since: the store is what counts
+            state["status"] = "failed" if state.get("failed") else "done"
+            changed = True
+            continue
+        changed |= commitment.settle(station, job, data, dest, state)
+        if now and state.get("status") == "waiting" and state.get("commit_after"):
+            state["commit_after"] = min(str(state["commit_after"]), isotime())
+        if state.get("status") == "waiting" and commitment.due(state):
+            work = True
+    return changed, work, current
 
 
 class _Progress:
@@ -284,7 +324,9 @@ def _send_dicom(station: Station, job: Job, data: JobRecord, dest: Destination,
     todo = [it for it in items if it.sop_uid not in done]
     peer = peer_of(dest, station.config.station)
     if not todo:
-        return "failed" if state["failed"] else "done"
+        if state["failed"]:
+            return "failed"
+        return _after_store(station, job, data, dest, state, items, peer)
     t0 = time.monotonic()
     result = store(peer, todo, NetSettings.of(station.config.station),
                    _Progress(job, data, state))
@@ -312,7 +354,46 @@ def _send_dicom(station: Station, job: Job, data: JobRecord, dest: Destination,
         state["error"] = result.temporary
         return "retry"
     state.pop("error", None)
-    return "failed" if state["failed"] else "done"
+    if state["failed"]:
+        return "failed"
+    return _after_store(station, job, data, dest, state, items, peer)
+
+
+def _after_store(station: Station, job: Job, data: JobRecord, dest: Destination,
+                 state: DestinationState, items: list[Item], peer: Peer) -> SendStatus:
+    """Everything is stored: the proof of delivery the destination asks for, if any
+    (``verify = "find"``, then ``commitment = true``; docs/delivery.md)."""
+    net = NetSettings.of(station.config.station)
+    sent = set(state["sent"])
+    stored = [it for it in items if it.sop_uid in sent]
+    journal = station.journal
+    if dest.verify == "find" and not state.get("verified_at"):
+        try:
+            found = verify.check(dest, peer, stored, net)
+        except verify.QueryRefused as exc:
+            state["error"] = str(exc)
+            return "failed"
+        except verify.QueryUnavailable as exc:
+            state["error"] = str(exc)
+            return "retry"
+        how = (f" ({len(found.series_level)} series by instance count)"
+               if found.series_level else "")
+        if found.missing:
+            missing = set(found.missing)
+            state["sent"] = [u for u in state["sent"] if u not in missing]
+            state["error"] = (f"{len(missing)} of {len(stored)} instance(s) not found on "
+                              f"{dest.name} by C-FIND after storing{how}; they are sent again")
+            journal.emit(Stage.SEND, Event.VERIFY_MISSING, Status.WARNING, state["error"],
+                         job=job, job_data=data, destination=dest.name,
+                         missing=sorted(missing))
+            return "retry"
+        state["verified_at"] = isotime()
+        journal.emit(Stage.SEND, Event.VERIFIED, Status.OK,
+                     f"C-FIND found all {len(stored)} instance(s) on {peer}{how}", job=job,
+                     job_data=data, destination=dest.name, count=len(stored))
+    if dest.commitment:
+        return commitment.request(station, job, data, dest, peer, state, stored, net)
+    return "done"
 
 
 def _send_folder(station: Station, job: Job, data: JobRecord, dest: Destination,
@@ -334,8 +415,9 @@ def _send_folder(station: Station, job: Job, data: JobRecord, dest: Destination,
     return "done"
 
 
-def process(station: Station, claim: Claim) -> worker.Outcome:
-    """One try to deliver a claimed send job to every destination still missing."""
+def process(station: Station, claim: Claim, *, now: bool = False) -> worker.Outcome:
+    """One try to deliver a claimed send job to every destination still missing.
+    ``now``: the job was named (``dts send JOB``): a commitment_delay ends at once."""
     job = claim.job
     journal = station.journal
     data = job.read()
@@ -345,6 +427,10 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
     except JobFailed as exc:
         return _fail(station, claim, data, str(exc))
     states = data.setdefault("destinations", {})
+    changed, work, current = _settle(station, job, data, names, now)
+    if changed or not work:  # an answer ended a try, or only answers are awaited
+        job.write(data)
+        return _decide(station, claim, data, current)
     data["attempts"] = attempts = int(data.get("attempts") or 0) + 1
     data.pop("next_attempt_at", None)
     job.write(data)
@@ -371,6 +457,8 @@ def process(station: Station, claim: Claim) -> worker.Outcome:
             state["via"] = SENDER
         if state.get("status") in ("done", "failed"):
             continue
+        if state.get("status") == "waiting" and not commitment.due(state):
+            continue  # the peer's storage commitment answer is out
         try:
             wanted, skipped = apply_filter(dest, items)
         except JobFailed as exc:
@@ -394,10 +482,14 @@ def _decide(station: Station, claim: Claim, data: JobRecord,
     # a destination no longer in the stream keeps its record but decides nothing
     states = {n: s for n, s in data["destinations"].items() if n in current}
     waiting = {n: s for n, s in states.items() if s.get("status") == "retry"}
-    attempts = int(data["attempts"])
+    answers = {n: s for n, s in states.items() if s.get("status") == "waiting"}
+    until = _commitment_wait(station, answers)
+    attempts = int(data.get("attempts") or 0)
     if waiting and attempts <= cfg.send_retries:
         delay = backoff(cfg, attempts)
         data["next_attempt_at"] = isotime(utcnow() + timedelta(seconds=delay))
+        if until is not None and until < data["next_attempt_at"]:
+            data["next_attempt_at"] = until
         job.write(data)
         why = "; ".join(f"{n}: {s.get('error')}" for n, s in waiting.items())
         journal.emit(Stage.SEND, Event.SEND_RETRY, Status.WARNING,
@@ -409,19 +501,40 @@ def _decide(station: Station, claim: Claim, data: JobRecord,
     for s in waiting.values():
         s["status"] = "failed"
         s["error"] = f"gave up after {attempts} tries: {s.get('error')}"
+    if answers:  # stored; the storage commitment answer is out (dts.commitment)
+        data["next_attempt_at"] = until or isotime(utcnow() + timedelta(seconds=60))
+        job.write(data)
+        claim.move(Queue.SEND)
+        return worker.Outcome.SKIPPED
     failed = {n: s for n, s in states.items() if s.get("status") == "failed"}
     if failed:
         return _fail(station, claim, data, "; ".join(_failure_summary(n, s)
                                                      for n, s in failed.items()))
     data.pop("error", None)
+    data.pop("next_attempt_at", None)
     data["sent_at"] = isotime()
     job.write(data)
     total = sum(len(s.get("sent", [])) for s in states.values())
+    committed = [n for n, s in states.items() if s.get("commitment")]
     journal.emit(Stage.SEND, Event.SENT, Status.OK,
-                 f"delivered to {', '.join(states)} ({total} objects in all)", job=job,
-                 job_data=data)
+                 f"delivered to {', '.join(states)} ({total} objects in all"
+                 + (f"; committed by {', '.join(committed)}" if committed else "") + ")",
+                 job=job, job_data=data)
     claim.move(Queue.DONE)
+    commitment.forget(station.spool, data)
     return worker.Outcome.DONE
+
+
+def _commitment_wait(station: Station, answers: dict[str, DestinationState]) -> str | None:
+    """When the first destination waiting on storage commitment needs a look again."""
+    times = []
+    for name, state in answers.items():
+        dest = station.config.destinations.get(name)
+        if dest is not None:
+            t = commitment.deadline(state, dest)
+            if t is not None:
+                times.append(t)
+    return min(times) if times else None
 
 
 def _failure_summary(name: str, state: DestinationState) -> str:
@@ -443,14 +556,19 @@ def _fail(station: Station, claim: Claim, data: JobRecord, reason: str) -> worke
     station.journal.emit(Stage.SEND, Event.SEND_FAILED, Status.ERROR, reason, job=claim.job,
                          job_data=data)
     claim.move(Queue.FAILED)
+    commitment.forget(station.spool, data)
     return worker.Outcome.FAILED
 
 
 def serve(station: Station, *, once: bool, job_ids: list[str] | None = None,
           stop: threading.Event | None = None) -> worker.Tally:
     """``dts send``: job ids now (regardless of backoff), the due jobs once, or forever."""
-    return worker.serve(station, Queue.SEND, process, once=once, job_ids=job_ids,
-                        ready=ready, stop=stop)
+    return worker.serve(station, Queue.SEND, _process_now if job_ids else process,
+                        once=once, job_ids=job_ids, ready=ready, stop=stop)
+
+
+def _process_now(station: Station, claim: Claim) -> worker.Outcome:
+    return process(station, claim, now=True)
 
 
 # -- dts send --to ------------------------------------------------------------------------------

@@ -327,6 +327,11 @@ class Spool:
         return self.root / "produced"
 
     @property
+    def commitment(self) -> Path:
+        """Storage commitment transactions and their answers (``dts.commitment``)."""
+        return self.root / "commitment"
+
+    @property
     def run_dir(self) -> Path:
         """Process state (pid files of running services)."""
         return self.root / "tmp" / ".run"
@@ -337,7 +342,7 @@ class Spool:
         return self.root / queue.value
 
     def all_dirs(self) -> list[Path]:
-        dirs = [self.tmp, self.incoming, self.log_dir, self.produced]
+        dirs = [self.tmp, self.incoming, self.log_dir, self.produced, self.commitment]
         for q in self.WORK:
             dirs += [self.dir(q, State.NEW), self.dir(q, State.CUR)]
         dirs += [self.dir(q) for q in self.FINAL]

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import click
 
 from ..errors import UsageError
-from ..journal import EventFilter, Stage, Status, follow_events, parse_since, read_events
+from ..journal import Event, EventFilter, Stage, Status, follow_events, parse_since, read_events
 from . import StationContext, pass_ctx
 from .common import print_json_lines
 
@@ -19,6 +19,8 @@ def _line(ev: dict[str, Any]) -> str:
         parts.append(f"acc={ev['accession']}")
     if ev.get("stream"):
         parts.append(f"stream={ev['stream']}")
+    if ev.get("destination"):
+        parts.append(f"dest={ev['destination']}")
     parts.append(str(ev.get("message", "")))
     return "  ".join(parts)
 
@@ -29,6 +31,8 @@ def _line(ev: dict[str, Any]) -> str:
 @click.option("--accession", help="Only this accession number.")
 @click.option("--stream", help="Only this stream.")
 @click.option("--stage", type=click.Choice([s.value for s in Stage]), help="Only this stage.")
+@click.option("--event", type=click.Choice([e.value for e in Event]), metavar="EVENT",
+              help="Only this kind of event (e.g. committed, commit-failed, send-failed).")
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice([s.value for s in Status]), help="Only this status (repeatable).")
 @click.option("--since", help="ISO-8601 time or a duration back from now (2h, 7d).")
@@ -41,7 +45,8 @@ def _line(ev: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @pass_ctx
 def command(ctx: StationContext, job: str | None, study: str | None, accession: str | None,
-            stream: str | None, stage: str | None, statuses: tuple[str, ...],
+            stream: str | None, stage: str | None, event: str | None,
+            statuses: tuple[str, ...],
             since: str | None, until: str | None, follow: bool, db: bool, as_json: bool,
             sync_db: bool = False) -> None:
     """Print the station journal, oldest first.
@@ -50,12 +55,13 @@ def command(ctx: StationContext, job: str | None, study: str | None, accession: 
     Example:
       dts log --accession 12345
       dts log --since 2h --status error
+      dts log --event commit-failed --since 1d
       dts log --follow --json | jq -r .message
       dts log --sync-db            # cron: mirror new events into [journal] url
     """
     try:
         flt = EventFilter(job=job, study=study, accession=accession, stream=stream,
-                          stage=stage, status=statuses,
+                          stage=stage, event=event, status=statuses,
                           since=parse_since(since) if since else None,
                           until=parse_since(until) if until else None)
     except ValueError as exc:

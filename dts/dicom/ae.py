@@ -50,7 +50,8 @@ def make_ae(ae_title: str, *, max_pdu: int = DEFAULT_MAX_PDU, acse_timeout: floa
 
 
 def associate(ae: AE, host: str, port: int, *, ae_title: str,
-              tls_args: tuple[ssl.SSLContext, str] | None = None) -> Any:
+              tls_args: tuple[ssl.SSLContext, str] | None = None,
+              evt_handlers: list[Any] | None = None) -> Any:
     """``ae.associate()``, with the peer's rejection even when pynetdicom lost it.
 
     pynetdicom 3.0's requestor looks whether its socket is still connected only after it
@@ -58,7 +59,8 @@ def associate(ae: AE, host: str, port: int, *, ae_title: str,
     --refuse`` does) may have been read and closed by the DUL thread by then: pynetdicom
     aborts, and the A-ASSOCIATE-RJ it received waits unread in the DUL's queue. Taken from
     there, a rejection for good is reported as one instead of as an unreachable peer."""
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args,
+                         evt_handlers=evt_handlers)
     if not assoc.is_established and not assoc.is_rejected and patches.version_ok():
         rejection = next((p for p in list(assoc.dul.to_user_queue.queue)
                           if isinstance(p, A_ASSOCIATE) and p.result in (0x01, 0x02)), None)

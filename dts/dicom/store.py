@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -207,14 +208,26 @@ def _groups(items: list[Item]) -> list[list[Item]]:
 
 
 def _associate(peer: Peer, contexts: list[PresentationContext],
-               net: NetSettings) -> Association:
+               net: NetSettings, evt_handlers: list[Any] | None = None) -> Association:
     ae = dicom_ae.make_ae(peer.calling_ae, acse_timeout=net.acse_timeout,
                           dimse_timeout=net.dimse_timeout, network_timeout=net.network_timeout,
                           connection_timeout=net.connect_timeout)
     ae.requested_contexts = contexts
     tls_args = (peer.tls, peer.server_name or peer.host) if peer.tls is not None else None
     return dicom_ae.associate(ae, peer.host, peer.port, ae_title=peer.ae_title,
-                              tls_args=tls_args)
+                              tls_args=tls_args, evt_handlers=evt_handlers)
+
+
+def open_association(peer: Peer, contexts: list[PresentationContext], net: NetSettings,
+                     evt_handlers: list[Any] | None = None) -> Association:
+    """An association to ``peer`` proposing ``contexts`` (the other DIMSE services of
+    the send stage: storage commitment, C-FIND); see ``why_not`` when not established."""
+    return _associate(peer, contexts, net, evt_handlers)
+
+
+def why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
+    """Why an association was not established, and whether that is for good."""
+    return _why_not(assoc, peer)
 
 
 def _why_not(assoc: Association, peer: Peer) -> tuple[str, bool]:
