@@ -81,6 +81,8 @@ _JOB_STATUS = {
     "own-result": "unmatched", "queued": "running", "started": "running",
     "finished": "sending", "send-started": "sending", "send-retry": "sending",
     "stored": "sending", "sent": "done", "failed": "failed", "send-failed": "failed",
+    "commit-requested": "sending", "committed": "sending", "commit-failed": "sending",
+    "verified": "sending", "verify-missing": "sending",
 }
 _REQUEUE_STATUS = {"classify": "classifying", "run": "running", "send": "sending"}
 # Histogram buckets (seconds) of run durations and turnarounds (/metrics).
@@ -794,14 +796,16 @@ def _entries(events: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[d
     delivery and requeue (from job.json), and every other event."""
     out: list[dict[str, Any]] = []
     by_id = {j["id"]: j for j in jobs}
+    # proof of delivery (docs/delivery.md): delivery entries as well
+    proof = ("commit-requested", "committed", "commit-failed", "verified", "verify-missing")
     shown = {"received", "matched", "unmatched", "started", "finished", "sent", "stored",
-             "send-failed", "requeued", "queued"}
+             "send-failed", "requeued", "queued", *proof}
     for ev in events:
         kind = {"received": "association", "matched": "classification",
                 "unmatched": "classification", "queued": "classification",
                 "started": "run", "finished": "run", "sent": "delivery", "stored": "delivery",
-                "send-failed": "delivery", "requeued": "requeue"}.get(str(ev.get("event")),
-                                                                   "event")
+                "send-failed": "delivery", "requeued": "requeue",
+                **dict.fromkeys(proof, "delivery")}.get(str(ev.get("event")), "event")
         job = by_id.get(str(ev.get("job")), {})
         details: dict[str, Any] = {k: v for k, v in ev.items()
                                    if k not in ("time", "job", "stage", "event", "status",
@@ -814,7 +818,7 @@ def _entries(events: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[d
             details["classification"] = job.get("classification")
         elif ev.get("event") == "finished" and job.get("run"):
             details["run"] = job.get("run")
-        elif ev.get("event") in ("sent", "send-failed") and job.get("destinations"):
+        elif ev.get("event") in ("sent", "send-failed", *proof) and job.get("destinations"):
             details["destinations"] = job.get("destinations")
         out.append({"time": ev.get("time"), "stage": ev.get("stage"), "kind": kind
                     if ev.get("event") in shown else "event", "event": ev.get("event"),

@@ -225,6 +225,9 @@ class Watch:
         for loop in self.loops.values():
             self.observer.schedule(_Wake(loop.wake),  # type: ignore[arg-type]
                                    str(spool.dir(loop.queue, State.NEW)), recursive=False)
+        # a storage commitment answer the receiver kept makes its waiting job due
+        self.observer.schedule(_Wake(self.loops["send"].wake),  # type: ignore[arg-type]
+                               str(spool.commitment), recursive=False)
         self.observer.daemon = True
         self.observer.start()
 

@@ -381,3 +381,67 @@ def test_configuration_keys_are_checked(tmp_path: Path) -> None:
         **net, commitment_timeout="5m")
     assert "destination.pacs.commitment" in check(folder=str(tmp_path / "out"),
                                                   commitment=True)
+
+
+def test_answer_on_the_same_association(tmp_path: Path) -> None:
+    """A commitment SCP that answers on the requesting association (Orthanc always opens
+    a new one; no installed archive answers this way, so pynetdicom plays it): no
+    receiver runs, the answer still reaches the job."""
+    import threading
+
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    reports: list[int] = []
+
+    def on_action(event: Any) -> tuple[int, None]:
+        info = event.action_information
+        report = Dataset()
+        report.TransactionUID = info.TransactionUID
+        report.ReferencedSOPSequence = list(info.ReferencedSOPSequence)
+
+        def answer() -> None:
+            status, _ = event.assoc.send_n_event_report(report, 1, commitment.SOP_CLASS,
+                                                        commitment.SOP_INSTANCE)
+            reports.append(int(status.Status))
+        threading.Thread(target=answer, daemon=True).start()
+        return 0x0000, None
+
+    ae = AE(ae_title="SAMEASSOC")
+    ae.supported_contexts = AllStoragePresentationContexts[:60]
+    ae.add_supported_context(commitment.SOP_CLASS)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_N_ACTION, on_action), (evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        peer = StoreSCP(aet="SAMEASSOC", port=int(server.server_address[1]), out_dir=tmp_path,
+                        log=tmp_path / "x.log", argv=[], env={}, proc=None)  # type: ignore[arg-type]
+        cfg = config(tmp_path, free_port(), peer, commitment=True)
+        spool = Spool(tmp_path / "spool")
+        job_id, uids, _ = queue_send_job(spool, n=2)
+        proc = run_dts("send", "--once", config=cfg)
+        assert proc.returncode == 0, proc.stderr
+        assert where(spool, job_id) == "done"
+        assert reports == [0x0000]
+        ((_txn, rec),) = commit_state(spool, job_id)["commitment"].items()
+        assert rec["instances"] == {u: "committed" for u in uids}
+        report = [e for e in events(spool, job_id) if e["event"] == "committed"]
+        assert report
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_dts_watch_receives_the_answer_and_finishes_the_job(
+        tmp_path: Path, orthanc_factory: Callable[..., Orthanc], procs: list[Any]) -> None:
+    port = free_port()
+    orthanc = orthanc_factory(modalities={"DTS": ("DTS", "127.0.0.1", port)})
+    cfg = config(tmp_path, port, orthanc, commitment=True)
+    watch = start_dts("watch", config=cfg, log=tmp_path / "watch.log")
+    procs.append(watch)
+    wait_port(port)
+    spool = Spool(tmp_path / "spool")
+    job_id, uids, _ = queue_send_job(spool, n=2)
+    wait_for(lambda: where(spool, job_id) == "done", 60, what="the job in done/")
+    rec = commit_state(spool, job_id)
+    assert rec["status"] == "done"
+    assert [s for t in rec["commitment"].values() for s in t["instances"].values()] \
+        == ["committed", "committed"]
