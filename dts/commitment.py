@@ -437,11 +437,13 @@ def _n_action(station: Station, job: Job, data: JobRecord, dest: Destination, pe
     spool, journal = station.spool, station.journal
     key = f"destination.{dest.name}.commitment"
     uid = str(generate_uid())
-    register(spool, uid, job.id, dest.name, {it.sop_uid: it.sop_class for it in todo})
     state["commitment"][uid] = {"sent_at": isotime(),
                                 "instances": {it.sop_uid: PENDING for it in todo}}
     state.pop("commit_after", None)
-    job.write(data)  # the transaction is in job.json before the peer can answer it
+    # job.json first (so forget() finds every registration), then the registration the
+    # receiver checks reports against, then the request
+    job.write(data)
+    register(spool, uid, job.id, dest.name, {it.sop_uid: it.sop_class for it in todo})
 
     def drop(status: SendStatus, error: str) -> SendStatus:
         """The request did not reach the peer: no transaction."""

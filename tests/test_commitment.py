@@ -35,14 +35,16 @@ from tests.test_send import events, job_data, queue_send_job, where
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def config(tmp_path: Path, port: int, peer: Orthanc | StoreSCP, *, retries: int = 3,
-           **dest: Any) -> Path:
+def config(tmp_path: Path, port: int, peer: Orthanc | StoreSCP | tuple[str, int], *,
+           retries: int = 3, **dest: Any) -> Path:
+    """A station on ``port`` whose stream "seg" sends to "pacs", the ``peer``."""
+    aet, peer_port = peer if isinstance(peer, tuple) else (peer.aet, peer.port)
     return station_config(
         tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1", "port": port,
                            "send_retries": retries, "send_backoff": "60s",
                            "dimse_timeout": 10, "network_timeout": 10, "stable_seconds": 1},
-        destinations=[{"name": "pacs", "ae_title": peer.aet, "host": "127.0.0.1",
-                       "port": peer.port, **dest}],
+        destinations=[{"name": "pacs", "ae_title": aet, "host": "127.0.0.1",
+                       "port": peer_port, **dest}],
         streams=[{"name": "seg", "command": ["true"], "destinations": ["pacs"]}])
 
 
@@ -411,10 +413,10 @@ def test_answer_on_the_same_association(tmp_path: Path) -> None:
     ae.add_supported_context(commitment.SOP_CLASS)
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
         (evt.EVT_N_ACTION, on_action), (evt.EVT_C_STORE, lambda event: 0x0000)])
+    assert server is not None
     try:
-        peer = StoreSCP(aet="SAMEASSOC", port=int(server.server_address[1]), out_dir=tmp_path,
-                        log=tmp_path / "x.log", argv=[], env={}, proc=None)  # type: ignore[arg-type]
-        cfg = config(tmp_path, free_port(), peer, commitment=True)
+        cfg = config(tmp_path, free_port(), ("SAMEASSOC", int(server.server_address[1])),
+                     commitment=True)
         spool = Spool(tmp_path / "spool")
         job_id, uids, _ = queue_send_job(spool, n=2)
         proc = run_dts("send", "--once", config=cfg)
@@ -439,9 +441,22 @@ def test_dts_watch_receives_the_answer_and_finishes_the_job(
     procs.append(watch)
     wait_port(port)
     spool = Spool(tmp_path / "spool")
-    job_id, uids, _ = queue_send_job(spool, n=2)
+    job_id, _uids, _ = queue_send_job(spool, n=2)
     wait_for(lambda: where(spool, job_id) == "done", 60, what="the job in done/")
     rec = commit_state(spool, job_id)
     assert rec["status"] == "done"
     assert [s for t in rec["commitment"].values() for s in t["instances"].values()] \
         == ["committed", "committed"]
+
+
+def test_config_show_of_commitment_keys_loads_again(tmp_path: Path) -> None:
+    cfg = station_config(tmp_path, destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+         "commitment": True, "commitment_timeout": "2m", "verify": "find"},
+        {"name": "plain", "ae_title": "PLAIN", "host": "127.0.0.1", "port": 105}])
+    shown = run_dts("config", "show", config=cfg)
+    assert shown.returncode == 0, shown.stderr
+    assert "commitment_timeout = 120.0" in shown.stdout and 'verify = "find"' in shown.stdout
+    again = tmp_path / "again.toml"
+    again.write_text(shown.stdout)
+    assert run_dts("config", "check", str(again)).returncode == 0
