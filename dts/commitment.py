@@ -75,6 +75,7 @@ NO_SUCH_SOP_INSTANCE = 0x0112
 NO_SUCH_EVENT_TYPE = 0x0113
 INVALID_ARGUMENT_VALUE = 0x0115
 CLASS_INSTANCE_CONFLICT = 0x0119
+NO_SUCH_ACTION = 0x0123  # what the receiver answers an N-ACTION: dts commits nothing itself
 
 # Failure Reason (0008,1197) values of PS3.4 J.3.2.1.1.4 / C.14.1.1
 FAILURE_REASONS = {

@@ -212,6 +212,7 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_N_EVENT_REPORT, self._on_event_report),
+            (evt.EVT_N_ACTION, self._on_action),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         try:
@@ -380,6 +381,13 @@ class Receiver:
     def _on_event_report(self, event: Any) -> tuple[int, None]:
         """A storage commitment answer: validated and kept for its job (dts.commitment)."""
         return commitment.on_report(self.station, event, via="receiver")
+
+    def _on_action(self, event: Any) -> tuple[int, None]:
+        """dts asks for storage commitment; it commits nothing itself: 0x0123 No such
+        action (instead of pynetdicom's 0x0110 for a handler that is missing)."""
+        LOGGER.warning("refused an N-ACTION from %s: dts is no storage commitment SCP",
+                       dicom_ae.peer_of(event.assoc)[0])
+        return commitment.NO_SUCH_ACTION, None
 
     # -- storing -------------------------------------------------------------------
     def _connection(self, assoc: Any) -> Connection:

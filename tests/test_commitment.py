@@ -308,6 +308,18 @@ def test_reports_for_unknown_transactions_or_foreign_instances_are_refused(
     assert all(r["calling_ae"] == "FOREIGN" and r["status"] == "warning" for r in refused)
     assert "was not started by this station" in refused[0]["message"]
 
+    # dts is no storage commitment SCP itself
+    ae = AE(ae_title="FOREIGN")
+    ae.add_requested_context(commitment.SOP_CLASS)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DTS")
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(foreign, 1, commitment.SOP_CLASS,
+                                        commitment.SOP_INSTANCE)
+        assert int(status.Status) == commitment.NO_SUCH_ACTION
+    finally:
+        assoc.release()
+
     # the real one is kept
     ok = Dataset()
     ok.TransactionUID = txn
