@@ -472,3 +472,61 @@ def test_config_show_of_commitment_keys_loads_again(tmp_path: Path) -> None:
     again = tmp_path / "again.toml"
     again.write_text(shown.stdout)
     assert run_dts("config", "check", str(again)).returncode == 0
+
+
+def test_verify_falls_back_to_series_counts(tmp_path: Path) -> None:
+    """A peer that answers C-FIND only at SERIES level, and loses the first object it is
+    sent (no installed archive refuses IMAGE-level queries, so pynetdicom plays it)."""
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    kept: dict[str, set[str]] = {}
+    lost: list[str] = []
+    levels: list[str] = []
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        if not lost:
+            lost.append(str(ds.SOPInstanceUID))
+        else:
+            kept.setdefault(str(ds.SeriesInstanceUID), set()).add(str(ds.SOPInstanceUID))
+        return 0x0000
+
+    def on_find(event: Any) -> Any:
+        q = event.identifier
+        levels.append(str(q.QueryRetrieveLevel))
+        if q.QueryRetrieveLevel != "SERIES":
+            yield 0xC000, None  # unable to process
+            return
+        n = len(kept.get(str(q.SeriesInstanceUID), ()))
+        if n:
+            found = Dataset()
+            found.QueryRetrieveLevel = "SERIES"
+            found.StudyInstanceUID = q.StudyInstanceUID
+            found.SeriesInstanceUID = q.SeriesInstanceUID
+            found.NumberOfSeriesRelatedInstances = n
+            yield 0xFF00, found
+
+    ae = AE(ae_title="SERIESONLY")
+    ae.supported_contexts = AllStoragePresentationContexts[:60]
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.2.2.1")
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, on_store), (evt.EVT_C_FIND, on_find)])
+    assert server is not None
+    try:
+        cfg = config(tmp_path, free_port(), ("SERIESONLY", int(server.server_address[1])),
+                     verify="find")
+        spool = Spool(tmp_path / "spool")
+        job_id, uids, _ = queue_send_job(spool, n=3)
+        first = run_dts("send", "--once", config=cfg)
+        assert first.returncode == 75, first.stderr
+        state = commit_state(spool, job_id)
+        assert "3 of 3 instance(s) not found on pacs by C-FIND after storing (1 series by " \
+            "instance count)" in state["error"]
+        assert state["sent"] == []
+        assert levels == ["IMAGE", "SERIES"]
+        second = run_dts("send", job_id, config=cfg)
+        assert second.returncode == 0, second.stderr
+        assert where(spool, job_id) == "done"
+        assert set().union(*kept.values()) == set(uids)
+    finally:
+        server.shutdown()
