@@ -110,6 +110,8 @@ class StationConfig:
     # 0: unlimited, see docs/architecture.md, "Bounded memory")
     max_pdu: int = 1048576
     max_associations: int = 16
+    # worker processes serving the port (dts.receivepool); 0: one per core
+    receive_workers: int = 0
     # Connections that have not sent an A-ASSOCIATE-RQ yet: a budget of their own, per peer
     # address and in total, the oldest closed first (docs/architecture.md, "No lock-out")
     max_pending_connections: int = 64
@@ -497,6 +499,7 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         classify_rules=t.convert("classify_rules", _path(base), _default_rules(base)),
         max_pdu=t.convert("max_pdu", _positive_int, d.max_pdu),
         max_associations=t.convert("max_associations", _positive_int, d.max_associations),
+        receive_workers=t.convert("receive_workers", _positive_int, d.receive_workers),
         max_pending_connections=t.convert("max_pending_connections", _positive_int,
                                           d.max_pending_connections),
         max_pending_per_host=t.convert("max_pending_per_host", _positive_int,

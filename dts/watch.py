@@ -158,12 +158,16 @@ class Watch:
                                   max_parallel_runs=self.cfg.max_parallel_runs)
         self._recover()
         if self.receive:
-            from .receiver import Receiver
+            from .receivepool import make_receiver
 
-            self.receiver = Receiver(self.station, host=self.host, port=self.port)
+            self.receiver = make_receiver(self.station, host=self.host, port=self.port)
             self.receiver.start()  # recovers incoming/ and half-published studies first
             self.port = self.receiver.port
             details["port"] = self.port
+            if hasattr(self.receiver, "pids"):  # worker processes: dts status lists them
+                details["workers"] = self.receiver.pids()
+                rlock = self._locks[-1]
+                self.receiver.on_change = lambda pids: update_service(rlock, {"workers": pids})
             for lk in self._locks:
                 update_service(lk, details)
             self._say(f"receiving as {self.cfg.ae_title} on "
