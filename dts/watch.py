@@ -153,9 +153,6 @@ class Watch:
                 raise UsageError(f"a receiver (dts receive) is already running on spool "
                                  f"{spool.root}: stop it, or run dts watch --no-receive")
             self._locks.append(rlock)
-        self.station.journal.emit(Stage.WATCH, Event.WATCH_STARTED, Status.INFO,
-                                  f"dts watch started (pid {os.getpid()})",
-                                  max_parallel_runs=self.cfg.max_parallel_runs)
         self._recover()
         if self.receive:
             from .receivepool import make_receiver
@@ -177,6 +174,10 @@ class Watch:
         self._start_observer()
         self._start_workers()
         self._start_helpers()
+        # said once everything serves: the receiver listens (its workers too), stages run
+        self.station.journal.emit(Stage.WATCH, Event.WATCH_STARTED, Status.INFO,
+                                  f"dts watch started (pid {os.getpid()})",
+                                  max_parallel_runs=self.cfg.max_parallel_runs)
 
     def _recover(self) -> None:
         from . import runner
