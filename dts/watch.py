@@ -214,6 +214,7 @@ class Watch:
             "run": loop("run", Queue.RUN, functools.partial(runner.process, cancel=self.cancel),
                         claimers=self.cfg.max_parallel_runs, pause=pause),
             "send": loop("send", Queue.SEND, sender.process, ready=sender.ready,
+                         claimers=self.cfg.max_parallel_sends,
                          pause=min(pause, self.cfg.send_backoff / 2),
                          due=lambda: next_due(self.station)),
         }
