@@ -105,11 +105,15 @@ class StationConfig:
     allowed_hosts: tuple[str, ...] = ()
     min_free_mb: int = 1024
     max_parallel_runs: int = 1
+    # jobs dts watch sends at once (one slow destination must not hold up the others)
+    max_parallel_sends: int = 4
     classify_rules: Path = Path("classifyRules.json")
     # The receiver's advertised and accepted maximum PDU length (dts.dicom.wire.DEFAULT_MAX_PDU;
     # 0: unlimited, see docs/architecture.md, "Bounded memory")
     max_pdu: int = 1048576
     max_associations: int = 16
+    # worker processes serving the port (dts.receivepool); 0: one per core
+    receive_workers: int = 0
     # Connections that have not sent an A-ASSOCIATE-RQ yet: a budget of their own, per peer
     # address and in total, the oldest closed first (docs/architecture.md, "No lock-out")
     max_pending_connections: int = 64
@@ -508,9 +512,11 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         allowed_hosts=t.convert("allowed_hosts", _string_list(_host_pattern), ()),
         min_free_mb=t.convert("min_free_mb", _positive_int, d.min_free_mb),
         max_parallel_runs=t.convert("max_parallel_runs", _positive_int, d.max_parallel_runs),
+        max_parallel_sends=t.convert("max_parallel_sends", _positive_int, d.max_parallel_sends),
         classify_rules=t.convert("classify_rules", _path(base), _default_rules(base)),
         max_pdu=t.convert("max_pdu", _positive_int, d.max_pdu),
         max_associations=t.convert("max_associations", _positive_int, d.max_associations),
+        receive_workers=t.convert("receive_workers", _positive_int, d.receive_workers),
         max_pending_connections=t.convert("max_pending_connections", _positive_int,
                                           d.max_pending_connections),
         max_pending_per_host=t.convert("max_pending_per_host", _positive_int,
@@ -527,8 +533,9 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         tls=tls,
     )
     t.finish()
-    if station.max_parallel_runs < 1:
-        raise ConfigError(file, "station.max_parallel_runs", "must be at least 1")
+    for key in ("max_parallel_runs", "max_parallel_sends"):
+        if getattr(station, key) < 1:
+            raise ConfigError(file, f"station.{key}", "must be at least 1")
     if station.max_attempts < 1:
         raise ConfigError(file, "station.max_attempts", "must be at least 1")
     for key in ("max_associations", "max_pending_connections", "max_pending_per_host"):

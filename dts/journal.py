@@ -50,6 +50,7 @@ class Event(StrEnum):
     # receive (dts receive, dts import)
     RECEIVER_STARTED = "receiver-started"        # the C-STORE service listens
     RECEIVER_STOPPED = "receiver-stopped"        # it stopped (open associations finished)
+    RECEIVE_WORKER_EXITED = "receive-worker-exited"  # a receiver worker process died; restarted
     ASSOCIATION_REFUSED = "association-refused"  # allow-lists, or max_associations open
     CONNECTIONS_CLOSED = "connections-closed"    # not associated, over the pending budget
     INSTANCE_REFUSED = "instance-refused"        # an instance answered with a failure status

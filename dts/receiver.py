@@ -38,6 +38,7 @@ from typing import Any
 from pynetdicom import evt
 
 from . import commitment
+from .carriers import AssociationSlots, Carrier, StudyCarriers
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
 from .dicom.header import read_header
@@ -111,6 +112,7 @@ class _Study:
     sops: set[str] = field(default_factory=set)
     duplicates: int = 0
     sources: list[dict[str, Any]] = field(default_factory=list)
+    ino: int | None = None  # incoming/<Study>'s inode: which incarnation this state is of
 
 
 def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
@@ -152,10 +154,16 @@ def job_data(study_uid: str, meta: dict[str, Any], input_dir: Path, *,
 
 
 class Receiver:
-    """The C-STORE/C-ECHO service of one station (see the module docstring)."""
+    """The C-STORE/C-ECHO service of one station (see the module docstring).
+
+    ``workers`` above 1 makes this one of that many worker processes serving one port
+    (``dts.receivepool``): the listening socket is shared with SO_REUSEPORT,
+    ``max_associations`` is counted station-wide in lock files, the pending budget is
+    this worker's share, and which study is still carried, or quiet, is decided with
+    the other workers through ``dts.carriers``."""
 
     def __init__(self, station: Station, *, host: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, workers: int = 1) -> None:
         self.station = station
         self.spool = station.spool
         self.cfg = station.config.station
@@ -175,9 +183,21 @@ class Receiver:
         self._tmp = str(self.spool.tmp)
         self._free_ok = True
         self._unfinished = False  # a publication failed after its files moved to tmp/
-        self._budget = PendingBudget(self.cfg.max_pending_connections,
-                                     self.cfg.max_pending_per_host)
+        self.workers = max(1, workers)
+        self.shared = self.workers > 1
+        total = max(1, self.cfg.max_pending_connections // self.workers)
+        self._budget = PendingBudget(total,
+                                     min(total, max(1, self.cfg.max_pending_per_host
+                                                    // self.workers)))
         self._closed_reported = -CLOSED_REPORT_SECONDS
+        self._carriers: StudyCarriers | None = None
+        self._slots: AssociationSlots | None = None
+        self._held_slots: dict[int, int] = {}  # id(assoc) -> its slot's descriptor
+        self._carrying: dict[int, dict[str, Carrier]] = {}  # id(assoc) -> study -> carrier
+        if self.shared:
+            self._carriers = StudyCarriers(self.spool.run_dir / "carriers")
+            self._slots = AssociationSlots(self.spool.run_dir / "associations",
+                                           self.cfg.max_associations)
 
     # -- life cycle -----------------------------------------------------------
     def start(self) -> None:
@@ -216,6 +236,8 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         try:
+            if self.shared:  # every worker listens on the one port (SO_REUSEPORT)
+                patches.share_listening_port()
             self._server = ae.start_server((self.host, self.port), block=False,
                                            evt_handlers=handlers, ssl_context=ssl_context)
         except OSError as exc:
@@ -228,6 +250,8 @@ class Receiver:
         self._checker = threading.Thread(target=self._check_loop, name="dts-stable",
                                          daemon=True)
         self._checker.start()
+        if self.shared:
+            return  # the pool says it once for all its workers
         self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STARTED, Status.INFO,
                                   f"listening on {self.host}:{self.port} as {self.cfg.ae_title}",
                                   port=self.port, ae_title=self.cfg.ae_title, best_effort=True)
@@ -262,6 +286,8 @@ class Receiver:
         if self._checker is not None:
             self._checker.join(10)
         self.publish_stable()
+        if self.shared:
+            return
         self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STOPPED, Status.INFO,
                                   "receiver stopped", port=self.port, best_effort=True)
 
@@ -328,10 +354,18 @@ class Receiver:
         reason, diagnostic = self._refusal(conn)
         result, source = 0x01, 0x01  # rejected permanent, by the service user
         if reason is None:
-            with self._lock:
-                if len(self._conns) < self.cfg.max_associations:
-                    self._conns[id(assoc)] = conn
+            if self._slots is not None:  # counted with the other workers
+                slot = self._slots.take()
+                if slot is not None:
+                    with self._lock:
+                        self._held_slots[id(assoc)] = slot
+                        self._conns[id(assoc)] = conn
                     return
+            else:
+                with self._lock:
+                    if len(self._conns) < self.cfg.max_associations:
+                        self._conns[id(assoc)] = conn
+                        return
             reason = f"max_associations ({self.cfg.max_associations}) are open"
             # transient, by the service provider (presentation): local limit exceeded
             result, source, diagnostic = 0x02, 0x03, 0x02
@@ -366,14 +400,25 @@ class Receiver:
             self._budget.done(sock)
         scp.discard_partial(event.assoc)  # a data set cut off on pynetdicom's path
         key = id(event.assoc)
+        self._closed(key)
+
+    def _closed(self, key: int) -> None:
+        """The association ``key`` ended: it carries nothing any more."""
         now = time.monotonic()
         with self._lock:
             self._conns.pop(key, None)
+            slot = self._held_slots.pop(key, None)
+            carrying = self._carrying.pop(key, {})
             for uid in self._carried.pop(key, ()):
                 st = self._studies.get(uid)
                 if st is not None:
                     st.assocs.discard(key)
                     st.last = max(st.last, now)
+        if self._carriers is not None:
+            for uid, carrier in carrying.items():
+                self._carriers.release(uid, carrier)
+        if slot is not None:
+            AssociationSlots.give_back(slot)
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
@@ -474,7 +519,14 @@ class Receiver:
                 st.series.add(series_uid)
             dest = os.path.join(series_dir, sop_uid + ".dcm")
             if os.path.dirname(path) == self._tmp:
-                os.rename(path, dest)
+                try:
+                    os.rename(path, dest)
+                except FileNotFoundError:  # state of an earlier incarnation: make it again
+                    if not os.path.exists(path):
+                        raise
+                    os.makedirs(series_dir, exist_ok=True)
+                    fsync_dir(study_dir)
+                    os.rename(path, dest)
             else:  # a receive folder elsewhere: copy through tmp/
                 tmp = os.path.join(self._tmp, f".rx-copy-{sop_uid}")
                 shutil.copyfile(path, tmp)
@@ -519,10 +571,37 @@ class Receiver:
                              status, reason)
         return status
 
+    def _carry(self, study_uid: str, assoc_key: int) -> None:
+        """Shared mode: the association's first instance of ``study_uid`` makes it a
+        carrier of the study for the other workers; state this worker holds of an earlier
+        incarnation of the study (published by another worker since) is dropped."""
+        carriers = self._carriers
+        assert carriers is not None
+        study_dir = os.path.join(self._incoming, study_uid)
+
+        def prepare() -> None:  # no worker can be publishing the study meanwhile
+            try:
+                ino: int | None = os.stat(study_dir).st_ino
+                if not os.path.exists(os.path.join(study_dir, STUDY_META)):
+                    ino = None
+            except FileNotFoundError:
+                ino = None
+            with self._lock:
+                st = self._studies.get(study_uid)
+                if st is not None and st.ino is not None and st.ino != ino \
+                        and study_uid not in self._moving:
+                    del self._studies[study_uid]
+
+        carrier = carriers.carry(study_uid, prepare)
+        with self._lock:
+            self._carrying.setdefault(assoc_key, {})[study_uid] = carrier
+
     def _enter(self, study_uid: str, assoc_key: int, conn: Connection,
                header: dict[str, str | None]) -> _Study:
         """Register an instance in flight for ``study_uid``, creating the study (folder and
         durable metadata) on its first instance."""
+        if self._carriers is not None and study_uid not in self._carrying.get(assoc_key, {}):
+            self._carry(study_uid, assoc_key)
         while True:
             with self._lock:
                 moving = self._moving.get(study_uid)
@@ -558,6 +637,7 @@ class Receiver:
                 study_dir.mkdir()
                 fsync_dir(self.spool.incoming)
             write_file_durably(study_dir / STUDY_META, dump_json(meta))
+            st.ino = study_dir.stat().st_ino
             st.meta = meta
             st.sources = list(meta.get("sources") or [conn.as_dict()])
             return st
@@ -592,6 +672,11 @@ class Receiver:
             server = self._server
             # An association whose close we somehow missed must not hold a study forever.
             live = {id(a) for a in server.active_associations} if server is not None else set()
+            gone = [k for k in set(self._carrying) | set(self._held_slots) if k not in live] \
+                if server is not None else []
+            for key in gone:  # closes we missed: their carriers and slots go too
+                self._closed(key)
+            locks: dict[str, Any] = {}
             with self._lock:
                 for uid, st in list(self._studies.items()):
                     if st.assocs - live:
@@ -601,13 +686,21 @@ class Receiver:
                         continue
                     if not force and now - st.last < self.cfg.stable_seconds:
                         continue
+                    if self._carriers is not None:  # and quiet for every other worker
+                        lock = self._carriers.try_publish(
+                            uid, 0.0 if force else self.cfg.stable_seconds)
+                        if lock is None:
+                            continue
+                        locks[uid] = lock
                     del self._studies[uid]
                     self._moving[uid] = threading.Event()
                     ready.append(st)
             jobs = []
             for st in ready:
+                published = False
                 try:
                     job_id = self._publish(st)
+                    published = True
                     if job_id:
                         jobs.append(job_id)
                 except Exception as exc:
@@ -620,6 +713,9 @@ class Receiver:
                                               "in incoming/ and is tried again",
                                               study_uid=st.uid, best_effort=True)
                 finally:
+                    lock = locks.pop(st.uid, None)
+                    if lock is not None:
+                        lock.release(published=published)
                     with self._lock:
                         done = self._moving.pop(st.uid, None)
                     if done is not None:
@@ -705,7 +801,7 @@ class Receiver:
                     meta = {}
                 st = _Study(entry.name, meta=meta, last=now,
                             series={e.name for e in os.scandir(study_dir) if e.is_dir()},
-                            sources=list(meta.get("sources") or []))
+                            sources=list(meta.get("sources") or []), ino=entry.inode())
                 self._studies[entry.name] = st
         return published
 
@@ -716,7 +812,7 @@ class Receiver:
         published: list[str] = []
         for entry in sorted(os.scandir(spool.tmp), key=lambda e: e.name):
             if entry.name.startswith(".rx-") and entry.is_file():
-                if live:
+                if live or (self.shared and _writer_alive(entry.name)):
                     continue  # may be an instance arriving right now
                 try:  # half-received instances of a dead receiver: never acknowledged
                     if time.time() - entry.stat().st_mtime > 60:
@@ -763,6 +859,23 @@ def _ae_text(value: object) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value or "").strip()
+
+
+def _writer_alive(name: str) -> bool:
+    """A ``.rx-<pid>-...`` file whose writing process still lives (another worker's)."""
+    try:
+        pid = int(name.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_path(path: Path) -> None:

@@ -88,6 +88,24 @@ def service_state(spool: Spool, name: str) -> dict[str, Any]:
     return {"running": True, **info}
 
 
+def receiver_state(spool: Spool) -> dict[str, Any]:
+    """The receiver service, with its worker processes (``dts.receivepool``) when it
+    has them: ``workers`` lists each one's index, pid and whether it is alive."""
+    state = service_state(spool, "receiver")
+    if state.get("running") and isinstance(state.get("workers"), list):
+        workers = []
+        for path in sorted(spool.run_dir.glob("receiver-worker-*.pid")):
+            index = path.stem.rsplit("-", 1)[1]
+            if not index.isdigit():
+                continue
+            w = service_state(spool, path.stem)
+            if w.get("running") and w.get("pid") in state["workers"]:
+                workers.append({"index": int(index), "pid": w.get("pid"),
+                                "listening": bool(w.get("listening"))})
+        state["workers"] = sorted(workers, key=lambda w: w["index"])
+    return state
+
+
 def queue_counts(spool: Spool, now: float | None = None) -> dict[str, dict[str, Any]]:
     now = now if now is not None else time.time()
     out: dict[str, dict[str, Any]] = {}
@@ -103,7 +121,8 @@ def queue_counts(spool: Spool, now: float | None = None) -> dict[str, dict[str, 
         ids = spool.list(q)
         out[q.value] = {"count": len(ids), "oldest_seconds": oldest(ids)}
     try:
-        studies = [p for p in spool.incoming.iterdir() if p.is_dir()]
+        studies = [p for p in spool.incoming.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")]
     except FileNotFoundError:
         studies = []
     out["incoming"] = {"studies": len(studies)}
@@ -116,7 +135,7 @@ def station_status(spool: Spool) -> dict[str, Any]:
     return {
         "spool": str(spool.root),
         "queues": queue_counts(spool),
-        "receiver": service_state(spool, "receiver"),
+        "receiver": receiver_state(spool),
         "watch": service_state(spool, "watch"),
         "web": service_state(spool, "web"),
         "errors_24h": failures,

@@ -153,17 +153,18 @@ class Watch:
                 raise UsageError(f"a receiver (dts receive) is already running on spool "
                                  f"{spool.root}: stop it, or run dts watch --no-receive")
             self._locks.append(rlock)
-        self.station.journal.emit(Stage.WATCH, Event.WATCH_STARTED, Status.INFO,
-                                  f"dts watch started (pid {os.getpid()})",
-                                  max_parallel_runs=self.cfg.max_parallel_runs)
         self._recover()
         if self.receive:
-            from .receiver import Receiver
+            from .receivepool import make_receiver
 
-            self.receiver = Receiver(self.station, host=self.host, port=self.port)
+            self.receiver = make_receiver(self.station, host=self.host, port=self.port)
             self.receiver.start()  # recovers incoming/ and half-published studies first
             self.port = self.receiver.port
             details["port"] = self.port
+            if hasattr(self.receiver, "pids"):  # worker processes: dts status lists them
+                details["workers"] = self.receiver.pids()
+                rlock = self._locks[-1]
+                self.receiver.on_change = lambda pids: update_service(rlock, {"workers": pids})
             for lk in self._locks:
                 update_service(lk, details)
             self._say(f"receiving as {self.cfg.ae_title} on "
@@ -173,6 +174,10 @@ class Watch:
         self._start_observer()
         self._start_workers()
         self._start_helpers()
+        # said once everything serves: the receiver listens (its workers too), stages run
+        self.station.journal.emit(Stage.WATCH, Event.WATCH_STARTED, Status.INFO,
+                                  f"dts watch started (pid {os.getpid()})",
+                                  max_parallel_runs=self.cfg.max_parallel_runs)
 
     def _recover(self) -> None:
         from . import runner
@@ -209,6 +214,7 @@ class Watch:
             "run": loop("run", Queue.RUN, functools.partial(runner.process, cancel=self.cancel),
                         claimers=self.cfg.max_parallel_runs, pause=pause),
             "send": loop("send", Queue.SEND, sender.process, ready=sender.ready,
+                         claimers=self.cfg.max_parallel_sends,
                          pause=min(pause, self.cfg.send_backoff / 2),
                          due=lambda: next_due(self.station)),
         }

@@ -535,8 +535,9 @@ def test_idle_connections_do_not_lock_out_real_peers(start_receiver: Any,
                                                      tmp_path: Path) -> None:
     """20 silent connections from one address, max_associations = 4: echoscu and storescu
     from another address are served at once, and the flood keeps only its newest
-    max_pending_per_host connections."""
-    rx = start_receiver(network_timeout="60s", max_associations=4, max_pending_per_host=3)
+    max_pending_per_host connections (one process: the budget is exactly this one)."""
+    rx = start_receiver(network_timeout="60s", max_associations=4, max_pending_per_host=3,
+                        receive_workers=1)
     flood = []
     for _ in range(20):
         flood.append(RawPeer(rx.port, source=FLOOD))
@@ -555,6 +556,27 @@ def test_idle_connections_do_not_lock_out_real_peers(start_receiver: Any,
                              what="the connections-closed event")
         assert closed["status"] == "warning" and FLOOD in closed["by_host"]
         assert 1 <= closed["closed"] <= 17
+    finally:
+        for peer in flood:
+            peer.close()
+
+
+@pytest.mark.peers
+def test_idle_connections_do_not_lock_out_real_peers_of_a_receiver_with_workers(
+        start_receiver: Any, tmp_path: Path) -> None:
+    """With two worker processes each keeps its share of the pending budget: the real
+    peers are served at once, and of 20 silent connections from one address no more than
+    max_pending_per_host stay open station-wide."""
+    rx = start_receiver(network_timeout="60s", max_associations=4, max_pending_per_host=4,
+                        receive_workers=2)
+    flood = []
+    for _ in range(20):
+        flood.append(RawPeer(rx.port, source=FLOOD))
+        time.sleep(0.02)
+    try:
+        _serves_real_peers(rx, tmp_path)
+        wait_for(lambda: 1 <= sum(_open(p) for p in flood) <= 4, 10,
+                 what="at most four flooding connections left open")
     finally:
         for peer in flood:
             peer.close()

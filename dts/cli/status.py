@@ -66,6 +66,9 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
             s = st[svc]
             state = f"running (pid {s.get('pid')})" if s["running"] else "not running"
             extra = f" on port {s['port']}" if s.get("running") and s.get("port") else ""
+            if s.get("running") and s.get("workers"):
+                pids = ", ".join(str(w["pid"]) for w in s["workers"])
+                extra += f", {len(s['workers'])} worker process(es): {pids}"
             console.print(f"{svc}: {state}{extra}")
         console.print(f"errors in the last 24 h: {st['errors_24h']}   free: {st['free_mb']} MB")
         for r in reasons:

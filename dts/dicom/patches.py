@@ -48,6 +48,7 @@ import inspect
 import linecache
 import logging
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -609,3 +610,19 @@ def send_files_as_encoded() -> None:
     """pynetdicom's ``send_c_store(path)`` streams a file's data set as encoded instead
     of decoding and re-encoding it."""
     _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def share_listening_port() -> None:
+    """Every association server of this process binds with SO_REUSEPORT, so that the
+    receiver's worker processes listen on one port together (``dts.receivepool``).
+    Process-wide: only a worker process calls it."""
+    original = transport.AssociationServer.server_bind
+    if getattr(original, "_dts_reuse_port", False):
+        return
+
+    def server_bind(self: Any) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        original(self)
+
+    server_bind._dts_reuse_port = True  # type: ignore[attr-defined]
+    transport.AssociationServer.server_bind = server_bind  # type: ignore[method-assign]

@@ -1,0 +1,257 @@
+"""The receiver on every core: ``[station] receive_workers`` processes on one port.
+
+One process (``dts receive``, or ``dts watch``) holds the ``receiver`` service lock, the
+port (a socket bound with SO_REUSEPORT but never listening, so the port stays the
+station's while workers come and go) and supervises the workers: each is a
+``dts receive --worker K/N`` child process (``ps`` shows them) running a
+``receiver.Receiver`` that listens on the same port with SO_REUSEPORT, so the kernel
+spreads the incoming connections over them. What must hold station-wide is decided in
+the spool, where the kernel keeps it honest when a worker dies (``dts.carriers``):
+``max_associations`` (slot locks), "no open association carries the study" (carrier
+locks) and "quiet for stable_seconds" (the carriers' close stamps); a study is
+published by exactly one worker. Allow-lists, the disk watermark, TLS and every
+refusal status are each worker's, unchanged. The pending budget
+(``max_pending_connections``, ``max_pending_per_host``) is split evenly among workers.
+
+A worker that dies is restarted (journal: ``receive-worker-exited``), after a pause
+when it keeps dying; a worker dies with its supervisor (it asks the kernel for SIGKILL
+when its parent ends, PR_SET_PDEATHSIG, and also looks itself). ``stop()`` sends SIGTERM to every worker
+(each stops accepting, lets its open associations finish, publishes what is stable)
+and SIGKILL to those still running at the deadline. ``receive_workers = 1`` is the
+one-process receiver without any of this.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dicom.uid import valid_uid
+from .errors import TemporaryFailure
+from .journal import Event, Stage, Status
+from .station import Station
+from .status import service_state
+
+LOGGER = logging.getLogger(__name__)
+READY_TIMEOUT = 60.0  # a worker must listen within this long after it was started
+PR_SET_PDEATHSIG = 1
+
+
+def worker_count(station: Station) -> int:
+    """``[station] receive_workers``, 0 meaning one per core."""
+    n = station.config.station.receive_workers
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+def make_receiver(station: Station, *, host: str | None = None,
+                  port: int | None = None) -> Any:
+    """The station's receiver: a ``Receiver`` in this process, or a ``ReceiverPool``."""
+    workers = worker_count(station)
+    if workers <= 1:
+        from .receiver import Receiver
+
+        return Receiver(station, host=host, port=port)
+    return ReceiverPool(station, host=host, port=port, workers=workers)
+
+
+def die_with_parent() -> int:
+    """In a worker: be killed when the supervisor ends; returns the supervisor's pid
+    (the worker also compares it with ``os.getppid()`` now and then)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    return os.getppid()
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    pause: float = 1.0
+    restarts: int = 0
+    exits: list[int] = field(default_factory=list)
+
+
+class ReceiverPool:
+    """``workers`` receiver processes on one port (see the module docstring)."""
+
+    def __init__(self, station: Station, *, host: str | None = None,
+                 port: int | None = None, workers: int = 2) -> None:
+        self.station = station
+        self.cfg = station.config.station
+        self.host = host if host is not None else self.cfg.host
+        self.port = port if port is not None else self.cfg.port
+        self.workers = [_Worker(i) for i in range(workers)]
+        self._sock: socket.socket | None = None
+        self._stopping = threading.Event()
+        # The thread that starts workers must outlive them: PR_SET_PDEATHSIG fires when
+        # it ends. So the supervisor ends only after every worker stopped (``_done``).
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+        self.on_change: Any = None  # called with the worker pids when they change
+
+    # -- life cycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Take the port, start every worker and return once all of them listen."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise TemporaryFailure(f"cannot listen on {self.host}:{self.port}: "
+                                   f"{exc.strerror or exc}") from None
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        started = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, args=(started,),
+                                            name="dts-receive-pool", daemon=True)
+        self._supervisor.start()
+        started.wait(30)
+        deadline = time.monotonic() + READY_TIMEOUT
+        for w in self.workers:
+            self._wait_ready(w, deadline)
+        self.station.journal.emit(
+            Stage.RECEIVE, Event.RECEIVER_STARTED, Status.INFO,
+            f"listening on {self.host}:{self.port} as {self.cfg.ae_title} "
+            f"({len(self.workers)} workers)",
+            port=self.port, ae_title=self.cfg.ae_title, workers=self.pids(), best_effort=True)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM to every worker; SIGKILL to those still running after ``timeout``
+        (default: network_timeout) plus 5 seconds for their last publications."""
+        if self._sock is None:
+            return
+        self._stopping.set()
+        with self._lock:  # no restart from now on
+            procs = [w.proc for w in self.workers if w.proc is not None]
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + (timeout if timeout is not None
+                                       else self.cfg.network_timeout) + 5.0
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                LOGGER.warning("receive worker %d did not stop in time: killed", proc.pid)
+                proc.kill()
+                proc.wait(10)
+        self._done.set()
+        if self._supervisor is not None:
+            self._supervisor.join(10)
+        self._sock.close()
+        self._sock = None
+        self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STOPPED, Status.INFO,
+                                  "receiver stopped", port=self.port, best_effort=True)
+
+    # -- the workers ------------------------------------------------------------
+    def _argv(self, w: _Worker) -> list[str]:
+        station = self.station
+        return [sys.executable, "-m", "dts", "--config", str(station.config.path),
+                "--spool", str(station.spool.root), "receive", "--host", self.host,
+                "--port", str(self.port), "--worker", f"{w.index}/{len(self.workers)}"]
+
+    def _spawn(self, w: _Worker) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("DTS_CONFIG", "DTS_SPOOL")}
+        w.proc = subprocess.Popen(self._argv(w), env=env, stdin=subprocess.DEVNULL,
+                                  close_fds=True)
+        w.started = time.monotonic()
+
+    def _wait_ready(self, w: _Worker, deadline: float) -> None:
+        name = f"receiver-worker-{w.index}"
+        while True:
+            if w.proc is None:
+                self._kill_all()
+                raise TemporaryFailure(f"receive worker {w.index} could not be started")
+            state = service_state(self.station.spool, name)
+            if state.get("running") and state.get("pid") == w.proc.pid and \
+                    state.get("listening"):
+                return
+            code = w.proc.poll()
+            if code is not None or not self._supervisor_alive():
+                self._kill_all()
+                raise TemporaryFailure(f"receive worker {w.index} exited with {code} before "
+                                       f"it listened on {self.host}:{self.port}")
+            if time.monotonic() > deadline:
+                self._kill_all()
+                raise TemporaryFailure(f"receive worker {w.index} did not listen within "
+                                       f"{READY_TIMEOUT:g} s")
+            time.sleep(0.05)
+
+    def _supervisor_alive(self) -> bool:
+        return self._supervisor is not None and self._supervisor.is_alive()
+
+    def _kill_all(self) -> None:
+        self._stopping.set()
+        self._done.set()
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait(10)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _supervise(self, started: threading.Event) -> None:
+        try:
+            for w in self.workers:
+                self._spawn(w)
+        finally:
+            started.set()
+        while not self._done.wait(0.2):
+            for w in self.workers:
+                if w.proc is None or self._stopping.is_set():
+                    continue
+                code = w.proc.poll()
+                if code is None:
+                    continue
+                lived = time.monotonic() - w.started
+                w.pause = 1.0 if lived > 30 else min(30.0, w.pause * 2)
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                self.station.journal.emit(
+                    Stage.RECEIVE, Event.RECEIVE_WORKER_EXITED, Status.ERROR,
+                    f"receive worker {w.index} (pid {w.proc.pid}) ended with {how}; "
+                    f"restarted in {w.pause:g} s", worker=w.index, pid=w.proc.pid,
+                    exit_code=code, best_effort=True)
+                if self._stopping.wait(w.pause):
+                    continue
+                w.restarts += 1
+                try:
+                    with self._lock:
+                        if self._stopping.is_set():
+                            continue
+                        self._spawn(w)
+                except OSError:
+                    LOGGER.exception("cannot restart receive worker %d", w.index)
+                    continue
+                if self.on_change is not None:
+                    self.on_change(self.pids())
+
+    # -- what it is doing ---------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers if w.proc is not None]
+
+    def pending(self) -> list[str]:
+        """Study UIDs in incoming/ (not yet published), whichever worker has them."""
+        try:
+            return sorted(e.name for e in os.scandir(self.station.spool.incoming)
+                          if e.is_dir() and valid_uid(e.name))
+        except FileNotFoundError:
+            return []
