@@ -72,15 +72,20 @@ SYNC_BATCH = 5000  # journal lines per transaction (a rebuild reads a year of th
 CHUNK = 500  # studies recomputed per query
 FIND_ONE_BY_ONE = 50  # more touched studies than this: list the spool's folders once
 
-STATUSES = ("receiving", "classifying", "running", "sending", "done", "failed", "unmatched")
+STATUSES = ("receiving", "classifying", "running", "review", "sending", "done", "failed",
+            "unmatched")
 # An exam's status is its most urgent job's: a failure first, then work under way.
-_PRECEDENCE = ("failed", "receiving", "classifying", "running", "sending", "unmatched", "done")
+_PRECEDENCE = ("failed", "review", "receiving", "classifying", "running", "sending", "unmatched",
+               "done")
 # The job status an event leaves behind (events not listed leave it as it was).
 _JOB_STATUS = {
     "received": "classifying", "matched": "classified", "unmatched": "unmatched",
     "own-result": "unmatched", "queued": "running", "started": "running",
     "finished": "sending", "send-started": "sending", "send-retry": "sending",
     "stored": "sending", "sent": "done", "failed": "failed", "send-failed": "failed",
+    # review and shadow streams, replays (dts.review, dts.replay)
+    "review-waiting": "review", "approved": "sending", "rejected": "failed",
+    "shadow-done": "done", "replayed": "running",
 }
 _REQUEUE_STATUS = {"classify": "classifying", "run": "running", "send": "sending"}
 # Histogram buckets (seconds) of run durations and turnarounds (/metrics).
@@ -503,9 +508,16 @@ class Index:
             out.append(self._attention_row(job_id, Queue.FAILED, None, "failed"))
             if len(out) >= limit:
                 return out
+        for state in (State.NEW, State.CUR):  # results waiting for a person's decision
+            for job_id in spool.list(Queue.REVIEW, state):
+                out.append(self._attention_row(job_id, Queue.REVIEW, state, "review"))
+                if len(out) >= limit:
+                    return out
         stuck = max(3600.0, 10 * self.station.config.station.stable_seconds)
         counts = queue_counts(spool)
         for queue in Spool.WORK:
+            if queue is Queue.REVIEW:
+                continue  # listed above, however long they wait
             if (counts.get(queue.value, {}).get("oldest_seconds") or 0) < stuck:
                 continue
             for state in (State.NEW, State.CUR):
@@ -530,8 +542,12 @@ class Index:
                                        else None)
         child = bool(data.get("parent"))
         targets = ["run", "send"] if child else ["classify", "run", "send"]
-        if not data.get("outputs"):
+        review: dict[str, Any] = dict(data.get("review") or {})
+        if not data.get("outputs") or data.get("shadow") or review.get("decision") == "rejected":
             targets = [t for t in targets if t != "send"]
+        if kind == "review":  # decided on the exam's timeline, not requeued
+            targets = []
+            reason = f"waits for review since {review.get('waiting_since') or '?'}"
         return {"job": job_id, "queue": queue.value, "state": state.value if state else None,
                 "kind": kind, "reason": reason, "since": data.get("failed_at")
                 or data.get("updated_at"), "study_uid": data.get("study_uid"),
@@ -668,7 +684,8 @@ def _derive_exam(study: str, rows: Sequence[Any],
         if job and event == "requeued":
             target = str(d.get("target") or "").split("/")[0]  # e.g. "run/new"
             jobs[job] = _REQUEUE_STATUS.get(target, jobs[job])
-        if row["status"] == "error" and event in ("failed", "send-failed"):
+        if (row["status"] == "error" and event in ("failed", "send-failed")) \
+                or event == "rejected":
             reason = row["message"]
     for job, status in jobs.items():
         if status == "classified":

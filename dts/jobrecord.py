@@ -99,6 +99,15 @@ Send stage (``dts.sender``):
 
 ``dts requeue`` (``dts.requeue``):
   ``requeued`` (list of RequeueEntry)  one entry per manual requeue, oldest first.
+
+Review, shadow and replay (``dts.review``, ``dts.replay``; docs/review.md):
+  ``review`` (ReviewEntry)  a review stream's results: ``waiting_since`` when they were
+                           published to ``review/new``, then the decision of the person
+                           (``decision`` approved|rejected, ``by``, ``at``, ``reason``).
+  ``shadow`` (bool)        true on a job whose results are kept in ``done/`` and never
+                           sent (a ``shadow = true`` stream's job, or a ``dts replay``
+                           without ``--live``).
+  ``replay_of`` (str)      on a job made by ``dts replay``: the job whose input it ran again.
 """
 
 from __future__ import annotations
@@ -233,6 +242,19 @@ RequeueEntry = TypedDict("RequeueEntry", {
 }, total=False)
 
 
+ReviewDecision = Literal["approved", "rejected"]
+
+
+class ReviewEntry(TypedDict, total=False):
+    """A person's look at a review stream's results (``review``; ``dts.review``)."""
+
+    waiting_since: str   # when the job was published to review/new
+    decision: ReviewDecision
+    by: str              # who decided (the Unix user, --by, or web:<user>)
+    at: str              # when
+    reason: str          # why (required to reject; optional to approve)
+
+
 class JobRecord(TypedDict, total=False):
     """job.json; every key is documented in the module docstring."""
 
@@ -281,6 +303,9 @@ class JobRecord(TypedDict, total=False):
     next_attempt_at: str
     sent_at: str
     requeued: list[RequeueEntry]
+    review: ReviewEntry
+    shadow: bool
+    replay_of: str
 
 
 # The identity keys a fan-out run job copies from its parent, typed so that mypy checks
@@ -293,5 +318,5 @@ IDENTITY_KEYS: tuple[IdentityKey, ...] = (
     "received_at", "completed_at", "last_received_at", "source")
 
 __all__ = ["IDENTITY_KEYS", "DestinationState", "Failure", "IdentityKey", "JobRecord",
-           "OutputEntry", "RequeueEntry", "ResultEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",
-           "StreamVerdict", "ViolationEntry"]
+           "OutputEntry", "RequeueEntry", "ResultEntry", "ReviewDecision", "ReviewEntry",
+           "RunInfo", "RunningInfo", "SendStatus", "Source", "StreamVerdict", "ViolationEntry"]

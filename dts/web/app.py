@@ -68,7 +68,8 @@ LOG_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_LOG_BYTES = 8 << 20  # a job's log as shown: at most its last 8 MiB
 SYNC_EVERY = 1.0   # seconds: the index is synced at most this often
 EXPORT_LIMIT = 1_000_000
-STATUSES = ("receiving", "classifying", "running", "sending", "done", "failed", "unmatched")
+STATUSES = ("receiving", "classifying", "running", "review", "sending", "done", "failed",
+            "unmatched")
 
 
 class HttpError(Exception):
