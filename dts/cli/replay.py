@@ -57,8 +57,8 @@ def command(ctx: StationContext, job_ids: tuple[str, ...], stream_name: str,
             click.echo(f"{m['job']}\t{'shadow' if m['shadow'] else 'live'} replay of "
                        f"{m['replay_of']}")
         for s in report.skipped:
-            click.echo(f"skipped {s['job']}: {s['reason']}", err=True)
+            click.echo(f"skipped: {s['reason']}", err=True)
         for f in report.failed:
-            click.echo(f"failed {f['job']}: {f['reason']}", err=True)
+            click.echo(f"failed: {f['reason']}", err=True)
     if report.failed:
         click.get_current_context().exit(1)
