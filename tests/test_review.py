@@ -28,8 +28,8 @@ from tests.helpers import (
     make_study,
     run_dts,
     start_dts,
-    stop_process,
     station_config,
+    stop_process,
     wait_for,
     wait_port,
 )
