@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from dts import classifier, importer, runner, sender
+from dts.cli import cli
 from dts.journal import EventFilter, read_events
 from dts.spool import Job, Queue, State
 from dts.station import Station
@@ -149,8 +151,8 @@ def test_replay_by_job_live_and_the_refusals(tmp_path: Path) -> None:
             (["--stream", "v2", "--since", "soon"], "--since"),
             (["--stream", "v2", "20260101T000000.000000Z-00000000"], "no job"),
             (["--stream", "v2", made["job"]], "is in send/new: only finished jobs")):
-        refused = run_dts("replay", *args, config=cfg)
-        assert refused.returncode == 2 and says in refused.stderr, (args, refused.stderr)
+        refused = CliRunner().invoke(cli, ["--config", str(cfg), "replay", *args])
+        assert refused.exit_code == 2 and says in refused.output, (args, refused.output)
     assert len(station.spool.list(Queue.RUN, State.NEW)) == queued
 
 
