@@ -47,10 +47,11 @@ def produced(data: JobRecord) -> dict[str, int]:
     for o in data.get("outputs") or []:
         kind = built.get(o.get("sop_uid")) or kind_of(o.get("sop_class"))
         counts[kind] = counts.get(kind, 0) + 1
+    counts = dict(sorted(counts.items()))
     files = len(data.get("other_files") or [])
     if files:
         counts["files"] = files
-    return dict(sorted(counts.items()))
+    return counts
 
 
 def result_key(entry: ResultEntry) -> str:

@@ -208,9 +208,10 @@ class ViolationEntry(TypedDict, total=False):
 class Failure(TypedDict, total=False):
     """Why a run failed (``failure``)."""
 
-    stage: str           # "run"
+    stage: str           # "run"; "review" for results a person rejected (dts.review)
     reason: str          # no-stream, attempts, input, setup, timeout, oom, exit-code,
-                         # invalid-output, invalid-results, no-output, engine-unreachable
+                         # invalid-output, invalid-results, no-output, engine-unreachable;
+                         # rejected (stage review)
     message: str
     log_tail: str        # last lines of the processing's log ("" when there was no run)
     time: str

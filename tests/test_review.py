@@ -108,7 +108,7 @@ def test_review_approve_and_reject_through_the_cli(tmp_path: Path) -> None:
     assert listed[0]["produced"] == {"files": 1, "sr": 1} and listed[0]["results"] == 2
     assert listed[0]["waiting_seconds"] >= 0
     plain = run_dts("review", "list", config=cfg, check=True).stdout
-    assert "REV-B" in plain and "1 sr" in plain
+    assert "REV-B" in plain and "1 sr, 1 other file(s)" in plain
     status = json.loads(run_dts("status", "--json", config=cfg, check=True).stdout)
     assert status["queues"]["review"]["new"] == 2
 

@@ -20,7 +20,9 @@ def _value(v: Any, unit: Any) -> str:
 
 
 def _produced(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing"
+    """``1 sr, 2 seg, 1 other file(s)``"""
+    return ", ".join(f"{n} other file(s)" if kind == "files" else f"{n} {kind}"
+                     for kind, n in counts.items()) or "nothing"
 
 
 @click.command(name="compare")

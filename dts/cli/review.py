@@ -21,7 +21,9 @@ def _age(seconds: float | None) -> str:
 
 
 def _produced(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "nothing"
+    """``1 sr, 2 seg, 1 other file(s)``"""
+    return ", ".join(f"{n} other file(s)" if kind == "files" else f"{n} {kind}"
+                     for kind, n in counts.items()) or "nothing"
 
 
 @click.group(name="review", invoke_without_command=True)
