@@ -311,7 +311,9 @@ class Index:
             sa.select(e).where(e.c.study_uid.in_(studies))).mappings()}
         exams, jobs, days = [], [], set()
         for study in studies:
-            exam = _derive_exam(study, events.get(study, []), olds.get(study))
+            exam = _derive_exam(study, events.get(study, []), olds.get(study),
+                                frozenset(s.name for s in self.station.config.streams
+                                          if s.shadow))
             if exam is None:
                 continue
             if exam.get("patient_id") is None or exam.get("study_date") is None:
@@ -642,10 +644,14 @@ def _as_time(value: Any) -> datetime | None:
     return None
 
 
-def _derive_exam(study: str, rows: Sequence[Any],
-                 old: dict[str, Any] | None) -> dict[str, Any] | None:
+def _derive_exam(study: str, rows: Sequence[Any], old: dict[str, Any] | None,
+                 shadow_streams: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     if not rows:
         return None
+    # shadow jobs (a shadow stream's, a shadow replay's) send nothing: the exam's status and
+    # reason are its live jobs', unless it has only shadow jobs
+    shadow: set[str] = set()
+    reasons: dict[str, str] = {}
     jobs: dict[str, str] = {}           # job -> status, in order of appearance
     job_streams: dict[str, str | None] = {}
     parents: set[str] = set()
@@ -666,6 +672,9 @@ def _derive_exam(study: str, rows: Sequence[Any],
             job_streams.setdefault(job, row["stream"])
             if row["stream"]:
                 job_streams[job] = row["stream"]
+            if row["stream"] in shadow_streams or d.get("shadow") is True \
+                    or event == "shadow-done":
+                shadow.add(job)
         if event == "received":
             calling = d.get("calling_ae") or calling
             called = d.get("called_ae") or called
@@ -687,6 +696,9 @@ def _derive_exam(study: str, rows: Sequence[Any],
         if (row["status"] == "error" and event in ("failed", "send-failed")) \
                 or event == "rejected":
             reason = row["message"]
+            if job:
+                reasons.pop(job, None)
+                reasons[job] = row["message"]  # the last one of each job, in order
     for job, status in jobs.items():
         if status == "classified":
             parents.add(job)
@@ -695,6 +707,10 @@ def _derive_exam(study: str, rows: Sequence[Any],
         # exam of this station (its refusals still show in the journal and on /log)
         return None
     leaves = {j: s for j, s in jobs.items() if j not in parents} or jobs
+    live = {j: s for j, s in leaves.items() if j not in shadow}
+    if live and live != leaves:
+        leaves = live
+        reason = next(reversed([r for j, r in reasons.items() if j in live]), None)
     status = min(leaves.values(), key=lambda s: _PRECEDENCE.index(s)
                  if s in _PRECEDENCE else len(_PRECEDENCE))
     if status not in STATUSES:

@@ -57,8 +57,10 @@ def review_config(folder: Path, *, station: dict[str, Any] | None = None,
         tail=tail)
 
 
-def process(station: Station, *folders: Path) -> dict[str, dict[str, str]]:
-    """Import, classify and run each study; its run jobs by stream."""
+def process(station: Station, *folders: Path,
+            failures: bool = False) -> dict[str, dict[str, str]]:
+    """Import, classify and run each study (a failed run only if ``failures``); its run
+    jobs by stream."""
     from dts import importer
 
     out: dict[str, dict[str, str]] = {}
@@ -67,7 +69,7 @@ def process(station: Station, *folders: Path) -> dict[str, dict[str, str]]:
         assert classifier.serve(station, job_ids=[job]).done == [job]
         children = Job(station.spool.find(job)[1]).read()["children"]
         out[job] = {c.rsplit(".", 1)[1]: c for c in children}
-    assert not runner.serve(station, once=True).failed
+    assert bool(runner.serve(station, once=True).failed) is failures
     return out
 
 
@@ -350,3 +352,25 @@ def test_a_shadow_stream_beside_a_live_one_sends_nothing_to_orthanc(
     # the live job went the usual way, untouched by its shadow sibling
     assert [e["event"] for e in live.events()].count("sent") == 1
     assert live_data["results"][1]["value"] == 6.0 and shadow_data["results"][1]["value"] == 9.0
+
+
+def test_a_failing_shadow_job_leaves_the_exam_of_its_live_job(tmp_path: Path) -> None:
+    """The exam's status and reason are its live jobs'; the shadow job's failure is on the
+    attention list all the same."""
+    from dts.index import Index
+
+    cfg = station_config(
+        tmp_path, destinations=[{"name": "reports", "folder": str(tmp_path / "reports")}],
+        streams=[model_stream("live", "2", destinations=["reports"]),
+                 model_stream("shadow", "fail", shadow=True)])
+    station = Station.open(cfg)
+    study = make_study(tmp_path / "s", n_series=1, per_series=1)
+    (jobs,) = process(station, study["folder"], failures=True).values()
+    assert sender.serve(station, once=True).done == [jobs["live"]]
+    assert where(station, jobs["shadow"]) == "failed"
+    index = Index(station)
+    index.sync()
+    exam = index.exam(study["study_uid"])
+    assert exam is not None and exam["status"] == "done" and exam["reason"] is None
+    assert [(r["job"], r["kind"]) for r in index.attention()] == [(jobs["shadow"], "failed")]
+
