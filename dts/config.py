@@ -128,6 +128,8 @@ class StationConfig:
     retention: float | None = None
     clean_below_free_mb: int = 0
     tls: TLS | None = None
+    # dts status --check: results waiting in review/ longer than this need a person
+    review_alert_after: float = 4 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,10 @@ class Stream:
     series_description: str = "{stream} {kind}"
     destinations: tuple[str, ...] = ()
     enabled: bool = True
+    # review: validated results wait in review/ for a person (dts review approve|reject);
+    # shadow: run and validated like a live stream, kept in done/, never sent (docs/review.md)
+    review: bool = False
+    shadow: bool = False
     # contract "ror": run the image as the predecessor's `ror trigger` did (runner.py);
     # its call string, and its parameters with their JSON types (ROR_CONT_OPTIONS)
     contract: str = "dts"
@@ -531,6 +537,7 @@ def _station(file: str, data: Any, base: Path) -> StationConfig:
         retention=t.convert("retention", _duration, None),
         clean_below_free_mb=t.convert("clean_below_free_mb", _positive_int, 0),
         tls=tls,
+        review_alert_after=t.convert("review_alert_after", _duration, d.review_alert_after),
     )
     t.finish()
     for key in ("max_parallel_runs", "max_parallel_sends"):
@@ -686,11 +693,17 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
                                      "{stream} {kind}"),
         destinations=t.convert("destinations", _string_list(_str), ()),
         enabled=t.get("enabled", bool, True),
+        review=t.get("review", bool, False),
+        shadow=t.get("shadow", bool, False),
         contract=contract, call=t.get("call", str),
         options=t.convert("parameters", _ror_options, {}) if ror else {},
     )
     t.finish()
     _check_contract(file, t.prefix, stream)
+    if stream.review and stream.shadow:
+        raise ConfigError(file, f"{t.prefix}.review", "a shadow stream sends nothing, so "
+                          "there is nothing to review: give review = true or shadow = true, "
+                          "not both")
     if bool(stream.image) == bool(stream.command):
         raise ConfigError(file, t.prefix, "give exactly one of image or command")
     if stream.command is not None and not stream.command:

@@ -72,9 +72,11 @@ SYNC_BATCH = 5000  # journal lines per transaction (a rebuild reads a year of th
 CHUNK = 500  # studies recomputed per query
 FIND_ONE_BY_ONE = 50  # more touched studies than this: list the spool's folders once
 
-STATUSES = ("receiving", "classifying", "running", "sending", "done", "failed", "unmatched")
+STATUSES = ("receiving", "classifying", "running", "review", "sending", "done", "failed",
+            "unmatched")
 # An exam's status is its most urgent job's: a failure first, then work under way.
-_PRECEDENCE = ("failed", "receiving", "classifying", "running", "sending", "unmatched", "done")
+_PRECEDENCE = ("failed", "review", "receiving", "classifying", "running", "sending", "unmatched",
+               "done")
 # The job status an event leaves behind (events not listed leave it as it was).
 _JOB_STATUS = {
     "received": "classifying", "matched": "classified", "unmatched": "unmatched",
@@ -83,6 +85,9 @@ _JOB_STATUS = {
     "stored": "sending", "sent": "done", "failed": "failed", "send-failed": "failed",
     "commit-requested": "sending", "committed": "sending", "commit-failed": "sending",
     "verified": "sending", "verify-missing": "sending",
+    # review and shadow streams, replays (dts.review, dts.replay)
+    "review-waiting": "review", "approved": "sending", "rejected": "failed",
+    "shadow-done": "done", "replayed": "running",
 }
 _REQUEUE_STATUS = {"classify": "classifying", "run": "running", "send": "sending"}
 # Histogram buckets (seconds) of run durations and turnarounds (/metrics).
@@ -308,7 +313,9 @@ class Index:
             sa.select(e).where(e.c.study_uid.in_(studies))).mappings()}
         exams, jobs, days = [], [], set()
         for study in studies:
-            exam = _derive_exam(study, events.get(study, []), olds.get(study))
+            exam = _derive_exam(study, events.get(study, []), olds.get(study),
+                                frozenset(s.name for s in self.station.config.streams
+                                          if s.shadow))
             if exam is None:
                 continue
             if exam.get("patient_id") is None or exam.get("study_date") is None:
@@ -505,9 +512,16 @@ class Index:
             out.append(self._attention_row(job_id, Queue.FAILED, None, "failed"))
             if len(out) >= limit:
                 return out
+        for state in (State.NEW, State.CUR):  # results waiting for a person's decision
+            for job_id in spool.list(Queue.REVIEW, state):
+                out.append(self._attention_row(job_id, Queue.REVIEW, state, "review"))
+                if len(out) >= limit:
+                    return out
         stuck = max(3600.0, 10 * self.station.config.station.stable_seconds)
         counts = queue_counts(spool)
         for queue in Spool.WORK:
+            if queue is Queue.REVIEW:
+                continue  # listed above, however long they wait
             if (counts.get(queue.value, {}).get("oldest_seconds") or 0) < stuck:
                 continue
             for state in (State.NEW, State.CUR):
@@ -532,8 +546,12 @@ class Index:
                                        else None)
         child = bool(data.get("parent"))
         targets = ["run", "send"] if child else ["classify", "run", "send"]
-        if not data.get("outputs"):
+        review: dict[str, Any] = dict(data.get("review") or {})
+        if not data.get("outputs") or data.get("shadow") or review.get("decision") == "rejected":
             targets = [t for t in targets if t != "send"]
+        if kind == "review":  # decided on the exam's timeline, not requeued
+            targets = []
+            reason = f"waits for review since {review.get('waiting_since') or '?'}"
         return {"job": job_id, "queue": queue.value, "state": state.value if state else None,
                 "kind": kind, "reason": reason, "since": data.get("failed_at")
                 or data.get("updated_at"), "study_uid": data.get("study_uid"),
@@ -628,10 +646,14 @@ def _as_time(value: Any) -> datetime | None:
     return None
 
 
-def _derive_exam(study: str, rows: Sequence[Any],
-                 old: dict[str, Any] | None) -> dict[str, Any] | None:
+def _derive_exam(study: str, rows: Sequence[Any], old: dict[str, Any] | None,
+                 shadow_streams: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     if not rows:
         return None
+    # shadow jobs (a shadow stream's, a shadow replay's) send nothing: the exam's status and
+    # reason are its live jobs', unless it has only shadow jobs
+    shadow: set[str] = set()
+    reasons: dict[str, str] = {}
     jobs: dict[str, str] = {}           # job -> status, in order of appearance
     job_streams: dict[str, str | None] = {}
     parents: set[str] = set()
@@ -652,6 +674,9 @@ def _derive_exam(study: str, rows: Sequence[Any],
             job_streams.setdefault(job, row["stream"])
             if row["stream"]:
                 job_streams[job] = row["stream"]
+            if row["stream"] in shadow_streams or d.get("shadow") is True \
+                    or event == "shadow-done":
+                shadow.add(job)
         if event == "received":
             calling = d.get("calling_ae") or calling
             called = d.get("called_ae") or called
@@ -670,8 +695,12 @@ def _derive_exam(study: str, rows: Sequence[Any],
         if job and event == "requeued":
             target = str(d.get("target") or "").split("/")[0]  # e.g. "run/new"
             jobs[job] = _REQUEUE_STATUS.get(target, jobs[job])
-        if row["status"] == "error" and event in ("failed", "send-failed"):
+        if (row["status"] == "error" and event in ("failed", "send-failed")) \
+                or event == "rejected":
             reason = row["message"]
+            if job:
+                reasons.pop(job, None)
+                reasons[job] = row["message"]  # the last one of each job, in order
     for job, status in jobs.items():
         if status == "classified":
             parents.add(job)
@@ -680,6 +709,10 @@ def _derive_exam(study: str, rows: Sequence[Any],
         # exam of this station (its refusals still show in the journal and on /log)
         return None
     leaves = {j: s for j, s in jobs.items() if j not in parents} or jobs
+    live = {j: s for j, s in leaves.items() if j not in shadow}
+    if live and live != leaves:
+        leaves = live
+        reason = next(reversed([r for j, r in reasons.items() if j in live]), None)
     status = min(leaves.values(), key=lambda s: _PRECEDENCE.index(s)
                  if s in _PRECEDENCE else len(_PRECEDENCE))
     if status not in STATUSES:

@@ -102,6 +102,15 @@ Send stage (``dts.sender``):
 
 ``dts requeue`` (``dts.requeue``):
   ``requeued`` (list of RequeueEntry)  one entry per manual requeue, oldest first.
+
+Review, shadow and replay (``dts.review``, ``dts.replay``; docs/review.md):
+  ``review`` (ReviewEntry)  a review stream's results: ``waiting_since`` when they were
+                           published to ``review/new``, then the decision of the person
+                           (``decision`` approved|rejected, ``by``, ``at``, ``reason``).
+  ``shadow`` (bool)        true on a job whose results are kept in ``done/`` and never
+                           sent (a ``shadow = true`` stream's job, or a ``dts replay``
+                           without ``--live``).
+  ``replay_of`` (str)      on a job made by ``dts replay``: the job whose input it ran again.
 """
 
 from __future__ import annotations
@@ -202,9 +211,10 @@ class ViolationEntry(TypedDict, total=False):
 class Failure(TypedDict, total=False):
     """Why a run failed (``failure``)."""
 
-    stage: str           # "run"
+    stage: str           # "run"; "review" for results a person rejected (dts.review)
     reason: str          # no-stream, attempts, input, setup, timeout, oom, exit-code,
-                         # invalid-output, invalid-results, no-output, engine-unreachable
+                         # invalid-output, invalid-results, no-output, engine-unreachable;
+                         # rejected (stage review)
     message: str
     log_tail: str        # last lines of the processing's log ("" when there was no run)
     time: str
@@ -248,6 +258,19 @@ RequeueEntry = TypedDict("RequeueEntry", {
     "from": str,         # where the job was, e.g. "failed" or "send/new"
     "to": str,           # where it went, e.g. "run/new"
 }, total=False)
+
+
+ReviewDecision = Literal["approved", "rejected"]
+
+
+class ReviewEntry(TypedDict, total=False):
+    """A person's look at a review stream's results (``review``; ``dts.review``)."""
+
+    waiting_since: str   # when the job was published to review/new
+    decision: ReviewDecision
+    by: str              # who decided (the Unix user, --by, or web:<user>)
+    at: str              # when
+    reason: str          # why (required to reject; optional to approve)
 
 
 class JobRecord(TypedDict, total=False):
@@ -298,6 +321,9 @@ class JobRecord(TypedDict, total=False):
     next_attempt_at: str
     sent_at: str
     requeued: list[RequeueEntry]
+    review: ReviewEntry
+    shadow: bool
+    replay_of: str
 
 
 # The identity keys a fan-out run job copies from its parent, typed so that mypy checks
@@ -309,6 +335,7 @@ IDENTITY_KEYS: tuple[IdentityKey, ...] = (
     "study_uid", "patient_id", "accession", "calling_ae", "called_ae", "peer", "peer_port",
     "received_at", "completed_at", "last_received_at", "source")
 
-__all__ = ["IDENTITY_KEYS", "CommitmentTransaction", "DestinationState", "Failure", "IdentityKey", "JobRecord",
-           "OutputEntry", "RequeueEntry", "ResultEntry", "RunInfo", "RunningInfo", "SendStatus", "Source",
-           "StreamVerdict", "ViolationEntry"]
+__all__ = ["IDENTITY_KEYS", "CommitmentTransaction", "DestinationState", "Failure", "IdentityKey",
+           "JobRecord", "OutputEntry", "RequeueEntry", "ResultEntry", "ReviewDecision",
+           "ReviewEntry", "RunInfo", "RunningInfo", "SendStatus", "Source", "StreamVerdict",
+           "ViolationEntry"]

@@ -28,6 +28,7 @@ class Stage(str, Enum):
     RECEIVE = "receive"
     CLASSIFY = "classify"
     RUN = "run"
+    REVIEW = "review"  # a person approving or rejecting results (dts review, the page)
     SEND = "send"
     REQUEUE = "requeue"
     CLEAN = "clean"
@@ -66,9 +67,15 @@ class Event(StrEnum):
     STARTED = "started"                          # the container or command was started
     INTERRUPTED = "interrupted"                  # stopped by a shutdown; job put back
     RETRY = "retry"                              # engine unreachable; job put back
-    FINISHED = "finished"                        # valid output: job to send/
+    FINISHED = "finished"                        # valid output: job to send/ (review/, done/)
     RESULT = "result"                            # one value the model reported (dts_results)
     ORPHAN_STOPPED = "orphan-stopped"            # what a dead dts run left running was stopped
+    SHADOW_DONE = "shadow-done"                  # a shadow job finished: kept in done/, nothing sent
+    REPLAYED = "replayed"                        # dts replay made a run job from a finished one
+    # review (a review stream's results wait in review/ for a person)
+    REVIEW_WAITING = "review-waiting"            # valid results published to review/new
+    APPROVED = "approved"                        # a person approved them: job to send/new
+    REJECTED = "rejected"                        # a person rejected them: job to failed/
     # send
     SEND_STARTED = "send-started"                # a try to deliver a job began
     STORED = "stored"                            # objects reached one destination

@@ -65,6 +65,14 @@ def _check_target(job_id: str, data: JobRecord, target: Queue, has_output: bool)
                          f"requeue it --to classify")
     if target is Queue.SEND and not has_output:
         raise UsageError(f"job {job_id} has no output/ to send: requeue it --to run")
+    review = data.get("review")
+    if target is Queue.SEND and isinstance(review, dict) and review.get("decision") == "rejected":
+        raise UsageError(f"the results of job {job_id} were rejected in review by "
+                         f"{review.get('by')}: they are not sent; requeue it --to run for new "
+                         "ones")
+    if target is Queue.SEND and data.get("shadow"):
+        raise UsageError(f"job {job_id} is a shadow job: its results are never sent "
+                         "(dts replay --live runs the study as a live job)")
 
 
 def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = False,
@@ -75,6 +83,9 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
                          f"{', '.join(q.value for q in TARGETS)}")
     spool = station.spool
     loc, _path = spool.find(job_id)
+    if loc.queue is Queue.REVIEW:
+        raise UsageError(f"job {job_id} waits in {loc} for a person: 'dts review approve "
+                         f"{job_id}' or 'dts review reject {job_id} --reason TEXT'")
     claim = spool.claim_at(job_id)
     if claim is None:
         raise TemporaryFailure(f"job {job_id} is being worked on in {loc}; try again when it "

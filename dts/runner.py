@@ -27,7 +27,7 @@ from typing import Any, Literal, cast
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from . import worker
+from . import review, worker
 from .config import Stream
 from .dicom.uid import valid_uid
 from .errors import JobFailed, TemporaryFailure
@@ -368,8 +368,9 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
                          f"{len(checked.other)} other file(s) in {result.duration:.1f} s",
                          job=job, job_data=data, outputs=len(checked.dicom), built=len(built),
                          duration=round(result.duration, 3))
-    claim.move(Queue.SEND)
-    log.info("%s: done, %d DICOM object(s) to send", job.id, len(checked.dicom))
+    # send/new, or review/new (a review stream), or done/ (a shadow job): dts.review
+    where = review.hand_on(station, claim, stream, data)
+    log.info("%s: done, %d DICOM object(s), now in %s", job.id, len(checked.dicom), where)
     return Outcome.DONE
 
 

@@ -39,6 +39,7 @@ EVENTS_FILE = "events.jsonl"
 class Queue(str, Enum):
     CLASSIFY = "classify"
     RUN = "run"
+    REVIEW = "review"  # validated results of a review stream, waiting for a person
     SEND = "send"
     DONE = "done"
     FAILED = "failed"
@@ -47,7 +48,7 @@ class Queue(str, Enum):
     @property
     def is_work(self) -> bool:
         """Work queues have new/ and cur/; the others are final resting places."""
-        return self in (Queue.CLASSIFY, Queue.RUN, Queue.SEND)
+        return self in (Queue.CLASSIFY, Queue.RUN, Queue.REVIEW, Queue.SEND)
 
     def __str__(self) -> str:
         return self.value
@@ -302,7 +303,7 @@ def _lock(path: Path) -> int | None:
 class Spool:
     """The spool folder of one station."""
 
-    WORK = (Queue.CLASSIFY, Queue.RUN, Queue.SEND)
+    WORK = (Queue.CLASSIFY, Queue.RUN, Queue.REVIEW, Queue.SEND)
     FINAL = (Queue.DONE, Queue.FAILED, Queue.UNMATCHED)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from . import review
 from .journal import EventFilter, read_events
 from .spool import Queue, Spool, State, age_seconds, utcnow
 
@@ -117,6 +118,8 @@ def queue_counts(spool: Spool, now: float | None = None) -> dict[str, dict[str, 
     for q in Spool.WORK:
         new, cur = spool.list(q, State.NEW), spool.list(q, State.CUR)
         out[q.value] = {"new": len(new), "cur": len(cur), "oldest_seconds": oldest(new + cur)}
+        if q is Queue.REVIEW and new + cur:  # how long a person has been waited for
+            out[q.value]["oldest_seconds"] = review.oldest_waiting(spool, now)
     for q in Spool.FINAL:
         ids = spool.list(q)
         out[q.value] = {"count": len(ids), "oldest_seconds": oldest(ids)}
@@ -143,14 +146,25 @@ def station_status(spool: Spool) -> dict[str, Any]:
     }
 
 
-def needs_attention(status: dict[str, Any], max_age: float) -> list[str]:
-    """Reasons a person should look (``dts status --check``)."""
+def needs_attention(status: dict[str, Any], max_age: float,
+                    review_alert_after: float | None = None) -> list[str]:
+    """Reasons a person should look (``dts status --check``): failed jobs, a work queue
+    whose oldest job is older than ``max_age``, results waiting in review/ longer than
+    ``review_alert_after`` (``[station] review_alert_after``)."""
     reasons = []
     failed = status["queues"][Queue.FAILED.value]["count"]
     if failed:
         reasons.append(f"{failed} failed job(s) in failed/")
     for q in Spool.WORK:
+        if q is Queue.REVIEW:
+            continue  # waiting for a person is its purpose: its own limit below
         age = status["queues"][q.value]["oldest_seconds"]
         if age is not None and age > max_age:
             reasons.append(f"{q.value}: oldest job waits for {age:.0f}s (> {max_age:.0f}s)")
+    waiting = status["queues"].get(Queue.REVIEW.value) or {}
+    age = waiting.get("oldest_seconds")
+    if review_alert_after is not None and age is not None and age > review_alert_after:
+        reasons.append(f"review: results wait for a person for {age:.0f}s (> "
+                       f"{review_alert_after:.0f}s, [station] review_alert_after): "
+                       "dts review")
     return reasons

@@ -182,7 +182,7 @@ class Watch:
     def _recover(self) -> None:
         from . import runner
 
-        for q in (Queue.CLASSIFY, Queue.SEND):
+        for q in (Queue.CLASSIFY, Queue.REVIEW, Queue.SEND):
             for job_id in worker.recover(self.station, q):
                 self._say(f"recovered {q}/{job_id}")
         def stop_orphans(job: Job) -> None:

@@ -64,7 +64,8 @@ class Tally:
 Process = Callable[[Station, Claim], Outcome]
 
 
-STAGE_OF = {Queue.CLASSIFY: Stage.CLASSIFY, Queue.RUN: Stage.RUN, Queue.SEND: Stage.SEND}
+STAGE_OF = {Queue.CLASSIFY: Stage.CLASSIFY, Queue.RUN: Stage.RUN, Queue.REVIEW: Stage.REVIEW,
+            Queue.SEND: Stage.SEND}
 
 
 def recover(station: Station, queue: Queue,

@@ -56,7 +56,7 @@ def test_ten_years_is_the_longest_duration() -> None:
 
 
 STATION_DURATIONS = ["stable_seconds", "dimse_timeout", "network_timeout", "send_backoff",
-                     "send_backoff_max", "rescan_seconds", "retention"]
+                     "send_backoff_max", "rescan_seconds", "retention", "review_alert_after"]
 
 
 def test_every_station_duration_key_is_listed() -> None:

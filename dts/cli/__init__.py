@@ -42,6 +42,9 @@ COMMANDS = {
     "config": "config",
     "results": "results",
     "web": "web",
+    "review": "review",
+    "replay": "replay",
+    "compare": "compare",
 }
 
 # The line each command shows in `dts --help`, so that listing them imports none of them
@@ -49,13 +52,17 @@ COMMANDS = {
 # the commands' own docstrings). A command missing here is imported to ask it.
 SHORT_HELP = {
     "classify": "Classify received studies and queue one run job per matching stream.",
+    "compare": "Compare two streams' results, per study both processed, differences marked.",
     "clean": "Remove finished jobs older than a duration, and stale tmp/ entries.",
     "config": "Check a configuration before a restart, or show the effective one.",
     "echo": "Check with a DICOM C-ECHO that a peer answers (exit 0) or not (exit 75).",
     "import": "Bring DICOM files or folders in as if received: one job per study.",
     "log": "Print the station journal, oldest first.",
     "receive": "Receive studies over DICOM into the spool until stopped.",
+    "replay": "Run studies already processed (their input kept in done/) through a stream "
+              "again.",
     "requeue": "Put finished, failed or unmatched jobs back into a queue for another try.",
+    "review": "List, approve or reject results waiting in review/ for a person.",
     "results": "Structured results: check what a model writes (results.json).",
     "run": "Run each waiting job's processing (container or command), check its output, "
            "and move the job to send/ (valid results) or failed/ (with the reason).",

@@ -23,7 +23,8 @@ def _age(seconds: float | None) -> str:
 @click.command(name="status")
 @json_option
 @click.option("--check", is_flag=True,
-              help="Exit 1 when something needs a person (failed jobs, a queue too old).")
+              help="Exit 1 when something needs a person (failed jobs, a queue too old, "
+                   "results waiting in review/ longer than [station] review_alert_after).")
 @click.option("--max-age", default="1h", show_default=True,
               help="With --check: how old the oldest waiting job may be.")
 @pass_ctx
@@ -41,7 +42,8 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
     except ValueError as exc:
         raise UsageError(f"--max-age: {exc}") from None
     st = station_status(ctx.station.spool)
-    reasons = needs_attention(st, max_age_s) if check else []
+    reasons = needs_attention(st, max_age_s, ctx.station.config.station.review_alert_after) \
+        if check else []
     if as_json:
         if check:
             st["attention"] = reasons

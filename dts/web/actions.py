@@ -1,7 +1,8 @@
 """Owns what a person can do from the page, over the same core as the commands:
-requeue (``dts.requeue``), C-ECHO a destination (``dts.dicom.ae.echo``, as ``dts echo``)
-and the rule tester (``dts.classifier.explain``, on a job or on uploaded files). Nothing
-here knows HTTP; the web application maps the errors to answers.
+requeue (``dts.requeue``), approve or reject results in review/ (``dts.review``, as
+``dts review``), C-ECHO a destination (``dts.dicom.ae.echo``, as ``dts echo``) and the
+rule tester (``dts.classifier.explain``, on a job or on uploaded files). Nothing here
+knows HTTP; the web application maps the errors to answers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 import time
 from typing import Any
 
-from .. import classifier
+from .. import classifier, review
 from ..dicom import ae as dicom_ae
 from ..dicom import header
 from ..dicom.uid import valid_uid
@@ -59,6 +60,29 @@ def requeue_job(station: Station, job_id: str, target: str, *, seen_in: str | No
         return requeue(station, job_id, Queue(target), by=by).as_dict()
     except TemporaryFailure as exc:
         raise Moved(str(exc), now) from None
+
+
+DECISIONS = ("approve", "reject")
+
+
+def review_job(station: Station, job_id: str, decision: str, *, by: str,
+               reason: str | None) -> dict[str, Any]:
+    """``dts review approve|reject JOB`` for the page: a job that is no longer waiting in
+    review/new (decided meanwhile, or being decided) is ``Moved``, saying where it is."""
+    if decision not in DECISIONS:
+        raise UsageError(f"decision: expected approve or reject, got {decision!r}")
+    found = station.spool.locate(job_id)
+    if found is None:
+        raise NotFound(f"no job {job_id}")
+    now = str(found[0])
+    if now != f"{Queue.REVIEW}/new":
+        raise Moved(f"job {job_id} does not wait for review: it is in {now}", now)
+    try:
+        if decision == "approve":
+            return review.approve(station, job_id, by=by, reason=reason or None).as_dict()
+        return review.reject(station, job_id, by=by, reason=reason or "").as_dict()
+    except TemporaryFailure as exc:
+        raise Moved(str(exc), f"{Queue.REVIEW}/cur") from None
 
 
 def echo_destination(station: Station, name: str, timeout: float = 10.0) -> dict[str, Any]:

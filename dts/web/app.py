@@ -68,7 +68,8 @@ LOG_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_LOG_BYTES = 8 << 20  # a job's log as shown: at most its last 8 MiB
 SYNC_EVERY = 1.0   # seconds: the index is synced at most this often
 EXPORT_LIMIT = 1_000_000
-STATUSES = ("receiving", "classifying", "running", "sending", "done", "failed", "unmatched")
+STATUSES = ("receiving", "classifying", "running", "review", "sending", "done", "failed",
+            "unmatched")
 
 
 class HttpError(Exception):
@@ -479,7 +480,8 @@ def timeline(p: Page) -> Response:
     audit = [e for e in data.get("entries", []) if e.get("stage") == Stage.WEB.value]
     data = {**data, "entries": [e for e in data.get("entries", [])
                                 if e.get("stage") != Stage.WEB.value]}
-    return p.render("timeline.html", t=data, params=params, tails=tails, audit=audit)
+    return p.render("timeline.html", t=data, params=params, tails=tails, audit=audit,
+                    done=dict(p.query))
 
 
 def _log_tail(p: Page, job: Mapping[str, Any], lines: int = 15) -> str:
@@ -533,6 +535,23 @@ def requeue(p: Page) -> Response:
     if _wants_json(p.request):
         return p.json(done)
     return RedirectResponse("/attention?" + urlencode({"requeued": job, "to": done["to"]}),
+                            status_code=303)
+
+
+def review_decision(p: Page) -> Response:
+    """Approve or reject a job's results waiting in review/ (the timeline's buttons)."""
+    job = _job_id(str(p.form.get("job") or ""))
+    decision = str(p.form.get("decision") or "")
+    reason = str(p.form.get("reason") or "").strip()[:1000] or None
+    study = (Job(found[1]).read().get("study_uid")
+             if (found := p.station.spool.locate(job)) is not None else None)
+    done = actions.review_job(p.station, job, decision, by=f"web:{p.session.user}",
+                              reason=reason)
+    if _wants_json(p.request):
+        return p.json(done)
+    target = f"/exams/{study}" if isinstance(study, str) and valid_uid(study) else "/attention"
+    return RedirectResponse(target + "?" + urlencode({"reviewed": job,
+                                                      "decision": done["decision"]}),
                             status_code=303)
 
 
@@ -852,6 +871,7 @@ def create_app(station: Station, index: Any = None) -> Starlette:
         get("/exams/{study_uid}", timeline), get("/api/exams/{study_uid}", timeline),
         get("/attention", attention), get("/api/attention", attention),
         post("/attention/requeue", requeue), post("/api/requeue", requeue),
+        post("/exams/review", review_decision), post("/api/review", review_decision),
         get("/log", log_page), get("/api/log", log_page),
         get("/log/export.{kind}", log_export), get("/api/log/export.{kind}", log_export),
         get("/config", configuration), get("/api/config", configuration),
