@@ -421,6 +421,9 @@ def process(station: Station, claim: Claim, *, now: bool = False) -> worker.Outc
     job = claim.job
     journal = station.journal
     data = job.read()
+    if data.get("shadow"):  # however it got here, a shadow job's results never leave
+        return _fail(station, claim, data, "a shadow job is never sent (its stream has "
+                     "shadow = true, or it was replayed without --live)")
     try:
         names = stream_destinations(station.config, data)
         items = job_items(job, data)

@@ -6,6 +6,7 @@ same study with Orthanc as the archive: only the live result reaches it."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -374,3 +375,19 @@ def test_a_failing_shadow_job_leaves_the_exam_of_its_live_job(tmp_path: Path) ->
     assert exam is not None and exam["status"] == "done" and exam["reason"] is None
     assert [(r["job"], r["kind"]) for r in index.attention()] == [(jobs["shadow"], "failed")]
 
+
+
+def test_a_shadow_job_moved_into_send_by_hand_is_never_sent(tmp_path: Path) -> None:
+    cfg = review_config(tmp_path)
+    station = Station.open(cfg)
+    a = make_study(tmp_path / "a", n_series=1, per_series=2, accession="REV-S")
+    (jobs,) = process(station, a["folder"]).values()
+    shadow = jobs["shadow"]
+    # past dts requeue, which refuses it: a plain mv into send/new
+    os.rename(station.spool.find(shadow)[1], station.spool.dir(Queue.SEND, State.NEW) / shadow)
+    done = run_dts("send", "--once", config=cfg)
+    assert done.returncode == 1, done.stderr
+    assert where(station, shadow) == "failed"
+    assert "shadow job is never sent" in Job(station.spool.find(shadow)[1]).read()["error"]
+    reports = tmp_path / "reports"
+    assert not reports.exists() or not any(reports.iterdir())
