@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import click
 
@@ -79,9 +80,14 @@ def _serve_as_worker(ctx: StationContext, host: str | None, port: int | None,
     parent = die_with_parent()
     station = ctx.station
     index, workers = int(match[1]), int(match[2])
-    lock = hold_service(station.spool, f"receiver-worker-{index}", worker=index)
-    if lock is None:
-        raise TemporaryFailure(f"receive worker {index} is already running")
+    # the worker of a supervisor killed a moment ago may still be dying (its kernel-sent
+    # SIGKILL is on the way): wait for its lock a little before giving up
+    deadline = time.monotonic() + 15
+    while (lock := hold_service(station.spool, f"receiver-worker-{index}",
+                                worker=index)) is None:
+        if time.monotonic() > deadline:
+            raise TemporaryFailure(f"receive worker {index} is already running")
+        time.sleep(0.1)
     receiver = Receiver(station, host=host, port=port, workers=workers)
     with stop_on_signals() as stop:
         try:
