@@ -320,6 +320,26 @@ class EventFilter:
                 return False
         return True
 
+    def needles(self) -> list[tuple[str, ...]]:
+        """Text a line must hold (one of each group) to possibly match: the filter's
+        values as the journal writes them (JSON strings). Lines without them are skipped
+        unparsed, which makes a filtered scan of a large journal several times faster."""
+        groups: list[tuple[str, ...]] = []
+        for value in (self.study, self.accession, self.stream, self.stage, self.event):
+            if value is not None:
+                groups.append((json.dumps(value),))
+        if self.status:
+            groups.append(tuple(json.dumps(v) for v in self.status))
+        if self.job is not None:  # the job, its children (J.<stream>), or as parent
+            groups.append((json.dumps(self.job)[:-1],))
+        return groups
+
+
+def _prefiltered(lines: Iterable[str], needles: list[tuple[str, ...]]) -> Iterator[str]:
+    for line in lines:
+        if all(any(n in line for n in group) for group in needles):
+            yield line
+
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """``--since``: an ISO-8601 time, or a duration back from now (``2h``, ``7d``)."""
@@ -359,9 +379,11 @@ def _parse_lines(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
 def read_events(spool: Spool, flt: EventFilter | None = None) -> Iterator[dict[str, Any]]:
     """Events of the station journal in time order, filtered."""
     flt = flt or EventFilter()
+    needles = flt.needles()
     for path in log_files(spool, flt.since):
         with open(path, encoding="utf-8", errors="replace") as fh:
-            for rec in _parse_lines(fh):
+            lines: Iterable[str] = _prefiltered(fh, needles) if needles else fh
+            for rec in _parse_lines(lines):
                 if flt.matches(rec):
                     yield rec
 
