@@ -42,6 +42,7 @@ COMMANDS = {
     "config": "config",
     "results": "results",
     "web": "web",
+    "notify": "notify",
 }
 
 # The line each command shows in `dts --help`, so that listing them imports none of them
@@ -54,6 +55,7 @@ SHORT_HELP = {
     "echo": "Check with a DICOM C-ECHO that a peer answers (exit 0) or not (exit 75).",
     "import": "Bring DICOM files or folders in as if received: one job per study.",
     "log": "Print the station journal, oldest first.",
+    "notify": "Post webhooks for failed, delivered, stuck and review events ([[notify]]).",
     "receive": "Receive studies over DICOM into the spool until stopped.",
     "requeue": "Put finished, failed or unmatched jobs back into a queue for another try.",
     "results": "Structured results: check what a model writes (results.json).",

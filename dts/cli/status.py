@@ -67,6 +67,10 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
             state = f"running (pid {s.get('pid')})" if s["running"] else "not running"
             extra = f" on port {s['port']}" if s.get("running") and s.get("port") else ""
             console.print(f"{svc}: {state}{extra}")
+        n = st["notify"]
+        if n["pending"] or n["gave_up"]:
+            console.print(f"webhooks: {n['pending']} pending (oldest {_age(n['oldest_seconds'])})"
+                          f", {n['gave_up']} given up (spool/notify/gave-up/)")
         console.print(f"errors in the last 24 h: {st['errors_24h']}   free: {st['free_mb']} MB")
         for r in reasons:
             click.echo(f"attention: {r}", err=True)
