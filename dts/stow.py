@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 SCRATCH_PREFIX = ".stow-"
 MAX_PART_HEADERS = 16 * 1024  # bytes of one part's header block
 MAX_PARTS = 10_000
+MAX_BOUNDARY = 200
 # PS3.18 Table 10.5.3-1 failure reasons
 OUT_OF_RESOURCES = 0xA700
 MISMATCH = 0xA900          # "data set does not match": here, not the study of the URL
@@ -86,8 +87,9 @@ class MultipartParser:
     Raises ``MalformedBody``."""
 
     def __init__(self, boundary: bytes, on_part: Any, on_end: Any) -> None:
-        if not boundary or len(boundary) > 70:
-            raise MalformedBody("the boundary must be 1-70 characters (RFC 2046)")
+        # RFC 2046 says at most 70 characters; Orthanc's STOW-RS client sends longer ones
+        if not boundary or len(boundary) > MAX_BOUNDARY:
+            raise MalformedBody(f"the boundary must be 1-{MAX_BOUNDARY} characters")
         self.delimiter = b"\r\n--" + boundary
         self.buf = b"\r\n"  # so that a boundary on the first line looks like the others
         self.state = "preamble"
