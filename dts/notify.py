@@ -39,19 +39,20 @@ import random
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from .config import Config, Notify
 from .journal import Event, Stage, Status
 from .spool import Spool, State, age_seconds, isotime, parse_isotime, utcnow, write_file_durably
 from .station import Station
 from .status import NOTIFY_CURSOR as CURSOR
-from .status import NOTIFY_DIR, NOTIFY_GAVE_UP as GAVE_UP, service_state
+from .status import NOTIFY_DIR, service_state
+from .status import NOTIFY_GAVE_UP as GAVE_UP
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class Notifier:
         queued = 0
         for name, path in present.items():
             try:
-                fh = open(path, "rb")
+                fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
             except FileNotFoundError:
                 continue
             with fh:
@@ -312,28 +313,22 @@ class Notifier:
                                          f"{exc.strerror or exc}", result)
                 return
             headers["X-DTS-Signature"] = signature(secret, timestamp, payload)
-        request = urllib.request.Request(hook.url, data=payload, headers=headers,
-                                         method="POST")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        session = requests.Session()
+        session.trust_env = False  # no proxy from the environment
         try:
-            with opener.open(request, timeout=hook.timeout) as rsp:
-                rsp.read(65536)
-                code = rsp.status
-        except urllib.error.HTTPError as exc:
-            code = exc.code
-            exc.close()
-            if 400 <= code < 500 and code not in TEMPORARY_HTTP:
-                self._give_up(path, entry, f"{hook.url} answered HTTP {code} {exc.reason}",
-                              result)
-                return
-            self._retry(path, entry, f"{hook.url} answered HTTP {code} {exc.reason}", result)
+            with session.post(hook.url, data=payload, headers=headers, timeout=hook.timeout,
+                              allow_redirects=False, stream=True) as rsp:
+                code, why = rsp.status_code, rsp.reason
+        except requests.RequestException as exc:
+            self._retry(path, entry, f"{hook.url} unreachable: {_short(exc)}", result)
             return
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            self._retry(path, entry, f"{hook.url} unreachable: {reason}", result)
+        finally:
+            session.close()
+        if 400 <= code < 500 and code not in TEMPORARY_HTTP:
+            self._give_up(path, entry, f"{hook.url} answered HTTP {code} {why}", result)
             return
         if not 200 <= code < 300:
-            self._retry(path, entry, f"{hook.url} answered HTTP {code}", result)
+            self._retry(path, entry, f"{hook.url} answered HTTP {code} {why}", result)
             return
         path.unlink(missing_ok=True)
         result.delivered += 1
@@ -397,6 +392,11 @@ class Notifier:
             except Exception:  # a bug here must not stop the station
                 log.exception("notify round failed")
             stop.wait(interval)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _seconds(value: float) -> timedelta:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pydicom
 import pytest
@@ -78,10 +78,10 @@ def _url_destination(url: str, extra: str = "") -> str:
 # -- a local HTTP server for faults (5xx, 4xx, 409 with a body) ------------------------------
 
 class _Fault(BaseHTTPRequestHandler):
-    answers: list[tuple[int, bytes]] = []
-    seen: list[dict[str, Any]] = []
+    answers: ClassVar[list[tuple[int, bytes]]] = []
+    seen: ClassVar[list[dict[str, Any]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         if not length and self.headers.get("Transfer-Encoding") == "chunked":
@@ -150,8 +150,8 @@ def test_a_part_the_stow_server_refuses_fails_exactly_that_instance(
     (tmp_path / "token").write_text(TOKEN + "\n")
     (tmp_path / "password").write_text("operator-password\n")
     for n, auth in enumerate([f'auth = {{ bearer_token_file = "{tmp_path / "token"}" }}',
-                              f'auth = {{ username = "op", password_file = '
-                              f'"{tmp_path / "password"}" }}']):
+                              (f'auth = {{ username = "op", password_file = '
+                               f'"{tmp_path / "password"}" }}')]):
         folder = tmp_path / f"sender{n}"
         folder.mkdir()
         cfg = _send_config(folder, _url_destination(web_station.url, auth))
@@ -200,6 +200,7 @@ def test_5xx_and_no_connection_are_temporary_4xx_is_named_and_final(
     assert where(spool, job_id) == "failed"
     assert "HTTP 403" in data["error"] and set(data["destinations"]["web"]["failed"]) == set(uids)
     # nothing listening: temporary
+    (tmp_path / "x").mkdir()
     cfg2 = _send_config(tmp_path / "x", _url_destination(f"http://127.0.0.1:{free_port()}/dw"))
     spool2 = Spool(tmp_path / "x" / "spool")
     job2, _, _ = queue_send_job(spool2, n=1)
