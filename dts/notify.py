@@ -333,9 +333,11 @@ class Notifier:
         path.unlink(missing_ok=True)
         result.delivered += 1
         if int(entry.get("attempts") or 0) > 0:
-            self._event(Event.NOTIFY_DELIVERED, Status.INFO,
-                        f"webhook {hook.url}: {entry.get('event')} delivery {entry.get('id')} "
-                        f"delivered after {entry['attempts']} failed tries", entry)
+            self.station.journal.emit(
+                Stage.NOTIFY, Event.NOTIFY_DELIVERED, Status.INFO,
+                f"webhook {hook.url}: {entry.get('event')} delivery {entry.get('id')} "
+                f"delivered after {entry['attempts']} failed tries", **self._fields(entry),
+                best_effort=True)
 
     def _retry(self, path: Path, entry: dict[str, Any], reason: str, result: Round) -> None:
         attempts = int(entry.get("attempts") or 0) + 1
@@ -353,9 +355,11 @@ class Notifier:
         write_file_durably(path, json.dumps(entry, sort_keys=True).encode() + b"\n")
         result.failed += 1
         result.pending += 1
-        self._event(Event.NOTIFY_FAILED, Status.WARNING,
-                    f"webhook: {entry.get('event')} delivery {entry.get('id')} failed "
-                    f"(try {attempts}): {reason}; next try at {entry['next_attempt_at']}", entry)
+        self.station.journal.emit(
+            Stage.NOTIFY, Event.NOTIFY_FAILED, Status.WARNING,
+            f"webhook: {entry.get('event')} delivery {entry.get('id')} failed (try "
+            f"{attempts}): {reason}; next try at {entry['next_attempt_at']}",
+            **self._fields(entry), best_effort=True)
 
     def _give_up(self, path: Path, entry: dict[str, Any], reason: str, result: Round) -> None:
         entry.update(gave_up_at=isotime(), last_error=reason)
@@ -364,17 +368,18 @@ class Notifier:
         write_file_durably(keep / path.name, json.dumps(entry, sort_keys=True).encode() + b"\n")
         path.unlink(missing_ok=True)
         result.gave_up += 1
-        self._event(Event.NOTIFY_GAVE_UP, Status.ERROR,
-                    f"webhook: {entry.get('event')} delivery {entry.get('id')} given up: "
-                    f"{reason} (kept in {NOTIFY_DIR}/{GAVE_UP}/{path.name})", entry)
+        self.station.journal.emit(
+            Stage.NOTIFY, Event.NOTIFY_GAVE_UP, Status.ERROR,
+            f"webhook: {entry.get('event')} delivery {entry.get('id')} given up: {reason} "
+            f"(kept in {NOTIFY_DIR}/{GAVE_UP}/{path.name})", **self._fields(entry),
+            best_effort=True)
 
-    def _event(self, event: Event, status: Status, message: str, entry: dict[str, Any]) -> None:
+    @staticmethod
+    def _fields(entry: dict[str, Any]) -> dict[str, Any]:
         b = entry.get("body") or {}
-        self.station.journal.emit(Stage.NOTIFY, event, status, message,
-                                  url=entry.get("url"), delivery=entry.get("id"),
-                                  notify_event=entry.get("event"), subject_job=b.get("job"),
-                                  study_uid=b.get("study_uid"), accession=b.get("accession"),
-                                  best_effort=True)
+        return {"url": entry.get("url"), "delivery": entry.get("id"),
+                "notify_event": entry.get("event"), "subject_job": b.get("job"),
+                "study_uid": b.get("study_uid"), "accession": b.get("accession")}
 
     # -- rounds ------------------------------------------------------------------------
     def run_once(self, *, all_now: bool = False) -> Round:
