@@ -21,7 +21,7 @@ from dts.journal import Event, Stage, Status
 from dts.notify import Notifier
 from dts.spool import Queue, State, new_job_id, utcnow
 from dts.station import Station
-from tests.helpers import run_dts, station_config
+from tests.helpers import free_port, run_dts, start_dts, station_config, stop_process, wait_for
 
 SECRET = b"hook-secret-42"
 
@@ -181,3 +181,24 @@ def test_bad_notify_configuration_is_refused(tmp_path: Path) -> None:
     cfg = station_config(tmp_path)
     done = run_dts("notify", "--once", config=cfg)
     assert done.returncode == 2 and "[[notify]]" in done.stderr
+
+
+def test_dts_watch_delivers_webhooks(tmp_path: Path,
+                                     hook_server: tuple[str, type[_Hook]]) -> None:
+    base, handler = hook_server
+    port = free_port()
+    cfg = station_config(tmp_path, station={"port": port}, tail=f"""
+[[notify]]
+url = "{base}/watch"
+events = ["failed"]
+""")
+    station = Station.open(cfg, None)
+    proc = start_dts("watch", config=cfg, log=tmp_path / "watch.log")
+    try:
+        cursor = station.spool.root / "notify" / "cursor.json"
+        wait_for(cursor.exists, 30, what="the notifier's first round")
+        _emit(station, Event.FAILED, study="1.2.3.8")
+        wait_for(lambda: handler.seen, 30, what="the webhook")
+        assert json.loads(handler.seen[0]["body"])["study_uid"] == "1.2.3.8"
+    finally:
+        assert stop_process(proc) == 0, (tmp_path / "watch.log").read_text()

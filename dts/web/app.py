@@ -852,7 +852,8 @@ def create_app(station: Station, index: Any = None) -> Starlette:
     stow_receiver = Stow(station)
 
     async def stow_post(request: Request) -> Response:
-        return _headers(await stow_route.store(stow_receiver, web.users, request))
+        return _headers(await stow_route.store(stow_receiver, web.users, web.throttle,
+                                               request))
 
     routes = [
         get("/", overview), get("/api/overview", overview),

@@ -8,7 +8,8 @@ store into the station by a page it visits). The answers (PS3.18):
 - 200 every part stored, 202 some failed, 409 all failed: a DICOM JSON body with the
   ReferencedSOPSequence and the FailedSOPSequence (FailureReason per part);
 - 400 a malformed multipart body, 401 no or a wrong login (``WWW-Authenticate``),
-  403 a user whose role may not store, 404 ``[stow] enabled = false`` or a study UID
+  403 a user whose role may not store, 429 too many failed logins (the login page's
+  throttle), 404 ``[stow] enabled = false`` or a study UID
   in the path that is not a UID, 413 a body over ``[stow] max_upload_mb``, 415 not
   ``multipart/related; type="application/dicom"``.
 
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from ..dicom.uid import valid_uid
 from ..journal import Event, Stage, Status
 from ..stow import MalformedBody, MultipartParser, Outcome, Stow, media_type
+from .security import Throttle
 from .users import Role, UserFile
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def _token(stow: Stow) -> str | None:
     return value or None
 
 
-def _login(stow: Stow, users: UserFile, request: Request) -> str:
+def _login(stow: Stow, users: UserFile, throttle: Throttle, request: Request) -> str:
     """Who stores: ``token`` or the user's name; Refused otherwise (cookies never count)."""
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -71,9 +73,16 @@ def _login(stow: Stow, users: UserFile, request: Request) -> str:
                 .decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Refused(401, "malformed Basic credentials", **challenge) from None
+        address = request.client.host if request.client else "-"
+        wait = throttle.wait(name, address)
+        if wait > 0:  # the login page's throttle: guessing by STOW-RS is no faster
+            raise Refused(429, f"too many failed logins; try again in {wait:.0f}s",
+                          **{"Retry-After": str(int(wait) + 1)})
         user = users.authenticate(name, password) if sep else None
         if user is None:
+            throttle.failed(name, address)
             raise Refused(401, "wrong user name or password", **challenge)
+        throttle.succeeded(name, address)
         if not user.role.allows(STORE_ROLE):
             raise Refused(403, f"user {user.name} ({user.role.value}) may not store; it needs "
                                f"the role {STORE_ROLE.value}")
@@ -117,7 +126,8 @@ def _stored_event(stow: Stow, request: Request, outcome: Outcome, who: str | Non
         best_effort=True)
 
 
-async def store(stow: Stow, users: UserFile, request: Request) -> Response:
+async def store(stow: Stow, users: UserFile, throttle: Throttle,
+                request: Request) -> Response:
     """The endpoint (see the module docstring)."""
     who: str | None = None
     try:
@@ -126,7 +136,7 @@ async def store(stow: Stow, users: UserFile, request: Request) -> Response:
         study_uid = request.path_params.get("study_uid")
         if study_uid is not None and not valid_uid(study_uid):
             raise Refused(404, f"no study {study_uid[:80]!r} (not a UID)")
-        who = await run_in_threadpool(_login, stow, users, request)
+        who = await run_in_threadpool(_login, stow, users, throttle, request)
         boundary = _check_type(request)
         limit = stow.cfg.max_upload_mb * 1024 * 1024
         length = request.headers.get("content-length")
