@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ..dicom.uid import valid_uid
@@ -163,6 +163,9 @@ async def store(stow: Stow, users: UserFile, throttle: Throttle,
             outcome = await run_in_threadpool(req.commit)
         except MalformedBody as exc:
             raise Refused(400, f"malformed multipart/related body: {exc}") from None
+        except ClientDisconnect:  # nothing kept: the scratch goes, nobody reads an answer
+            raise Refused(400, "the client went away before the body was complete") \
+                from None
         finally:
             await run_in_threadpool(req.close)
     except Refused as exc:
