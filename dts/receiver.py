@@ -477,13 +477,21 @@ class Receiver:
                 fsync_dir(study_dir)
                 st.series.add(series_uid)
             dest = os.path.join(series_dir, sop_uid + ".dcm")
-            if os.path.dirname(path) == self._tmp:
-                os.rename(path, dest)
-            else:  # a receive folder elsewhere: copy through tmp/
-                tmp = os.path.join(self._tmp, f".rx-copy-{sop_uid}")
-                shutil.copyfile(path, tmp)
-                _fsync_path(Path(tmp))
-                os.rename(tmp, dest)
+            src = path
+            if os.path.dirname(path) != self._tmp:  # a receive folder elsewhere: via tmp/
+                src = os.path.join(self._tmp, f".rx-copy-{sop_uid}")
+                shutil.copyfile(path, src)
+                _fsync_path(Path(src))
+            try:
+                os.rename(src, dest)
+            except FileNotFoundError:
+                # the study folder was published by dts web and made anew by a STOW-RS
+                # request since: this series' folder is not in it (any more)
+                if not os.path.isfile(src):
+                    raise
+                os.makedirs(series_dir, exist_ok=True)
+                fsync_dir(study_dir)
+                os.rename(src, dest)
             fsync_dir(series_dir)
         except OSError as exc:
             self._leave(st, None)

@@ -26,8 +26,10 @@ from dts import carriers, receiver
 from dts.spool import Job, Queue, Spool, State
 from dts.station import Station
 from dts.stow import Stow
+from dts.web import actions
 from dts.web.users import Role, UserFile
 from tests.helpers import (
+    STORESCU,
     free_port,
     make_instance,
     make_study,
@@ -36,6 +38,7 @@ from tests.helpers import (
     station_config,
     stop_process,
     wait_for,
+    wait_port,
 )
 from tests.plugins.peers import Orthanc
 from tests.test_send import events, job_data, queue_send_job, where
@@ -139,6 +142,8 @@ def test_results_reach_orthanc_by_stow_and_its_echo_is_qido(
     echo = run_dts("echo", "web", "--json", config=cfg)
     assert echo.returncode == 0, echo.stderr
     assert json.loads(echo.stdout)["reachable"] is True
+    page = actions.echo_destination(Station.open(cfg, None), "web")  # the page's button
+    assert page["reachable"] is True and page["url"] == f"{orthanc.url}/dicom-web"
 
 
 def test_a_part_the_stow_server_refuses_fails_exactly_that_instance(
@@ -448,6 +453,7 @@ def test_a_body_over_max_upload_mb_is_413_and_nothing_is_kept(tmp_path: Path) ->
         stop_process(ws.proc)
 
 
+@pytest.mark.slow
 def test_a_study_dts_web_was_killed_holding_is_published_once_after_restart(
         tmp_path: Path) -> None:
     ws = WebStation(tmp_path, stable=3.0)
@@ -515,3 +521,36 @@ def test_a_carried_study_waits_and_is_published_once_by_either_publisher(
     assert spool.list(Queue.CLASSIFY, State.NEW) == published
     assert not dest.exists() and not carriers.gate_path(spool, uid).exists()
     assert stow.pending() == [] and rx.pending() == []
+
+
+@pytest.mark.slow
+def test_a_study_sent_by_c_store_and_by_stow_at_once_is_one_job(tmp_path: Path) -> None:
+    """dts receive and dts web, two processes, one study: one series by storescu, one by
+    STOW-RS, while both are in flight; one job holds both, published once."""
+    ws = WebStation(tmp_path, stable=4.0)
+    rx_port = free_port()
+    text = ws.config.read_text().replace("[station]\n", f"[station]\nport = {rx_port}\n", 1)
+    ws.config.write_text(text)
+    ws.start()
+    receive = start_dts("receive", config=ws.config, log=tmp_path / "receive.log")
+    try:
+        wait_port(rx_port, 30)
+        study = make_study(tmp_path / "exam", n_series=2, per_series=3)
+        by_dicom, by_stow = sorted(study["folder"].iterdir())
+        sent = subprocess.run([STORESCU, "-aet", "PACS", "-aec", "DTS", "+sd", "+r",
+                               "127.0.0.1", str(rx_port), str(by_dicom)],
+                              capture_output=True, timeout=60, check=False)
+        assert sent.returncode == 0, sent.stderr
+        rsp = ws.post(multipart([f.read_bytes() for f in sorted(by_stow.iterdir())]))
+        assert rsp.status_code == 200, rsp.text
+        (job,) = ws.jobs(1)
+        data = job.read()
+        assert data["instances"] == 6 and len(data["series"]) == 2
+        assert {s["calling_ae"] for s in data["sources"]} == {"PACS", "STOWSRC"}
+        wait_for(lambda: not list(ws.spool.incoming.iterdir()), 10, what="incoming/ empty")
+    finally:
+        stop_process(receive)
+        assert ws.proc is not None
+        stop_process(ws.proc)
+    assert len(ws.spool.list(Queue.CLASSIFY, State.NEW)) == 1
+
