@@ -165,4 +165,10 @@ def needs_attention(status: dict[str, Any], max_age: float) -> list[str]:
         age = status["queues"][q.value]["oldest_seconds"]
         if age is not None and age > max_age:
             reasons.append(f"{q.value}: oldest job waits for {age:.0f}s (> {max_age:.0f}s)")
+    hooks = status.get("notify") or {}
+    if hooks.get("gave_up"):
+        reasons.append(f"{hooks['gave_up']} webhook deliveries given up (spool/notify/gave-up/)")
+    if hooks.get("oldest_seconds") is not None and hooks["oldest_seconds"] > max_age:
+        reasons.append(f"webhooks: the oldest delivery waits for {hooks['oldest_seconds']:.0f}s "
+                       f"(> {max_age:.0f}s)")
     return reasons

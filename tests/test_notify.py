@@ -124,6 +124,9 @@ def test_webhooks_signed_retried_and_given_up(tmp_path: Path,
     status = json.loads(run_dts("status", "--json", config=cfg).stdout)
     assert status["notify"]["pending"] == 1 and status["notify"]["gave_up"] == 1
     assert status["notify"]["oldest_seconds"] is not None
+    check = run_dts("status", "--check", "--json", config=cfg)
+    assert check.returncode == 1
+    assert any("given up" in r for r in json.loads(check.stdout)["attention"])
     (pending,) = [p for p in (station.spool.root / "notify").glob("*.json")
                   if p.name != "cursor.json"]
     entry = json.loads(pending.read_text())
