@@ -10,10 +10,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
 # busybox-static (a root filesystem for test container images), logrotate (its dts file
 # is run by the tests), chromium + chromium-driver (the page in a real browser, Selenium).
-TEST_DEBS := dcmtk dicom3tools orthanc podman runc busybox-static postgresql logrotate systemd \
+TEST_DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb podman runc busybox-static postgresql logrotate systemd \
              chromium chromium-driver
 TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
-             /usr/bin/dciodvfy \
+             /usr/bin/dciodvfy /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
              /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate \
              /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver
 

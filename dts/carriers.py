@@ -1,209 +1,158 @@
-"""Which processes carry which study in ``incoming/``: the receiver workers' shared state.
+"""Owns who carries a study in ``incoming/`` across processes: the study's gate.
 
-With ``[station] receive_workers`` above 1 the associations of one study may be served by
-different processes, so "no open association carries it" and "quiet for stable_seconds"
-cannot be answered from one process's memory. They are answered from files the kernel
-keeps honest, in ``tmp/.run/carriers/`` (beside the service locks):
+Two processes write into ``incoming/<Study>/``: the receiver (C-STORE) and ``dts web``
+(STOW-RS). Either may publish a study, so each must know whether the other still
+carries it. The gate is one file per study, ``tmp/.run/carry/<StudyInstanceUID>``:
 
-``<Study>.c.<pid>.<n>``
-    a carrier: one per association and study, created when the association's first
-    instance of the study arrives and held with an exclusive ``flock`` until the association
-    closes (then removed). A process killed with kill -9 loses its locks with it, so its
-    carriers stop counting at once: a study is never kept open for ever by the dead.
-``<Study>.last``
-    its modification time is when the last association carrying the study closed (the
-    start of the quiet time another process has to see).
-``<Study>.p``
-    the publication lock: a process takes it exclusive (non-blocking) to publish the
-    study, a process that starts carrying the study takes it shared for that moment. So a
-    carrier is either created before a publisher looks (and the study waits for it) or
-    after the folder was renamed away (and its instances make a new study folder, as a
-    late instance always has): a study is never published while another process is
-    receiving it, and exactly one process publishes it.
+- a **carrier** (an association that carries the study, a STOW-RS request moving parts
+  into it) holds a shared ``flock`` on it for as long as it writes, and touches the
+  file's modification time when it starts and when it ends: that time is the study's
+  last activity, whoever wrote;
+- a **publisher** takes an exclusive ``flock`` without waiting: when it cannot, someone
+  carries the study and it is not published now; when it can, nobody can start carrying
+  it until the publisher lets go, so the check and the rename of ``incoming/<Study>``
+  are one step. After publishing it removes the gate while still holding it.
 
-A lock file is only unlinked by the process holding it exclusively; a process that
-waited on a lock file that was unlinked meanwhile opens it again (its inode changed).
+The kernel drops a killed process's locks, so a carrier killed with ``kill -9`` never
+holds a study back. A lock taken on a gate that a publisher removed meanwhile is
+noticed (the path names another inode, or none) and taken again on the new file.
+``lslocks`` (or ``fuser tmp/.run/carry/*``) shows who carries what.
 """
 
 from __future__ import annotations
 
 import fcntl
-import itertools
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-@dataclass
+from .spool import Spool
+
+CARRY_DIR = "carry"  # in tmp/.run/, with the services' locks
+
+
+def gate_path(spool: Spool, study_uid: str) -> Path:
+    return spool.run_dir / CARRY_DIR / study_uid
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _current(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class Carrier:
-    """One association carrying one study (held until ``release``)."""
+    """A shared hold on a study's gate (see the module)."""
 
-    path: str
-    fd: int
+    def __init__(self, fd: int, study_uid: str) -> None:
+        self.fd, self.study_uid = fd, study_uid
 
-
-class PublishLock:
-    """Held while one process publishes a study (see ``StudyCarriers.try_publish``)."""
-
-    def __init__(self, owner: "StudyCarriers", study_uid: str, fd: int) -> None:
-        self.owner, self.study_uid, self.fd = owner, study_uid, fd
-
-    def release(self, *, published: bool) -> None:
-        """Let go; after a publication the study's files here go too (under the lock, so
-        nobody starts carrying the old study meanwhile)."""
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
         try:
-            if published:
-                self.owner.forget(self.study_uid)
-        finally:
-            _close(self.fd)
-
-
-class StudyCarriers:
-    """The carriers of every study, in ``folder`` (one instance per process)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.dir = str(folder)
-        os.makedirs(self.dir, exist_ok=True)
-        self._counter = itertools.count()
-
-    def _path(self, study_uid: str, suffix: str) -> str:
-        return os.path.join(self.dir, f"{study_uid}.{suffix}")
-
-    def _locked(self, study_uid: str, mode: int) -> int | None:
-        """The study's publication lock, taken in ``mode`` (None: LOCK_NB and taken)."""
-        path = self._path(study_uid, "p")
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, mode)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)  # unlinked while we waited: the next one is the live one
-
-    def carry(self, study_uid: str, prepare: Callable[[], None]) -> Carrier:
-        """Start carrying ``study_uid``: ``prepare()`` (which makes sure the study's folder
-        exists) runs while no process can be publishing the study."""
-        fd = self._locked(study_uid, fcntl.LOCK_SH)
-        assert fd is not None
-        try:
-            prepare()
-            path = self._path(study_uid, f"c.{os.getpid()}.{next(self._counter)}")
-            cfd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(cfd, fcntl.LOCK_EX)
-            return Carrier(path, cfd)
-        finally:
-            _close(fd)
-
-    def release(self, study_uid: str, carrier: Carrier) -> None:
-        """The association closed: the quiet time starts now for every process."""
-        stamp = self._path(study_uid, "last")
-        try:
-            with open(stamp, "ab"):
-                pass
-            os.utime(stamp)
+            os.utime(fd)  # the study's last activity
         except OSError:
             pass
         try:
-            os.unlink(carrier.path)
-        except FileNotFoundError:
-            pass
-        _close(carrier.fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
-    def last_closed(self, study_uid: str) -> float | None:
-        """When an association carrying the study last closed (wall clock), if ever."""
+
+def carry(spool: Spool, study_uid: str) -> Carrier:
+    """Start carrying ``study_uid`` (waits while a publisher holds it: a rename)."""
+    path = gate_path(spool, study_uid)
+    while True:
+        fd = _open(path)
         try:
-            return os.stat(self._path(study_uid, "last")).st_mtime
-        except FileNotFoundError:
-            return None
-
-    def carried_elsewhere(self, study_uid: str) -> bool:
-        """Some live process holds a carrier of the study (stale ones are removed)."""
-        prefix = f"{study_uid}.c."
-        busy = False
-        for name in os.listdir(self.dir):
-            if not name.startswith(prefix):
-                continue
-            path = os.path.join(self.dir, name)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                busy = True
-                os.close(fd)
-                continue
-            try:  # nobody holds it: its process died (or is just removing it)
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            _close(fd)
-        return busy
-
-    def try_publish(self, study_uid: str, stable_seconds: float) -> PublishLock | None:
-        """The study's publication lock if this process may publish it now: nobody else
-        is publishing it, no live process carries it, and the last association that did
-        closed at least ``stable_seconds`` ago. None otherwise."""
-        fd = self._locked(study_uid, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if fd is None:
-            return None
-        try:
-            if self.carried_elsewhere(study_uid):
-                _close(fd)
-                return None
-            last = self.last_closed(study_uid)
-            if last is not None and time.time() - last < stable_seconds:
-                _close(fd)
-                return None
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _current(fd, path):
+                os.utime(fd)
+                return Carrier(fd, study_uid)
         except BaseException:
-            _close(fd)
+            os.close(fd)
             raise
-        return PublishLock(self, study_uid, fd)
-
-    def forget(self, study_uid: str) -> None:
-        """Remove a published study's stamp, stale carriers and publication lock (the
-        caller holds that lock exclusively)."""
-        self.carried_elsewhere(study_uid)
-        for suffix in ("last", "p"):
-            try:
-                os.unlink(self._path(study_uid, suffix))
-            except FileNotFoundError:
-                pass
+        os.close(fd)
 
 
-def _close(fd: int) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError:
-        pass
-    os.close(fd)
+class Gate:
+    """An exclusive hold on a study's gate: nobody carries it while this is held."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = fd, path
+
+    def quiet_seconds(self) -> float:
+        """Seconds since a carrier last started or ended."""
+        return time.time() - os.fstat(self.fd).st_mtime
+
+    def release(self, *, remove: bool = False) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        try:
+            if remove:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def try_exclusive(spool: Spool, study_uid: str) -> Gate | None:
+    """Hold ``study_uid``'s gate alone, or None when someone carries it."""
+    path = gate_path(spool, study_uid)
+    while True:
+        try:  # a gate made by a publisher says nothing about activity: mtime 0
+            fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o644), True
+        except FileExistsError:
+            fd, made = _open(path), False
+        except FileNotFoundError:
+            fd, made = _open(path), True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _current(fd, path):
+            if made:
+                os.utime(fd, (0, 0))
+            return Gate(fd, path)
+        os.close(fd)
 
 
 class AssociationSlots:
-    """``max_associations`` station-wide: one lock file per slot in ``folder``; an
-    association holds one while it is open (the kernel frees it when its process dies)."""
+    """``max_associations`` station-wide, for the receiver's worker processes
+    (``dts.receivepool``): one lock file per slot in ``folder``; an association holds one
+    while it is open, and the kernel frees it when its process dies."""
 
     def __init__(self, folder: Path, count: int) -> None:
-        self.dir = str(folder)
+        self.dir = folder
         self.count = count
-        os.makedirs(self.dir, exist_ok=True)
-        self._start = itertools.count(os.getpid() % max(1, count))
+        folder.mkdir(parents=True, exist_ok=True)
+        self._next = os.getpid() % max(1, count)
 
     def take(self) -> int | None:
         """A held slot's descriptor, or None when every slot is taken."""
-        first = next(self._start) % self.count
+        first, self._next = self._next, (self._next + 1) % self.count
         for i in range(self.count):
-            path = os.path.join(self.dir, f"{(first + i) % self.count}.slot")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open(self.dir / f"{(first + i) % self.count}.slot")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -214,4 +163,7 @@ class AssociationSlots:
 
     @staticmethod
     def give_back(fd: int) -> None:
-        _close(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)

@@ -151,10 +151,54 @@ class Destination:
     commitment_timeout: float = 600.0
     commitment_delay: float = 0.0
     verify: str | None = None  # "find": a C-FIND after storing finds every instance
+    # a STOW-RS destination (dts.dicomweb): the DICOMweb service's base URL, how to log
+    # in, whom to trust for HTTPS (None: the system's certificates) and the request timeout
+    url: str | None = None
+    auth: WebAuth | None = None
+    ca_certificates: Path | None = None
+    timeout: float = 60.0
 
     @property
     def is_folder(self) -> bool:
         return self.folder is not None
+
+    @property
+    def is_web(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True)
+class WebAuth:
+    """How dts logs in to a DICOMweb service: a bearer token, or user and password (HTTP
+    Basic); each secret is read from its file when it is used (never kept in dts.toml)."""
+
+    bearer_token_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class StowConfig:
+    """``[stow]``: STOW-RS into the station (``POST /dicom-web/studies`` of dts web)."""
+
+    enabled: bool = False
+    token_file: Path | None = None   # a bearer token (one line); users with a role may too
+    source: str = "STOW"             # stands for the calling AE title (streams' calling_ae)
+    max_upload_mb: int = 2048        # one request's body, all parts together
+
+
+@dataclass(frozen=True)
+class Notify:
+    """One ``[[notify]]`` webhook (dts.notify)."""
+
+    url: str
+    events: tuple[str, ...] = ("failed", "stuck")
+    secret_file: Path | None = None
+    timeout: float = 10.0
+    stuck_after: float = 3600.0     # "stuck": a queue's oldest job older than this
+
+
+NOTIFY_EVENTS = ("failed", "delivered", "stuck", "review")
 
 
 @dataclass(frozen=True)
@@ -247,6 +291,8 @@ class Config:
     streams: tuple[Stream, ...]
     journal: JournalConfig
     web: WebConfig = WebConfig()
+    stow: StowConfig = StowConfig()
+    notify: tuple[Notify, ...] = ()
 
     @property
     def rules_path(self) -> Path:
@@ -258,7 +304,8 @@ class Config:
     def destination_for_ae(self, ae_title: str) -> Destination | None:
         """The configured DICOM destination whose AE title is ``ae_title`` (for ``@sender``)."""
         return next(
-            (d for d in self.destinations.values() if not d.is_folder and d.ae_title == ae_title),
+            (d for d in self.destinations.values()
+             if not d.is_folder and not d.is_web and d.ae_title == ae_title),
             None,
         )
 
@@ -578,6 +625,11 @@ def _destination(file: str, index: int, data: Any, base: Path, spool: Path) -> D
         commitment_timeout=t.convert("commitment_timeout", _duration, 600.0),
         commitment_delay=t.convert("commitment_delay", _duration, 0.0),
         verify=t.convert("verify", _verify),
+        url=t.convert("url", _web_url),
+        auth=_web_auth(file, f"{t.prefix}.auth", t.get("auth", dict), base)
+        if "auth" in t.data else None,
+        ca_certificates=t.convert("ca_certificates", _readable(base)),
+        timeout=t.convert("timeout", _duration, 60.0),
     )
     if dest.commitment_timeout <= 0:
         raise t.fail("commitment_timeout", "must be more than 0")
@@ -585,6 +637,21 @@ def _destination(file: str, index: int, data: Any, base: Path, spool: Path) -> D
         if key in t.data and not dest.commitment:
             raise t.fail(key, "goes with commitment = true")
     t.finish()
+    web_keys = [k for k in ("auth", "ca_certificates", "timeout") if k in t.data]
+    if dest.url is not None:
+        if dest.folder is not None or dest.ae_title or dest.host or dest.port or dest.tls:
+            raise ConfigError(file, t.prefix, "either url (STOW-RS) or folder or "
+                              "ae_title/host/port(/tls), not two of them")
+        if dest.timeout <= 0:
+            raise ConfigError(file, f"{t.prefix}.timeout", "must be more than 0")
+        for key in ("commitment", "verify"):
+            if getattr(dest, key):
+                raise ConfigError(file, f"{t.prefix}.{key}", "is for DICOM destinations, "
+                                  "not STOW-RS (url)")
+        return dest
+    if web_keys:
+        raise ConfigError(file, f"{t.prefix}.{web_keys[0]}", "goes with url (a STOW-RS "
+                          "destination)")
     if dest.folder is not None:
         if dest.ae_title or dest.host or dest.port or dest.tls:
             raise ConfigError(file, t.prefix, "either folder or ae_title/host/port(/tls), "
@@ -595,8 +662,88 @@ def _destination(file: str, index: int, data: Any, base: Path, spool: Path) -> D
                                   "not folders")
     elif not (dest.ae_title and dest.host and dest.port):
         raise ConfigError(file, t.prefix, "a DICOM destination needs ae_title, host and port "
-                          "(or give folder)")
+                          "(or give folder, or url)")
     return dest
+
+
+def _web_url(value: Any) -> str:
+    """An http(s) URL with a host (a DICOMweb base URL or a webhook)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise TypeError(f"expected an http:// or https:// URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError("no user or password in the URL (use auth = { ... } with a file)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"no query or fragment in the URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _readable(base: Path) -> Callable[[Any], Path]:
+    """A path to a file dts can read now."""
+    def convert(value: Any) -> Path:
+        path = _path(base)(value)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path}")
+        return path
+
+    return convert
+
+
+def _web_auth(file: str, prefix: str, data: Any, base: Path) -> WebAuth:
+    t = _Table(file, prefix, data)
+    auth = WebAuth(bearer_token_file=t.convert("bearer_token_file", _readable(base)),
+                   username=t.get("username", str),
+                   password_file=t.convert("password_file", _readable(base)))
+    t.finish()
+    if auth.bearer_token_file is not None:
+        if auth.username is not None or auth.password_file is not None:
+            raise ConfigError(file, prefix, "either bearer_token_file or username and "
+                              "password_file, not both")
+    elif not (auth.username and auth.password_file):
+        raise ConfigError(file, prefix, "give bearer_token_file, or username and "
+                          "password_file")
+    elif ":" in auth.username:
+        raise ConfigError(file, f"{prefix}.username", "no ':' in an HTTP Basic user name")
+    return auth
+
+
+def _stow(file: str, data: Any, base: Path) -> StowConfig:
+    t = _Table(file, "stow", data)
+    d = StowConfig()
+    stow = StowConfig(
+        enabled=t.get("enabled", bool, d.enabled),
+        token_file=t.convert("token_file", _readable(base)),
+        source=t.convert("source", _ae, d.source),
+        max_upload_mb=t.convert("max_upload_mb", _positive_int, d.max_upload_mb),
+    )
+    t.finish()
+    if stow.max_upload_mb < 1:
+        raise t.fail("max_upload_mb", "must be at least 1")
+    return stow
+
+
+def _notify(file: str, index: int, data: Any, base: Path) -> Notify:
+    t = _Table(file, f"notify[{index}]", data)
+    url = t.convert("url", _web_url)
+    if url is None:
+        raise t.fail("url", "a webhook needs a url")
+    events = t.convert("events", _string_list(_str), Notify.events)
+    bad = [e for e in events if e not in NOTIFY_EVENTS]
+    if bad or not events:
+        raise t.fail("events", f"expected a list of {', '.join(NOTIFY_EVENTS)}, got "
+                               f"{bad[0] if bad else 'an empty list'!r}")
+    notify = Notify(url=url, events=tuple(dict.fromkeys(events)),
+                    secret_file=t.convert("secret_file", _readable(base)),
+                    timeout=t.convert("timeout", _duration, 10.0),
+                    stuck_after=t.convert("stuck_after", _duration, 3600.0))
+    t.finish()
+    if notify.timeout <= 0:
+        raise t.fail("timeout", "must be more than 0")
+    return notify
 
 
 def _client_tls(file: str, prefix: str, data: Any, base: Path) -> ClientTLS:
@@ -832,9 +979,12 @@ def load(path: str | os.PathLike[str] | None = None,
     journal = JournalConfig(url=jt.get("url", str))
     jt.finish()
     web = _web(file, top.get("web", dict, {}), base, station.spool)
+    stow = _stow(file, top.get("stow", dict, {}), base)
+    notify = tuple(_notify(file, i, n, base) for i, n in enumerate(top.get("notify", list, [])))
     top.finish()
     config = Config(path=cfg_path.resolve(), station=station, destinations=destinations,
-                    streams=tuple(streams), journal=journal, web=web)
+                    streams=tuple(streams), journal=journal, web=web, stow=stow,
+                    notify=notify)
     # a bad rule file is refused now, not at the first classification
     rules.load_station_rules(config.rules_path, config.path)
     return config
@@ -869,8 +1019,9 @@ def _plain(value: Any) -> Any:
 
 def _masked(data: Any) -> Any:
     if isinstance(data, dict):
+        # a *_file key names where a secret is kept, not the secret: shown as it is
         return {k: (MASK if any(s in k.lower() for s in SECRET_KEYS) and isinstance(v, str)
-                    else _masked(v)) for k, v in data.items()}
+                    and not k.endswith("_file") else _masked(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [_masked(v) for v in data]
     return data
@@ -878,6 +1029,8 @@ def _masked(data: Any) -> Any:
 
 def _destination_entry(dest: Destination) -> Any:
     entry = _plain(dest)
+    if not dest.is_web:
+        entry.pop("timeout", None)  # a STOW-RS destination's key
     if len(dest.filter) == 1:
         entry["filter"] = dict(dest.filter[0])
     elif not dest.filter:
@@ -918,4 +1071,8 @@ def effective(config: Config) -> dict[str, Any]:
     if config.journal.url is not None:
         out["journal"] = {"url": mask_url(config.journal.url)}
     out["web"] = _plain(config.web)
+    if config.stow != StowConfig():
+        out["stow"] = _plain(config.stow)
+    if config.notify:
+        out["notify"] = [_plain(n) for n in config.notify]
     return _masked({k: v for k, v in out.items() if v != []})

@@ -664,9 +664,9 @@ def _derive_exam(study: str, rows: Sequence[Any], old: dict[str, Any] | None,
     reason = None
     for row in rows:
         event, job, d = row["event"], row["job"], _details(row)
-        if row["stage"] == "web":
-            # what the page did (a timeline viewed, a rule test of a job) is no work on
-            # the exam: it must not add a job nor change its status
+        if row["stage"] in ("web", "notify"):
+            # what the page did (a timeline viewed, a rule test of a job), or a webhook
+            # about it, is no work on the exam: it must not add a job nor change its status
             continue
         accession = row["accession"] or accession
         if job:

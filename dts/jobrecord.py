@@ -29,7 +29,8 @@ or ``dts import`` (``importer``); a fan-out run job copies them (``IDENTITY_KEYS
   ``completed_at`` (str)   when the study counted as complete and was published.
   ``last_received_at`` (str|null)  when its last instance was written (the newest file in
                            ``input/``): where the turnaround starts (``dts.index``).
-  ``source`` (str)         ``"dicom"`` (received) or ``"import"`` (``dts import``).
+  ``source`` (str)         ``"dicom"`` (received), ``"stow"`` (STOW-RS, ``dts.stow``: the
+                           calling AE title is ``[stow] source``) or ``"import"`` (``dts import``).
 Written with the identity, not copied to run jobs:
   ``sources`` (list of Source)  every connection that carried the study, only when more
                            than one association did (receiver).

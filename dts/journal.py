@@ -34,6 +34,7 @@ class Stage(str, Enum):
     CLEAN = "clean"
     WATCH = "watch"
     WEB = "web"
+    NOTIFY = "notify"  # webhooks (dts.notify)
 
 
 class Status(str, Enum):
@@ -57,6 +58,8 @@ class Event(StrEnum):
     INSTANCE_REFUSED = "instance-refused"        # an instance answered with a failure status
     PUBLISH_FAILED = "publish-failed"            # a complete study could not move to classify/
     RECEIVED = "received"                        # a study was published to classify/new
+    STOW_STORED = "stow-stored"                  # a STOW-RS request's parts (dts web) were kept
+    STOW_REFUSED = "stow-refused"                # a STOW-RS request refused (401/413/415/400)
     # classify
     RULES_ERROR = "rules-error"                  # the rule file is unusable; jobs wait
     OWN_RESULT = "own-result"                    # the study holds this station's own results
@@ -123,6 +126,10 @@ class Event(StrEnum):
     ECHO = "echo"                                # a C-ECHO of a destination from the page
     RULE_TEST = "rule-test"                      # the rule tester ran (a job or uploaded files)
     USER_CHANGED = "user-changed"                # dts web user add/passwd/remove
+    # notify (webhooks, dts.notify; never themselves the subject of a webhook)
+    NOTIFY_FAILED = "notify-failed"              # a delivery failed for now; retried later
+    NOTIFY_GAVE_UP = "notify-gave-up"            # a delivery refused for good (4xx) or too old
+    NOTIFY_DELIVERED = "notify-delivered"        # a delivery that had failed got through
     # any stage
     JOURNAL_LOST = "journal-lost"                # lines that could not be written (disk full)
 

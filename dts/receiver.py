@@ -17,6 +17,12 @@ completes wherever a crash cut it:
 
 ``recover()`` (run by ``start()``) finishes every marked job in ``tmp/`` from the
 step it reached, then adopts the studies left in ``incoming/``.
+
+``dts web`` receives by STOW-RS into the same ``incoming/`` from another process, so
+whoever publishes goes through the study's gate (``dts.carriers``): every association
+that carries a study holds it shared until it closes, a publisher takes it alone or
+leaves the study for later. The chain itself (``publish_study``,
+``finish_publication``, ``recover_publications``) is shared with ``dts.stow``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import shutil
 import socketserver
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +44,8 @@ from typing import Any
 
 from pynetdicom import evt
 
-from . import commitment
-from .carriers import AssociationSlots, Carrier, StudyCarriers
+from . import carriers, commitment
+from .carriers import AssociationSlots
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
 from .dicom.header import read_header
@@ -72,6 +79,8 @@ CANNOT_UNDERSTAND = 0xC000
 PYNETDICOM_SLACK = 64
 # Connections closed over the pending budget are journalled at most this often.
 CLOSED_REPORT_SECONDS = 60.0
+# publish_study's answer when the study is carried (or not quiet) now: try again later
+BUSY = "<busy>"
 
 def check_uids(header: dict[str, str | None]) -> str | None:
     """Why these UIDs cannot become path components, or None when they are fine."""
@@ -174,6 +183,8 @@ class Receiver:
         self._moving: dict[str, threading.Event] = {}  # studies being renamed away
         self._conns: dict[int, Connection] = {}  # id(assoc) -> who it is
         self._carried: dict[int, set[str]] = {}  # id(assoc) -> studies it carried
+        # (id(assoc), study) -> the association's shared hold on the study's gate
+        self._carriers: dict[tuple[int, str], carriers.Carrier] = {}
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: Any = None
@@ -190,12 +201,9 @@ class Receiver:
                                      min(total, max(1, self.cfg.max_pending_per_host
                                                     // self.workers)))
         self._closed_reported = -CLOSED_REPORT_SECONDS
-        self._carriers: StudyCarriers | None = None
         self._slots: AssociationSlots | None = None
         self._held_slots: dict[int, int] = {}  # id(assoc) -> its slot's descriptor
-        self._carrying: dict[int, dict[str, Carrier]] = {}  # id(assoc) -> study -> carrier
         if self.shared:
-            self._carriers = StudyCarriers(self.spool.run_dir / "carriers")
             self._slots = AssociationSlots(self.spool.run_dir / "associations",
                                            self.cfg.max_associations)
 
@@ -285,6 +293,10 @@ class Receiver:
         self._stop.set()
         if self._checker is not None:
             self._checker.join(10)
+        with self._lock:
+            held, self._carriers = list(self._carriers.values()), {}
+        for carrier in held:
+            carrier.release()
         self.publish_stable()
         if self.shared:
             return
@@ -408,15 +420,14 @@ class Receiver:
         with self._lock:
             self._conns.pop(key, None)
             slot = self._held_slots.pop(key, None)
-            carrying = self._carrying.pop(key, {})
             for uid in self._carried.pop(key, ()):
                 st = self._studies.get(uid)
                 if st is not None:
                     st.assocs.discard(key)
                     st.last = max(st.last, now)
-        if self._carriers is not None:
-            for uid, carrier in carrying.items():
-                self._carriers.release(uid, carrier)
+            held = [self._carriers.pop(k) for k in list(self._carriers) if k[0] == key]
+        for carrier in held:
+            carrier.release()
         if slot is not None:
             AssociationSlots.give_back(slot)
 
@@ -506,6 +517,8 @@ class Receiver:
                     os.fsync(fh.fileno())
                 else:
                     _fsync_path(Path(path))
+            if (assoc_key, study_uid) not in self._carriers:
+                self._carry(assoc_key, study_uid)
             st = self._enter(study_uid, assoc_key, conn, header)
         except OSError as exc:
             return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
@@ -518,20 +531,21 @@ class Receiver:
                 fsync_dir(study_dir)
                 st.series.add(series_uid)
             dest = os.path.join(series_dir, sop_uid + ".dcm")
-            if os.path.dirname(path) == self._tmp:
-                try:
-                    os.rename(path, dest)
-                except FileNotFoundError:  # state of an earlier incarnation: make it again
-                    if not os.path.exists(path):
-                        raise
-                    os.makedirs(series_dir, exist_ok=True)
-                    fsync_dir(study_dir)
-                    os.rename(path, dest)
-            else:  # a receive folder elsewhere: copy through tmp/
-                tmp = os.path.join(self._tmp, f".rx-copy-{sop_uid}")
-                shutil.copyfile(path, tmp)
-                _fsync_path(Path(tmp))
-                os.rename(tmp, dest)
+            src = path
+            if os.path.dirname(path) != self._tmp:  # a receive folder elsewhere: via tmp/
+                src = os.path.join(self._tmp, f".rx-copy-{sop_uid}")
+                shutil.copyfile(path, src)
+                _fsync_path(Path(src))
+            try:
+                os.rename(src, dest)
+            except FileNotFoundError:
+                # the study folder was published by dts web and made anew by a STOW-RS
+                # request since: this series' folder is not in it (any more)
+                if not os.path.isfile(src):
+                    raise
+                os.makedirs(series_dir, exist_ok=True)
+                fsync_dir(study_dir)
+                os.rename(src, dest)
             fsync_dir(series_dir)
         except OSError as exc:
             self._leave(st, None)
@@ -571,37 +585,29 @@ class Receiver:
                              status, reason)
         return status
 
-    def _carry(self, study_uid: str, assoc_key: int) -> None:
-        """Shared mode: the association's first instance of ``study_uid`` makes it a
-        carrier of the study for the other workers; state this worker holds of an earlier
-        incarnation of the study (published by another worker since) is dropped."""
-        carriers = self._carriers
-        assert carriers is not None
+    def _carry(self, assoc_key: int, study_uid: str) -> None:
+        """Hold the study's gate for this association (once per association and study).
+        Held, nobody else publishes it. A study known here whose folder is gone, or is
+        another folder now (its inode), was published meanwhile by another process (dts
+        web, another receiver worker) and is forgotten: its instances make it anew."""
+        carrier = carriers.carry(self.spool, study_uid)
         study_dir = os.path.join(self._incoming, study_uid)
-
-        def prepare() -> None:  # no worker can be publishing the study meanwhile
-            try:
-                ino: int | None = os.stat(study_dir).st_ino
-                if not os.path.exists(os.path.join(study_dir, STUDY_META)):
-                    ino = None
-            except FileNotFoundError:
-                ino = None
-            with self._lock:
-                st = self._studies.get(study_uid)
-                if st is not None and st.ino is not None and st.ino != ino \
-                        and study_uid not in self._moving:
-                    del self._studies[study_uid]
-
-        carrier = carriers.carry(study_uid, prepare)
+        try:
+            ino: int | None = os.stat(study_dir).st_ino
+        except FileNotFoundError:
+            ino = None
         with self._lock:
-            self._carrying.setdefault(assoc_key, {})[study_uid] = carrier
+            st = self._studies.get(study_uid)
+            if st is not None and not st.active and not st.assocs \
+                    and study_uid not in self._moving \
+                    and (ino is None or (st.ino is not None and st.ino != ino)):
+                del self._studies[study_uid]
+            self._carriers[(assoc_key, study_uid)] = carrier
 
     def _enter(self, study_uid: str, assoc_key: int, conn: Connection,
                header: dict[str, str | None]) -> _Study:
         """Register an instance in flight for ``study_uid``, creating the study (folder and
         durable metadata) on its first instance."""
-        if self._carriers is not None and study_uid not in self._carrying.get(assoc_key, {}):
-            self._carry(study_uid, assoc_key)
         while True:
             with self._lock:
                 moving = self._moving.get(study_uid)
@@ -672,36 +678,35 @@ class Receiver:
             server = self._server
             # An association whose close we somehow missed must not hold a study forever.
             live = {id(a) for a in server.active_associations} if server is not None else set()
-            gone = [k for k in set(self._carrying) | set(self._held_slots) if k not in live] \
+            gone = [k for k in list(self._held_slots) if k not in live] \
                 if server is not None else []
-            for key in gone:  # closes we missed: their carriers and slots go too
+            for key in gone:  # closes we missed: their slots go too
                 self._closed(key)
-            locks: dict[str, Any] = {}
+            stale: list[carriers.Carrier] = []
             with self._lock:
                 for uid, st in list(self._studies.items()):
                     if st.assocs - live:
+                        stale += [c for k in st.assocs - live
+                                  if (c := self._carriers.pop((k, uid), None)) is not None]
                         st.assocs &= live
                         st.last = max(st.last, now)
                     if st.active or st.assocs or uid in self._moving:
                         continue
                     if not force and now - st.last < self.cfg.stable_seconds:
                         continue
-                    if self._carriers is not None:  # and quiet for every other worker
-                        lock = self._carriers.try_publish(
-                            uid, 0.0 if force else self.cfg.stable_seconds)
-                        if lock is None:
-                            continue
-                        locks[uid] = lock
                     del self._studies[uid]
                     self._moving[uid] = threading.Event()
                     ready.append(st)
+            for carrier in stale:
+                carrier.release()
             jobs = []
             for st in ready:
-                published = False
                 try:
-                    job_id = self._publish(st)
-                    published = True
-                    if job_id:
+                    job_id = self._publish(st, force=force)
+                    if job_id == BUSY:  # carried by another process, or active there lately
+                        with self._lock:
+                            self._studies.setdefault(st.uid, st)
+                    elif job_id:
                         jobs.append(job_id)
                 except Exception as exc:
                     LOGGER.exception("cannot publish study %s", st.uid)
@@ -713,63 +718,22 @@ class Receiver:
                                               "in incoming/ and is tried again",
                                               study_uid=st.uid, best_effort=True)
                 finally:
-                    lock = locks.pop(st.uid, None)
-                    if lock is not None:
-                        lock.release(published=published)
                     with self._lock:
                         done = self._moving.pop(st.uid, None)
                     if done is not None:
                         done.set()
             return jobs
 
-    def _publish(self, st: _Study) -> str | None:
-        spool = self.spool
-        study_dir = spool.incoming / st.uid
-        if not study_dir.is_dir():
-            return None
-        job = spool.create_tmp_job()
-        fd = _hold(job.path)
-        moved = False
-        try:
-            write_file_durably(job.path / MARKER, dump_json({"study_uid": st.uid,
-                                                             "duplicates": st.duplicates}))
-            fsync_dir(spool.tmp)
-            os.rename(study_dir, job.input_dir)  # step 2: the files move with their folder
-            moved = True
-            fsync_dir(spool.incoming)
-            fsync_dir(job.path)
-            return self._finish(job, st.uid, st.duplicates)
-        except BaseException:
-            if moved:  # the files are in tmp/<job>: finished from there (_recover_tmp)
-                self._unfinished = True
-            else:  # nothing moved: no empty job left behind for every retry
-                shutil.rmtree(job.path, ignore_errors=True)
-            raise
-        finally:
-            _release(fd)
+    def _publish(self, st: _Study, *, force: bool = False) -> str | None:
+        return publish_study(self.station, st.uid, st.duplicates,
+                             stable_seconds=self.cfg.stable_seconds, force=force,
+                             on_moved=self._set_unfinished)
+
+    def _set_unfinished(self) -> None:
+        self._unfinished = True  # the files are in tmp/<job>: finished from there
 
     def _finish(self, job: Job, study_uid: str, duplicates: int) -> str:
-        """Steps 3 and 4 of a publication whose input/ is in place (idempotent)."""
-        meta_file = job.input_dir / STUDY_META
-        try:
-            meta = json.loads(meta_file.read_bytes())
-        except (OSError, ValueError):
-            meta = {}
-        data = job_data(study_uid, meta, job.input_dir, duplicates=duplicates)
-        job.write(data)
-        if not any(e.get("event") == Event.RECEIVED for e in job.events()):
-            srcs = data.get("sources") or [meta]
-            who = ", ".join(f"{s.get('calling_ae')}@{s.get('peer')}" for s in srcs)
-            self.station.journal.emit(
-                Stage.RECEIVE, Event.RECEIVED, Status.OK,
-                f"study {study_uid}: {data['instances']} instance(s) in "
-                f"{len(data['series'])} series from {who}",
-                job=job, job_data=data, instances=data["instances"],
-                calling_ae=data["calling_ae"], called_ae=data["called_ae"], peer=data["peer"])
-        meta_file.unlink(missing_ok=True)
-        (job.path / MARKER).unlink(missing_ok=True)
-        self.spool.publish(job, Queue.CLASSIFY)
-        return job.id
+        return finish_publication(self.station, job, study_uid, duplicates)
 
     # -- recovery ---------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -806,53 +770,139 @@ class Receiver:
         return published
 
     def _recover_tmp(self, *, live: bool = False) -> list[str]:
-        """Finish every marked publication in tmp/ that nobody holds (a crash, or, while
-        ``live``, a publication that failed after its files moved: the disk was full)."""
-        spool = self.spool
-        published: list[str] = []
-        for entry in sorted(os.scandir(spool.tmp), key=lambda e: e.name):
-            if entry.name.startswith(".rx-") and entry.is_file():
-                if live or (self.shared and _writer_alive(entry.name)):
-                    continue  # may be an instance arriving right now
-                try:  # half-received instances of a dead receiver: never acknowledged
-                    if time.time() - entry.stat().st_mtime > 60:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass
-                continue
-            path = Path(entry.path)
-            if not entry.is_dir() or not (path / MARKER).exists():
-                continue
-            fd = _hold(path, wait=False)
-            if fd is None:
-                continue  # someone alive is publishing it
-            try:
-                if not (path / MARKER).exists():
-                    continue
-                try:
-                    marker = json.loads((path / MARKER).read_bytes())
-                except ValueError:
-                    marker = {}
-                study_uid = str(marker.get("study_uid") or "")
-                job = Job(path)
-                if not job.input_dir.is_dir():
-                    study_dir = spool.incoming / study_uid
-                    if valid_uid(study_uid) and study_dir.is_dir():
-                        os.rename(study_dir, job.input_dir)
-                        fsync_dir(spool.incoming)
-                        fsync_dir(path)
-                    else:  # crashed before step 2: nothing moved yet
-                        shutil.rmtree(path, ignore_errors=True)
-                        continue
-                published.append(self._finish(job, study_uid, int(marker.get("duplicates") or 0)))
-            finally:
-                _release(fd)
-        return published
+        return recover_publications(self.station, live=live)
 
     def pending(self) -> list[str]:
         """Study UIDs in incoming/ known to this receiver (not yet published)."""
         with self._lock:
             return sorted(self._studies)
+
+
+def publish_study(station: Station, study_uid: str, duplicates: int = 0, *,
+                  stable_seconds: float, force: bool = False,
+                  on_moved: Callable[[], None] | None = None) -> str | None:
+    """Publish ``incoming/<study_uid>`` (the chain of the module docstring) if nobody
+    carries it and no carrier was active for ``stable_seconds`` (``force``: whatever the
+    time). The new job id; None when the study is not in incoming/ (any more); ``BUSY``
+    when it must wait. ``on_moved`` is called when the publication fails after the files
+    moved to tmp/ (``recover_publications(live=True)`` finishes it)."""
+    spool = station.spool
+    gate = carriers.try_exclusive(spool, study_uid)
+    if gate is None:
+        return BUSY
+    gone = False
+    try:
+        if not force and gate.quiet_seconds() < stable_seconds:
+            return BUSY
+        study_dir = spool.incoming / study_uid
+        if not study_dir.is_dir():
+            gone = True
+            return None
+        job = spool.create_tmp_job()
+        fd = _hold(job.path)
+        moved = False
+        try:
+            write_file_durably(job.path / MARKER, dump_json({"study_uid": study_uid,
+                                                             "duplicates": duplicates}))
+            fsync_dir(spool.tmp)
+            os.rename(study_dir, job.input_dir)  # step 2: the files move with their folder
+            moved = gone = True
+            fsync_dir(spool.incoming)
+            fsync_dir(job.path)
+            return finish_publication(station, job, study_uid, duplicates)
+        except BaseException:
+            if moved:
+                if on_moved is not None:
+                    on_moved()
+            else:  # nothing moved: no empty job left behind for every retry
+                shutil.rmtree(job.path, ignore_errors=True)
+            raise
+        finally:
+            _release(fd)
+    finally:
+        gate.release(remove=gone)
+
+
+def finish_publication(station: Station, job: Job, study_uid: str, duplicates: int) -> str:
+    """Steps 3 and 4 of a publication whose input/ is in place (idempotent)."""
+    meta_file = job.input_dir / STUDY_META
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (OSError, ValueError):
+        meta = {}
+    data = job_data(study_uid, meta, job.input_dir, duplicates=duplicates)
+    job.write(data)
+    if not any(e.get("event") == Event.RECEIVED for e in job.events()):
+        srcs = data.get("sources") or [meta]
+        who = ", ".join(f"{s.get('calling_ae')}@{s.get('peer')}" for s in srcs)
+        station.journal.emit(
+            Stage.RECEIVE, Event.RECEIVED, Status.OK,
+            f"study {study_uid}: {data['instances']} instance(s) in "
+            f"{len(data['series'])} series from {who}",
+            job=job, job_data=data, instances=data["instances"],
+            calling_ae=data["calling_ae"], called_ae=data["called_ae"], peer=data["peer"])
+    meta_file.unlink(missing_ok=True)
+    (job.path / MARKER).unlink(missing_ok=True)
+    station.spool.publish(job, Queue.CLASSIFY)
+    return job.id
+
+
+def recover_publications(station: Station, *, live: bool = False,
+                         partial: bool = True) -> list[str]:
+    """Finish every marked publication in tmp/ that nobody holds (a crash, or, while
+    ``live``, a publication that failed after its files moved: the disk was full).
+    ``partial``: also remove half-received instances of a dead receiver (only the
+    receiver itself, at its start, knows none of them is arriving)."""
+    spool = station.spool
+    published: list[str] = []
+    for entry in sorted(os.scandir(spool.tmp), key=lambda e: e.name):
+        if entry.name.startswith(".rx-") and entry.is_file():
+            if live or not partial or _writer_alive(entry.name):
+                continue  # may be an instance arriving right now (another worker's)
+            try:  # half-received instances of a dead receiver: never acknowledged
+                if time.time() - entry.stat().st_mtime > 60:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+            continue
+        path = Path(entry.path)
+        if not entry.is_dir() or not (path / MARKER).exists():
+            continue
+        fd = _hold(path, wait=False)
+        if fd is None:
+            continue  # someone alive is publishing it
+        try:
+            if not (path / MARKER).exists():
+                continue
+            try:
+                marker = json.loads((path / MARKER).read_bytes())
+            except ValueError:
+                marker = {}
+            study_uid = str(marker.get("study_uid") or "")
+            job = Job(path)
+            if not job.input_dir.is_dir():
+                study_dir = spool.incoming / study_uid
+                # crashed before step 2: the study moves now unless someone carries it
+                gate = carriers.try_exclusive(spool, study_uid) if valid_uid(study_uid) \
+                    else None
+                moved = False
+                try:
+                    if gate is not None and study_dir.is_dir():
+                        os.rename(study_dir, job.input_dir)
+                        moved = True
+                        fsync_dir(spool.incoming)
+                        fsync_dir(path)
+                finally:
+                    if gate is not None:
+                        gate.release(remove=moved)
+                if not moved:  # nothing moved: the study (if any) is published later
+                    shutil.rmtree(path, ignore_errors=True)
+                    continue
+            published.append(finish_publication(station, job, study_uid,
+                                                 int(marker.get("duplicates") or 0)))
+        finally:
+            _release(fd)
+    return published
 
 
 def _ae_text(value: object) -> str:
@@ -904,4 +954,5 @@ def _release(fd: int | None) -> None:
             os.close(fd)
 
 
-__all__ = ["Receiver", "check_uids", "job_data", "new_job_id"]
+__all__ = ["BUSY", "Receiver", "check_uids", "finish_publication", "job_data", "new_job_id",
+           "publish_study", "recover_publications"]

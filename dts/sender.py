@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from . import commitment, verify, worker
+from . import commitment, dicomweb, verify, worker
 from .config import Config, Destination, StationConfig, valid_ae_title
 from .dicom import ae as dicom_ae
 from .dicom.header import read_attributes
@@ -197,12 +197,12 @@ def parse_target(config: Config, target: str, ae_title: str | None = None,
             raise UsageError(f"{target!r} is neither a destination ({known}) nor HOST:PORT")
         dest = Destination(name=target, ae_title=ae_title or "ANY-SCP", host=host.strip("[]"),
                            port=int(port))
-    elif ae_title and not dest.is_folder:
+    elif ae_title and not dest.is_folder and not dest.is_web:
         dest = Destination(dest.name, ae_title, dest.host, dest.port, dest.calling_ae)
     for what, value in (("--ae-title", dest.ae_title), ("--calling-ae", calling_ae)):
         if value is not None and not valid_ae_title(value):
             raise UsageError(f"{what}: not a valid AE title: {value!r}")
-    if calling_ae and not dest.is_folder:
+    if calling_ae and not dest.is_folder and not dest.is_web:
         dest = Destination(dest.name, dest.ae_title, dest.host, dest.port, calling_ae)
     return dest
 
@@ -415,6 +415,12 @@ def _send_folder(station: Station, job: Job, data: JobRecord, dest: Destination,
     return "done"
 
 
+def _send_web(station: Station, job: Job, data: JobRecord, dest: Destination,
+              state: DestinationState, items: list[Item]) -> SendStatus:
+    """One try to a STOW-RS destination (``dts.dicomweb``)."""
+    return dicomweb.send(station, job, data, dest, state, items, _Progress(job, data, state))
+
+
 def process(station: Station, claim: Claim, *, now: bool = False) -> worker.Outcome:
     """One try to deliver a claimed send job to every destination still missing.
     ``now``: the job was named (``dts send JOB``): a commitment_delay ends at once."""
@@ -473,7 +479,7 @@ def process(station: Station, claim: Claim, *, now: bool = False) -> worker.Outc
                          f"{len(skipped)} of {len(items)} object(s) kept from {dest.name} by "
                          "its filter", job=job, job_data=data, destination=dest.name,
                          count=len(skipped))
-        send = _send_folder if dest.is_folder else _send_dicom
+        send = _send_folder if dest.is_folder else _send_web if dest.is_web else _send_dicom
         state["status"] = send(station, job, data, dest, state, wanted)
         job.write(data)
     return _decide(station, claim, data, handled)
@@ -609,6 +615,9 @@ def send_paths(station: Station, target: str, paths: list[Path], *,
                 from None
         delivery = Delivery(sent=[it.sop_uid for it in items])
         return AdHocResult(delivery, len(items), skipped, time.monotonic() - t0, final)
+    if dest.is_web:
+        delivery = dicomweb.store(dest, items, on_result)
+        return AdHocResult(delivery, len(items), skipped, time.monotonic() - t0)
     delivery = store(peer_of(dest, station.config.station), items,
                      NetSettings.of(station.config.station), on_result)
     return AdHocResult(delivery, len(items), skipped, time.monotonic() - t0)

@@ -18,7 +18,12 @@ from typing import Any
 
 from . import review
 from .journal import EventFilter, read_events
-from .spool import Queue, Spool, State, age_seconds, utcnow
+from .spool import Queue, Spool, State, age_seconds, parse_isotime, utcnow
+
+# the webhooks' outbox (dts.notify): spool/notify/<delivery>.json, given up in gave-up/
+NOTIFY_DIR = "notify"
+NOTIFY_CURSOR = "cursor.json"
+NOTIFY_GAVE_UP = "gave-up"
 
 
 @dataclass
@@ -132,6 +137,31 @@ def queue_counts(spool: Spool, now: float | None = None) -> dict[str, dict[str, 
     return out
 
 
+def notify_state(spool: Spool) -> dict[str, Any]:
+    """The webhooks' outbox: deliveries pending, the oldest's age, how many given up."""
+    folder = spool.root / NOTIFY_DIR
+    try:
+        pending = [p for p in folder.iterdir() if p.suffix == ".json"
+                   and p.name != NOTIFY_CURSOR and not p.name.startswith(".")]
+    except FileNotFoundError:
+        pending = []
+    oldest: float | None = None
+    for p in pending:
+        try:
+            created = json.loads(p.read_bytes()).get("created_at")
+            age = (utcnow() - parse_isotime(str(created))).total_seconds()
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        oldest = age if oldest is None else max(oldest, age)
+    try:
+        gave_up = sum(1 for p in (folder / NOTIFY_GAVE_UP).iterdir() if p.suffix == ".json")
+    except FileNotFoundError:
+        gave_up = 0
+    return {"pending": len(pending),
+            "oldest_seconds": round(oldest, 1) if oldest is not None else None,
+            "gave_up": gave_up}
+
+
 def station_status(spool: Spool) -> dict[str, Any]:
     since = utcnow() - timedelta(hours=24)
     failures = sum(1 for _ in read_events(spool, EventFilter(since=since, status=("error",))))
@@ -141,6 +171,7 @@ def station_status(spool: Spool) -> dict[str, Any]:
         "receiver": receiver_state(spool),
         "watch": service_state(spool, "watch"),
         "web": service_state(spool, "web"),
+        "notify": notify_state(spool),
         "errors_24h": failures,
         "free_mb": round(spool.free_mb()),
     }
@@ -167,4 +198,10 @@ def needs_attention(status: dict[str, Any], max_age: float,
         reasons.append(f"review: results wait for a person for {age:.0f}s (> "
                        f"{review_alert_after:.0f}s, [station] review_alert_after): "
                        "dts review")
+    hooks = status.get("notify") or {}
+    if hooks.get("gave_up"):
+        reasons.append(f"{hooks['gave_up']} webhook deliveries given up (spool/notify/gave-up/)")
+    if hooks.get("oldest_seconds") is not None and hooks["oldest_seconds"] > max_age:
+        reasons.append(f"webhooks: the oldest delivery waits for {hooks['oldest_seconds']:.0f}s "
+                       f"(> {max_age:.0f}s)")
     return reasons

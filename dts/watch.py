@@ -242,6 +242,8 @@ class Watch:
             self._helper("retention", self._retention_loop)
         if self.station.config.journal.url:
             self._helper("journaldb", self._ship_loop)
+        if self.station.config.notify:
+            self._helper("notify", self._notify_loop)
         if self.web:
             self._helper("web", self._web_loop)
 
@@ -307,6 +309,11 @@ class Watch:
             shipper.run(self.helpers_stop, interval=1.0, on_state=on_state)
         finally:
             shipper.close()
+
+    def _notify_loop(self) -> None:
+        from .notify import Notifier
+
+        Notifier(self.station).run(self.helpers_stop, interval=1.0)
 
     def _web_command(self) -> list[str]:
         cfg = self.station.config

@@ -2,8 +2,8 @@
 
 Associations are opened by pynetdicom from the test and held, so that the test decides
 when each one sends and ends; which worker serves an association is read off the
-carrier it holds (``tmp/.run/carriers/<Study>.c.<pid>.<n>``, dts.carriers). Everything is
-judged by what the spool and the journal show.
+shared lock it holds on the study's gate (``tmp/.run/carry/<Study>``, dts.carriers, as
+/proc/locks lists it). Everything is judged by what the spool and the journal show.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,22 @@ class Station:
     def job(self, job_id: str) -> Job:
         return Job(self.spool.dir(Queue.CLASSIFY, State.NEW) / job_id)
 
-    def carriers(self, study_uid: str) -> list[str]:
-        folder = self.spool.run_dir / "carriers"
-        return sorted(p.name for p in folder.glob(f"{study_uid}.c.*")) if folder.is_dir() else []
+    def carriers(self, study_uid: str) -> list[int]:
+        """The pids holding the study's gate shared, one entry per association (the
+        kernel's own list: /proc/locks, what ``lslocks`` shows)."""
+        gate = self.spool.run_dir / "carry" / study_uid
+        try:
+            ino = gate.stat().st_ino
+        except FileNotFoundError:
+            return []
+        pids = []
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            # 1: FLOCK  ADVISORY  READ  <pid> <major>:<minor>:<inode> 0 EOF
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "READ" \
+                    and fields[5].rsplit(":", 1)[-1] == str(ino):
+                pids.append(int(fields[4]))
+        return sorted(pids)
 
 
 @pytest.fixture
@@ -136,11 +150,10 @@ def senders_on_both_workers(st: Station, study_uid: str, folder: Path,
     for _ in range(24):
         assoc = _associate(st.port)
         assert assoc.is_established
-        before = set(st.carriers(study_uid))
+        before = Counter(st.carriers(study_uid))
         s = Sender(assoc, study_uid, folder)
         s.send(1)
-        (new,) = set(st.carriers(study_uid)) - before
-        s.pid = int(new.split(".c.")[1].split(".")[0])
+        (s.pid,) = list((Counter(st.carriers(study_uid)) - before).elements())
         senders.append(s)
         if len({x.pid for x in senders}) == 2 and len(senders) >= at_least:
             return senders

@@ -45,6 +45,7 @@ COMMANDS = {
     "review": "review",
     "replay": "replay",
     "compare": "compare",
+    "notify": "notify",
 }
 
 # The line each command shows in `dts --help`, so that listing them imports none of them
@@ -58,6 +59,7 @@ SHORT_HELP = {
     "echo": "Check with a DICOM C-ECHO that a peer answers (exit 0) or not (exit 75).",
     "import": "Bring DICOM files or folders in as if received: one job per study.",
     "log": "Print the station journal, oldest first.",
+    "notify": "Post webhooks for failed, delivered, stuck and review events ([[notify]]).",
     "receive": "Receive studies over DICOM into the spool until stopped.",
     "replay": "Run studies already processed (their input kept in done/) through a stream "
               "again.",

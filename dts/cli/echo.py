@@ -6,6 +6,7 @@ import time
 
 import click
 
+from .. import dicomweb
 from ..dicom import ae as dicom_ae
 from ..config import valid_ae_title
 from ..errors import TemporaryFailure, UsageError
@@ -26,7 +27,8 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
     """Check with a DICOM C-ECHO that a peer answers (exit 0) or not (exit 75).
 
     DEST is a [[destination]] name or HOST:PORT; without it the station's own
-    receiver is checked (127.0.0.1 and [station] port).
+    receiver is checked (127.0.0.1 and [station] port). A STOW-RS destination
+    (url) is checked with a QIDO-RS request instead.
 
     \b
     Example:
@@ -41,6 +43,14 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
         port, called, name = config.station.port, ae_title or config.station.ae_title, "station"
         if config.station.tls is not None:
             tls = dicom_ae.client_ssl_context()
+    elif dest in config.destinations and config.destinations[dest].is_web:
+        found = dicomweb.echo(config.destinations[dest], timeout)
+        if as_json:
+            print_json({"dest": dest, "url": found.url, "reachable": True,
+                        "ms": round(found.ms, 1)})
+        else:
+            click.echo(f"{dest}: {found.url} answered QIDO-RS in {found.ms:.0f} ms")
+        return
     elif dest in config.destinations:
         d = config.destinations[dest]
         if d.is_folder or not (d.host and d.port and d.ae_title):

@@ -72,6 +72,10 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
                 pids = ", ".join(str(w["pid"]) for w in s["workers"])
                 extra += f", {len(s['workers'])} worker process(es): {pids}"
             console.print(f"{svc}: {state}{extra}")
+        n = st["notify"]
+        if n["pending"] or n["gave_up"]:
+            console.print(f"webhooks: {n['pending']} pending (oldest {_age(n['oldest_seconds'])})"
+                          f", {n['gave_up']} given up (spool/notify/gave-up/)")
         console.print(f"errors in the last 24 h: {st['errors_24h']}   free: {st['free_mb']} MB")
         for r in reasons:
             click.echo(f"attention: {r}", err=True)

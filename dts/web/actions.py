@@ -12,7 +12,7 @@ import shutil
 import time
 from typing import Any
 
-from .. import classifier, review
+from .. import classifier, dicomweb, review
 from ..dicom import ae as dicom_ae
 from ..dicom import header
 from ..dicom.uid import valid_uid
@@ -91,6 +91,12 @@ def echo_destination(station: Station, name: str, timeout: float = 10.0) -> dict
     d = config.destinations.get(name)
     if d is None:
         raise NotFound(f"no destination {name!r}")
+    if d.is_web:  # a STOW-RS destination: checked by QIDO-RS
+        try:
+            found = dicomweb.echo(d, timeout)
+        except (TemporaryFailure, UsageError) as exc:
+            return {"destination": name, "url": d.url, "reachable": False, "reason": str(exc)}
+        return {"destination": name, "url": d.url, "reachable": True, "ms": round(found.ms, 1)}
     if d.is_folder or not (d.host and d.port and d.ae_title):
         raise UsageError(f"destination {name!r} is a folder, not a DICOM peer")
     out: dict[str, Any] = {"destination": name, "ae_title": d.ae_title, "host": d.host,

@@ -53,7 +53,9 @@ from ..rules import load_station_rules
 from ..spool import Job, parse_isotime, valid_job_id
 from ..station import Station
 from ..status import service_state
+from ..stow import Stow
 from . import actions
+from . import stow as stow_route
 from .security import PRE_COOKIE, SESSION_COOKIE, Session, Sessions, Throttle, csrf_ok, session_key
 from .users import Role, User, UserFile
 
@@ -626,7 +628,8 @@ def _configuration(p: Page) -> dict[str, Any]:
         rules: dict[str, Any] = {"file": str(cfg.rules_path), "types": types}
     except DtsError as exc:
         rules = {"file": str(cfg.rules_path), "types": [], "error": str(exc)}
-    dests = [{"name": d.name, "kind": "folder" if d.is_folder else "dicom",
+    dests = [{"name": d.name, "kind": "folder" if d.is_folder else "stow" if d.is_web
+              else "dicom", "url": d.url,
               "ae_title": d.ae_title, "host": d.host, "port": d.port,
               "folder": str(d.folder) if d.folder else None, "tls": d.tls is not None}
              for d in cfg.destinations.values()]
@@ -865,6 +868,12 @@ def create_app(station: Station, index: Any = None) -> Starlette:
     async def login_post(request: Request) -> Response:
         return await _login_post(web, request)
 
+    stow_receiver = Stow(station)
+
+    async def stow_post(request: Request) -> Response:
+        return _headers(await stow_route.store(stow_receiver, web.users, web.throttle,
+                                               request))
+
     routes = [
         get("/", overview), get("/api/overview", overview),
         get("/exams", exams), get("/api/exams", exams),
@@ -885,9 +894,13 @@ def create_app(station: Station, index: Any = None) -> Starlette:
         get("/login", login_form, role=None),
         Route("/login", login_post, methods=["POST"]),
         Route("/api/login", login_post, methods=["POST"]),
+        # STOW-RS (dts.web.stow): its own login (token or Basic), never a session cookie
+        Route("/dicom-web/studies", stow_post, methods=["POST"]),
+        Route("/dicom-web/studies/{study_uid}", stow_post, methods=["POST"]),
         post("/logout", logout, role=V), post("/api/logout", logout, role=V),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes)
     app.state.web = web
+    app.state.stow = stow_receiver
     return app

@@ -92,6 +92,8 @@ def serve(station: Station, *, host: str | None = None, port: int | None = None,
         app = create_app(station)
         stop_syncing = threading.Event()
         app.state.web.start_syncing(stop_syncing)
+        if station.config.stow.enabled:  # studies received by STOW-RS, published when quiet
+            app.state.stow.start(stop_syncing)
         options: dict[str, Any] = {}
         if cfg.certificate is not None and cfg.private_key is not None:
             options = {"ssl_certfile": str(cfg.certificate), "ssl_keyfile": str(cfg.private_key)}
