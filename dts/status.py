@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from .journal import EventFilter, read_events
+from .slurm import cluster_jobs
 from .spool import Queue, Spool, State, age_seconds, utcnow
 
 
@@ -99,6 +100,10 @@ def queue_counts(spool: Spool, now: float | None = None) -> dict[str, dict[str, 
     for q in Spool.WORK:
         new, cur = spool.list(q, State.NEW), spool.list(q, State.CUR)
         out[q.value] = {"new": len(new), "cur": len(cur), "oldest_seconds": oldest(new + cur)}
+        if q is Queue.RUN:  # run/slurm/: on the Slurm cluster (dts.slurm)
+            on_cluster = spool.list(q, State.SLURM)
+            out[q.value]["slurm"] = len(on_cluster)
+            out[q.value]["oldest_seconds"] = oldest(new + cur + on_cluster)
     for q in Spool.FINAL:
         ids = spool.list(q)
         out[q.value] = {"count": len(ids), "oldest_seconds": oldest(ids)}
@@ -119,6 +124,7 @@ def station_status(spool: Spool) -> dict[str, Any]:
         "receiver": service_state(spool, "receiver"),
         "watch": service_state(spool, "watch"),
         "web": service_state(spool, "web"),
+        "slurm": {"jobs": cluster_jobs(spool)},
         "errors_24h": failures,
         "free_mb": round(spool.free_mb()),
     }

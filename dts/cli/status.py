@@ -58,6 +58,8 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
                 table.add_row(name, "", "", str(q["studies"]), "")
             elif "new" in q:
                 table.add_row(name, str(q["new"]), str(q["cur"]), "", _age(q["oldest_seconds"]))
+                if q.get("slurm"):
+                    table.add_row(f"{name}/slurm", "", "", str(q["slurm"]), "")
             else:
                 table.add_row(name, "", "", str(q["count"]), _age(q["oldest_seconds"]))
         console = Console()
@@ -67,6 +69,10 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
             state = f"running (pid {s.get('pid')})" if s["running"] else "not running"
             extra = f" on port {s['port']}" if s.get("running") and s.get("port") else ""
             console.print(f"{svc}: {state}{extra}")
+        for j in st["slurm"]["jobs"]:
+            where = f" on {j['node']}" if j.get("node") else ""
+            console.print(f"slurm: {j['job']}  job {j.get('slurm_job_id') or '-'} "
+                          f"{j.get('state') or '?'}{where}")
         console.print(f"errors in the last 24 h: {st['errors_24h']}   free: {st['free_mb']} MB")
         for r in reasons:
             click.echo(f"attention: {r}", err=True)
