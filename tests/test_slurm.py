@@ -102,3 +102,167 @@ def test_a_command_job_runs_on_the_cluster(tmp_path: Path, slurm: SlurmCluster) 
     names = [e["event"] for e in events(spool, job_id)]
     assert names.index("submitted") < names.index("started") < names.index("finished")
     assert len(slurm.completed(data["slurm"]["name"])) == 1
+
+
+def storescu(port: int, folder: Path) -> None:
+    proc = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "DTS", "+sd", "+r",
+                           "127.0.0.1", str(port), str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def payload(tmp_path: Path, study: dict[str, Any], patient_id: str) -> str:
+    import base64
+
+    from pydicom.uid import generate_uid
+
+    from tests.helpers import make_instance
+
+    path = make_instance(tmp_path / "payload" / f"{generate_uid()}.dcm",
+                         study_uid=study["study_uid"], series_uid=generate_uid(),
+                         patient_id=patient_id, modality="OT", rows=4, cols=4)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_storescu_to_orthanc_through_the_cluster_command_and_container(
+        tmp_path: Path, slurm: SlurmCluster, engine: Engine, orthanc: Orthanc,
+        processes: list[subprocess.Popen[bytes]]) -> None:
+    """One study, two streams on the cluster: the example module as a command and the
+    test image through podman on the node (no network: it lists its interfaces)."""
+    from pydicom.uid import generate_uid
+
+    port = free_port()
+    study = make_study(tmp_path / "study", n_series=1, per_series=3, accession="SLURM-E2E",
+                       patient_id="PAT-SL", FrameOfReferenceUID=generate_uid())
+    cfg = config(
+        tmp_path, slurm, port=port,
+        destinations=[{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                       "port": orthanc.port}],
+        streams=[{"name": "stats", "command": EXAMPLE, "executor": "slurm", "timeout": "5m",
+                  "parameters": {"threshold": "300"}, "destinations": ["pacs"]},
+                 {"name": "boxed", "image": engine.image, "executor": "slurm",
+                  "timeout": "5m", "memory": "256m", "cpus": 1, "destinations": ["pacs"],
+                  "parameters": {"MODE": "network",
+                                 "PAYLOAD": payload(tmp_path, study, "PAT-SL")}}],
+        table=slurm_table(slurm, runtime_command=engine.podman))
+    env = {**slurm.env, "CONTAINERS_CONF": (engine.podman_env or {})["CONTAINERS_CONF"]}
+    spool = tmp_path / "spool"
+    proc = start_dts("watch", config=cfg, env=env, log=tmp_path / "watch.log")
+    processes.append(proc)
+
+    def listening() -> bool:
+        assert proc.poll() is None, (tmp_path / "watch.log").read_text()
+        return bool(events(spool, event="receiver-started"))
+    wait_for(listening, 30, what="dts watch to listen")
+    storescu(port, tmp_path / "study")
+    orthanc.wait_for_instances(3, timeout=120)  # an SR and a SEG of the example, the payload
+    tags = list(orthanc.instances().values())
+    assert {t["StudyInstanceUID"] for t in tags} == {study["study_uid"]}
+    assert {t["PatientID"] for t in tags} == {"PAT-SL"}
+    assert sum(t["SOPClassUID"] == COMPREHENSIVE_SR for t in tags) == 1
+
+    def run_jobs() -> list[str]:
+        return [j for j in Spool(spool).list(Queue.DONE) if job_data(spool, j).get("stream")]
+    wait_for(lambda: len(run_jobs()) == 2, 30, what="both run jobs in done/")
+    for job_id in run_jobs():
+        data = job_data(spool, job_id)
+        info = data["slurm"]
+        assert info["state"] == "COMPLETED" and info["node"] and info["job_id"]
+        assert len(slurm.completed(info["name"])) == 1  # exactly one cluster job
+        names = [e["event"] for e in events(spool, job_id)]
+        for name in ("submitted", "started", "finished", "sent"):
+            assert names.count(name) == 1, (name, names)
+        started = next(e for e in events(spool, job_id, "started"))
+        assert started["node"] == info["node"] and started["slurm_job_id"] == info["job_id"]
+        if data["stream"] == "boxed":
+            out = Path(Spool(spool).locate(job_id)[1]) / "output"  # type: ignore[index]
+            assert (out / "net.txt").read_text().split() == ["lo"]  # --network=none
+            assert "--network=none" in info["command"]
+            assert data["run"]["runtime"] == "podman"
+    log = run_dts("log", "--accession", "SLURM-E2E", config=cfg, check=True).stdout
+    assert " submitted " in log and " started " in log and "running on" in log
+    assert stop_process(proc) == 0
+
+
+def waiting_stream(name: str, release: Path, **extra: Any) -> dict[str, Any]:
+    """A command that waits (on the node) until the test creates ``release``."""
+    return {"name": name, "executor": "slurm", "expect_output": False, "timeout": "5m",
+            "command": ["sh", "-c", 'echo "waiting for $0"; while [ ! -e "$0" ]; do '
+                        'sleep 0.1; done; echo released', str(release)], **extra}
+
+
+def test_kill_9_of_dts_run_while_the_job_runs_adopts_it(
+        tmp_path: Path, slurm: SlurmCluster, processes: list[subprocess.Popen[bytes]]) -> None:
+    release = tmp_path / "release"
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)])
+    spool = tmp_path / "spool"
+    job_id = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    first = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run1.log")
+    processes.append(first)
+    wait_for(lambda: slurm_state(spool, job_id) == "RUNNING", 60, what="the job running")
+    assert where(spool, job_id) == "run/slurm"
+    # dts status and dts show name the cluster job while it runs
+    st = json.loads(run_dts("status", "--json", config=cfg, check=True).stdout)
+    assert st["queues"]["run"]["slurm"] == 1
+    (row,) = st["slurm"]["jobs"]
+    assert row["job"] == job_id and row["state"] == "RUNNING" and row["node"]
+    shown = run_dts("show", job_id, config=cfg, check=True).stdout
+    assert f"# slurm job {row['slurm_job_id']} " in shown and "RUNNING" in shown
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    name = job_data(spool, job_id)["slurm"]["name"]
+    assert [j["state"] for j in slurm.jobs(name)] == ["RUNNING"]  # not orphaned, not stopped
+    second = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run2.log")
+    processes.append(second)
+    release.touch()
+    wait_for(lambda: where(spool, job_id) == "send/new", 60, what="the job collected")
+    assert stop_process(second) == 0
+    assert len(events(spool, job_id, "submitted")) == 1
+    assert len(events(spool, job_id, "started")) == 1
+    assert len(events(spool, job_id, "finished")) == 1
+    assert len(slurm.jobs(name)) == 1
+    wait_for(lambda: len(slurm.completed(name)) == 1, 20, what="the job completion log")
+    assert len(slurm.completed(name)) == 1
+    assert "released" in (Spool(spool).find(job_id)[1] / "logs" / "run-stdout.log").read_text()
+
+
+KILLED_AFTER_SBATCH = r"""
+import os, sys
+from dts import slurm, worker
+from dts.spool import Queue
+from dts.station import Station
+real = slurm.Cluster.submit
+def submit(self, argv, env):
+    real(self, argv, env)
+    os._exit(9)  # killed after sbatch answered, before dts wrote the job id down
+slurm.Cluster.submit = submit
+from dts import runner
+station = Station.open(sys.argv[1])
+worker.process_ids(station, Queue.RUN, [sys.argv[2]], runner.process)
+"""
+
+
+def test_a_submission_interrupted_after_sbatch_is_found_by_name_not_repeated(
+        tmp_path: Path, slurm: SlurmCluster) -> None:
+    release = tmp_path / "release"
+    release.touch()
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)])
+    spool = tmp_path / "spool"
+    job_id = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    import os
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_SBATCH, str(cfg), job_id],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **slurm.env})
+    assert proc.returncode == 9, proc.stderr
+    data = job_data(spool, job_id)
+    assert where(spool, job_id) == "run/slurm" and data["slurm"]["state"] == "SUBMITTING"
+    assert "job_id" not in data["slurm"]
+    name = data["slurm"]["name"]
+    wait_for(lambda: len(slurm.jobs(name)) == 1, 20, what="the job Slurm accepted")
+    proc2 = run_dts("run", "--once", config=cfg, env=slurm.env)
+    assert proc2.returncode == 0, proc2.stderr
+    wait_for(lambda: run_dts("run", "--once", config=cfg, env=slurm.env).returncode == 0
+             and where(spool, job_id) == "send/new", 60, what="the job collected")
+    assert len(slurm.jobs(name)) == 1
+    assert len(slurm.completed(name)) == 1
+    assert job_data(spool, job_id)["slurm"]["job_id"] == slurm.jobs(name)[0]["id"]
