@@ -266,3 +266,147 @@ def test_a_submission_interrupted_after_sbatch_is_found_by_name_not_repeated(
     assert len(slurm.jobs(name)) == 1
     assert len(slurm.completed(name)) == 1
     assert job_data(spool, job_id)["slurm"]["job_id"] == slurm.jobs(name)[0]["id"]
+
+
+@pytest.mark.slow
+def test_timeout_refusal_and_an_outside_scancel_fail_naming_slurms_reason(
+        tmp_path: Path, slurm: SlurmCluster, processes: list[subprocess.Popen[bytes]]) -> None:
+    """Three jobs at once (Slurm checks time limits every 30 s, so the timeout alone takes
+    60-90 s; the other two cases run meanwhile)."""
+    never = tmp_path / "never"
+    cfg = config(tmp_path, slurm, [
+        waiting_stream("slow", never, timeout="1m"),
+        waiting_stream("victim", never),
+        waiting_stream("greedy", never, memory="100000g"),
+    ])
+    spool = tmp_path / "spool"
+    slow = make_run_job(spool, "slow", n_series=1, per_series=1)[0].name
+    victim = make_run_job(spool, "victim", n_series=1, per_series=1)[0].name
+    greedy = make_run_job(spool, "greedy", n_series=1, per_series=1)[0].name
+    proc = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run.log")
+    processes.append(proc)
+    # sbatch refuses: failed at once, with Slurm's reason
+    wait_for(lambda: where(spool, greedy) == "failed", 30, what="the refused job failed")
+    failure = job_data(spool, greedy)["failure"]
+    assert failure["reason"] == "slurm-refused"
+    assert "Requested node configuration is not available" in failure["message"]
+    # scancel from outside: failed naming the state
+    wait_for(lambda: slurm_state(spool, victim) == "RUNNING", 30, what="the victim running")
+    victim_id = job_data(spool, victim)["slurm"]["job_id"]
+    assert slurm.run("/usr/bin/scancel", victim_id).returncode == 0
+    wait_for(lambda: where(spool, victim) == "failed", 30, what="the cancelled job failed")
+    failure = job_data(spool, victim)["failure"]
+    assert failure["reason"] == "cancelled" and "CANCELLED" in failure["message"]
+    assert f"slurm job {victim_id}" in failure["message"]
+    assert "waiting for" in failure["log_tail"]
+    # the stream's timeout, enforced by Slurm (--time=1)
+    data = job_data(spool, slow)
+    assert "--time=1" in data["slurm"]["sbatch"]
+    wait_for(lambda: where(spool, slow) == "failed", 150, interval=0.5,
+             what="the job Slurm stopped at its time limit")
+    data = job_data(spool, slow)
+    assert data["failure"]["reason"] == "timeout"
+    assert "TIMEOUT" in data["failure"]["message"] and data["slurm"]["state"] == "TIMEOUT"
+    assert "waiting for" in data["failure"]["log_tail"]
+    failed = events(spool, slow, "failed")
+    assert len(failed) == 1 and failed[0]["reason"] == "timeout"
+    assert stop_process(proc) == 0
+
+
+def test_slurmctld_down_is_a_temporary_failure_then_the_job_runs(
+        tmp_path: Path, slurm: SlurmCluster) -> None:
+    release = tmp_path / "release"
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)],
+                 table=slurm_table(slurm, command_timeout="20s"))
+    spool = tmp_path / "spool"
+    first = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    # submitted while the controller is up, and running
+    assert run_dts("run", "--once", config=cfg, env=slurm.env).returncode == 0
+    wait_for(lambda: run_dts("run", "--once", config=cfg, env=slurm.env).returncode == 0
+             and slurm_state(spool, first) == "RUNNING", 30, what="the first job running")
+    second = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    slurm.stop_controller()
+    try:
+        proc = run_dts("run", "--once", config=cfg, env=slurm.env)
+        assert proc.returncode == 75, proc.stdout + proc.stderr
+        # the waiting job: back in run/new with its attempt counted
+        assert where(spool, second) == "run/new"
+        data = job_data(spool, second)
+        assert data["attempts"] == 1 and "Unable to contact slurm controller" in \
+            data["last_error"]
+        assert events(spool, second, "retry")
+        # the job on the cluster: still followed, not resubmitted
+        assert where(spool, first) == "run/slurm"
+        assert events(spool, event="slurm-unreachable")
+        release.touch()
+    finally:
+        slurm.start_controller()
+    proc = run_dts("run", second, config=cfg, env=slurm.env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert where(spool, second) == "send/new"
+    wait_for(lambda: run_dts("run", "--once", config=cfg, env=slurm.env).returncode == 0
+             and where(spool, first) == "send/new", 60, what="the first job collected")
+    for job_id in (first, second):
+        assert len(events(spool, job_id, "submitted")) == 1
+        assert len(slurm.completed(job_data(spool, job_id)["slurm"]["name"])) == 1
+
+
+def test_max_submitted_and_a_requeue_that_cancels_the_cluster_job(
+        tmp_path: Path, slurm: SlurmCluster, processes: list[subprocess.Popen[bytes]]) -> None:
+    release = tmp_path / "release"
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)],
+                 table=slurm_table(slurm, max_submitted=1))
+    spool = tmp_path / "spool"
+    a = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    b = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    proc = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run.log")
+    processes.append(proc)
+    wait_for(lambda: slurm_state(spool, a) == "RUNNING", 30, what="the first job running")
+    assert where(spool, b) == "run/new"  # one on the cluster at a time
+    a_info = job_data(spool, a)["slurm"]
+    out = run_dts("requeue", a, "--to", "run", config=cfg, env=slurm.env)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: slurm.jobs(a_info["name"])[-1]["state"] == "CANCELLED", 20,
+             what="the requeued job's cluster job cancelled")
+    history = job_data(spool, a)["slurm_history"]
+    assert history[-1]["job_id"] == a_info["job_id"] and history[-1]["cancelled_at"]
+    requeued = events(spool, a, "requeued")[-1]
+    assert requeued["slurm_cancelled"] == a_info["job_id"]
+    # the slot is free: the requeued job (the oldest) goes to the cluster again, the other
+    # one still waits for the slot
+    wait_for(lambda: where(spool, a) == "run/slurm" and
+             job_data(spool, a)["slurm"].get("job_id") not in (None, a_info["job_id"]), 30,
+             what="the requeued job submitted again")
+    assert where(spool, b) == "run/new"
+    release.touch()
+    wait_for(lambda: where(spool, a) == "send/new" and where(spool, b) == "send/new", 60,
+             what="both collected")
+    assert stop_process(proc) == 0
+    assert len(events(spool, a, "submitted")) == 2  # once before the requeue, once after
+    assert len(slurm.completed(a_info["name"])) == 2  # the cancelled one and the new one
+
+
+def test_a_spool_path_that_does_not_show_the_spool_is_refused_at_start(
+        tmp_path: Path, slurm: SlurmCluster) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", tmp_path / "x")],
+                 table=slurm_table(slurm, spool_path=str(elsewhere)))
+    for argv in (["run", "--once"], ["watch", "--no-receive"]):
+        proc = run_dts(*argv, config=cfg, env=slurm.env, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "spool_path" in proc.stderr and "does not show" in proc.stderr
+    # the same folder under another name (a bind mount, a symbolic link) is accepted
+    (tmp_path / "alias").symlink_to(tmp_path / "spool")
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", tmp_path / "x")],
+                 table=slurm_table(slurm, spool_path=str(tmp_path / "alias")))
+    proc = run_dts("run", "--once", config=cfg, env=slurm.env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_without_slurms_commands_a_slurm_stream_is_refused_at_start(
+        tmp_path: Path, slurm: SlurmCluster) -> None:
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", tmp_path / "x")],
+                 table=slurm_table(slurm, bin_dir=str(tmp_path)))
+    proc = run_dts("run", "--once", config=cfg, env=slurm.env)
+    assert proc.returncode == 2 and "sbatch" in proc.stderr and "bin_dir" in proc.stderr
