@@ -78,7 +78,8 @@ _PRECEDENCE = ("failed", "receiving", "classifying", "running", "sending", "unma
 # The job status an event leaves behind (events not listed leave it as it was).
 _JOB_STATUS = {
     "received": "classifying", "matched": "classified", "unmatched": "unmatched",
-    "own-result": "unmatched", "queued": "running", "submitted": "running", "started": "running",
+    "own-result": "unmatched", "queued": "running", "submitted": "running",
+    "started": "running",
     "finished": "sending", "send-started": "sending", "send-retry": "sending",
     "stored": "sending", "sent": "done", "failed": "failed", "send-failed": "failed",
 }

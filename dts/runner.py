@@ -54,7 +54,8 @@ from .jobrecord import (BuiltEntry, JobRecord, RunInfo, RunningInfo, SlurmInfo,
 from .journal import Event, Stage, Status
 from .provenance import register_produced
 from .results import InvalidResults, describe, read_document, read_results
-from .spool import Claim, Job, Queue, State, dump_json, fsync_dir, isotime, parse_isotime
+from .spool import (Claim, Job, Queue, SpoolError, State, dump_json, fsync_dir, isotime,
+                    parse_isotime)
 from .station import Station
 from .validate import InputFacts, InvalidOutput, check_output
 from .worker import Outcome, Tally
@@ -565,7 +566,8 @@ def _submit(station: Station, claim: Claim, stream: Stream, data: JobRecord) -> 
         job = claim.job
     try:
         argv, env, command = slurm.write_batch(job, stream, cfg, spool, token)
-        info.update({"sbatch": argv, "command": command, "node_folder": slurm.Paths(spool, cfg).node(job.path)})
+        info.update({"sbatch": argv, "command": command,
+                     "node_folder": slurm.Paths(spool, cfg).node(job.path)})
         _save_slurm(job, info)
         job_id = cluster.submit(argv, env)
     except slurm.SubmissionRefused as exc:
@@ -637,7 +639,8 @@ def collect(station: Station, claim: Claim, cj: slurm.ClusterJob) -> Outcome:
     exit_code = left.exit_code if left is not None else cj.exit_code
     node = slurm.script_node(job) or cj.node or info.get("node")
     now = isotime()
-    info.update({"state": cj.state, "ended_at": cj.end or now, "collected_at": now, "exit_code": exit_code})
+    info.update({"state": cj.state, "ended_at": cj.end or now, "collected_at": now,
+                 "exit_code": exit_code})
     if node:
         info["node"] = node
     if cj.reason and cj.reason != "None":
@@ -718,7 +721,7 @@ def ready_for(station: Station) -> worker.Ready:
     def ready(job: Job) -> bool:
         try:
             name = job.read().get("stream")
-        except Exception:
+        except SpoolError:
             return True  # the stage itself says what is wrong with it
         stream = station.config.stream(str(name)) if isinstance(name, str) else None
         if stream is None or stream.executor != "slurm":
@@ -745,7 +748,8 @@ def serve(station: Station, *, once: bool = False, job_ids: list[str] | None = N
     if any(s.executor == "slurm" and s.enabled for s in station.config.streams):
         for warning in slurm.check_ready(station):
             log.warning("%s", warning)
-    follower = slurm.Follower(station, functools.partial(collect, station)) if slurm.follow_jobs(station) else None
+    follower = (slurm.Follower(station, functools.partial(collect, station))
+                if slurm.follow_jobs(station) else None)
     proc = functools.partial(process, cancel=stop)
     if job_ids:
         tally = worker.process_ids(station, Queue.RUN, list(job_ids), proc)

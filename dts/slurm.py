@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ def _slurm_time(text: str | None) -> str | None:
     if not text or not text[:1].isdigit():
         return None
     try:
-        return isotime(datetime.fromisoformat(text).astimezone(timezone.utc))
+        return isotime(datetime.fromisoformat(text).astimezone(UTC))
     except ValueError:
         return None
 
@@ -251,7 +251,8 @@ class Cluster:
         argv = [self.command(name), *args]
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, env=env, timeout=self.config.command_timeout)
+                                  text=True, env=env, timeout=self.config.command_timeout,
+                                  check=False)
         except subprocess.TimeoutExpired:
             raise SlurmUnreachable(f"{name} did not answer within "
                                    f"{self.config.command_timeout:g} s ([slurm] "
@@ -338,10 +339,10 @@ class Cluster:
         return self._accounting
 
     def sacct(self, name: str) -> list[ClusterJob]:
+        fields = "JobID,JobName,State,ExitCode,NodeList,Comment,Start,End"
         proc = self.run("sacct", ["--noheader", "--parsable2", "--allocations",
                                   f"--name={name}", "--starttime=now-30days",
-                                  "--format=JobID,JobName,State,ExitCode,NodeList,Comment,"
-                                  "Start,End"])
+                                  f"--format={fields}"])
         out = []
         for line in proc.stdout.splitlines():
             parts = line.split("|")

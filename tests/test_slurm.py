@@ -13,14 +13,15 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dts.journal import EventFilter, read_events
-from dts.spool import Job, Queue, Spool, State
+from dts.spool import Job, Queue, Spool
 from tests.helpers import (
     STORESCU,
     free_port,
@@ -87,11 +88,36 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
         stop_process(p, signal.SIGKILL)
 
 
-def test_a_command_job_runs_on_the_cluster(tmp_path: Path, slurm: SlurmCluster) -> None:
+@dataclass
+class SlowJob:
+    spool: Path
+    job_id: str
+    proc: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def slow_job(tmp_path_factory: pytest.TempPathFactory,
+             slurm: SlurmCluster) -> Iterator[SlowJob]:
+    """A job of a stream with ``timeout = "1m"`` under a ``dts run`` of its own. Slurm checks
+    time limits every 30 s and counts whole minutes, so it ends TIMEOUT 60-90 s after it
+    started: the first test of this module starts it, the last one looks at the result,
+    and the tests between run meanwhile."""
+    tmp = tmp_path_factory.mktemp("slow")
+    cfg = config(tmp, slurm, [waiting_stream("slow", tmp / "never", timeout="1m")])
+    job_id = make_run_job(tmp / "spool", "slow", n_series=1, per_series=1)[0].name
+    proc = start_dts("run", config=cfg, env=slurm.env, log=tmp / "run.log")
+    try:
+        yield SlowJob(tmp / "spool", job_id, proc)
+    finally:
+        stop_process(proc, signal.SIGKILL)
+
+
+def test_a_command_job_runs_on_the_cluster(tmp_path: Path, slurm: SlurmCluster,
+                                           slow_job: SlowJob) -> None:
     cfg = config(tmp_path, slurm, [{"name": "stats", "command": EXAMPLE, "executor": "slurm",
                                     "timeout": "5m", "memory": "256m", "cpus": 1}])
     spool = tmp_path / "spool"
-    path, study = make_run_job(spool, "stats", n_series=1, per_series=2)
+    path, _study = make_run_job(spool, "stats", n_series=1, per_series=2)
     job_id = path.name
     proc = run_dts("run", job_id, config=cfg, env=slurm.env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -107,7 +133,7 @@ def test_a_command_job_runs_on_the_cluster(tmp_path: Path, slurm: SlurmCluster) 
 def storescu(port: int, folder: Path) -> None:
     proc = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "DTS", "+sd", "+r",
                            "127.0.0.1", str(port), str(folder)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -187,8 +213,9 @@ def test_storescu_to_orthanc_through_the_cluster_command_and_container(
 def waiting_stream(name: str, release: Path, **extra: Any) -> dict[str, Any]:
     """A command that waits (on the node) until the test creates ``release``."""
     return {"name": name, "executor": "slurm", "expect_output": False, "timeout": "5m",
-            "command": ["sh", "-c", 'echo "waiting for $0"; while [ ! -e "$0" ]; do '
-                        'sleep 0.1; done; echo released', str(release)], **extra}
+            "command": ["sh", "-c", ('echo "waiting for $0"; while [ ! -e "$0" ]; do '
+                                     'sleep 0.1; done; echo released'), str(release)],
+            **extra}
 
 
 def test_kill_9_of_dts_run_while_the_job_runs_adopts_it(
@@ -251,7 +278,7 @@ def test_a_submission_interrupted_after_sbatch_is_found_by_name_not_repeated(
     job_id = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
     import os
     proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_SBATCH, str(cfg), job_id],
-                          capture_output=True, text=True, timeout=60,
+                          capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, **slurm.env})
     assert proc.returncode == 9, proc.stderr
     data = job_data(spool, job_id)
@@ -268,19 +295,12 @@ def test_a_submission_interrupted_after_sbatch_is_found_by_name_not_repeated(
     assert job_data(spool, job_id)["slurm"]["job_id"] == slurm.jobs(name)[0]["id"]
 
 
-@pytest.mark.slow
-def test_timeout_refusal_and_an_outside_scancel_fail_naming_slurms_reason(
+def test_a_refusal_and_an_outside_scancel_fail_naming_slurms_reason(
         tmp_path: Path, slurm: SlurmCluster, processes: list[subprocess.Popen[bytes]]) -> None:
-    """Three jobs at once (Slurm checks time limits every 30 s, so the timeout alone takes
-    60-90 s; the other two cases run meanwhile)."""
     never = tmp_path / "never"
-    cfg = config(tmp_path, slurm, [
-        waiting_stream("slow", never, timeout="1m"),
-        waiting_stream("victim", never),
-        waiting_stream("greedy", never, memory="100000g"),
-    ])
+    cfg = config(tmp_path, slurm, [waiting_stream("victim", never),
+                                   waiting_stream("greedy", never, memory="100000g")])
     spool = tmp_path / "spool"
-    slow = make_run_job(spool, "slow", n_series=1, per_series=1)[0].name
     victim = make_run_job(spool, "victim", n_series=1, per_series=1)[0].name
     greedy = make_run_job(spool, "greedy", n_series=1, per_series=1)[0].name
     proc = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run.log")
@@ -298,18 +318,7 @@ def test_timeout_refusal_and_an_outside_scancel_fail_naming_slurms_reason(
     failure = job_data(spool, victim)["failure"]
     assert failure["reason"] == "cancelled" and "CANCELLED" in failure["message"]
     assert f"slurm job {victim_id}" in failure["message"]
-    assert "waiting for" in failure["log_tail"]
-    # the stream's timeout, enforced by Slurm (--time=1)
-    data = job_data(spool, slow)
-    assert "--time=1" in data["slurm"]["sbatch"]
-    wait_for(lambda: where(spool, slow) == "failed", 150, interval=0.5,
-             what="the job Slurm stopped at its time limit")
-    data = job_data(spool, slow)
-    assert data["failure"]["reason"] == "timeout"
-    assert "TIMEOUT" in data["failure"]["message"] and data["slurm"]["state"] == "TIMEOUT"
-    assert "waiting for" in data["failure"]["log_tail"]
-    failed = events(spool, slow, "failed")
-    assert len(failed) == 1 and failed[0]["reason"] == "timeout"
+    assert f"JOB {victim_id} ON" in failure["log_tail"]  # slurmstepd's line in its stderr
     assert stop_process(proc) == 0
 
 
@@ -410,3 +419,19 @@ def test_without_slurms_commands_a_slurm_stream_is_refused_at_start(
                  table=slurm_table(slurm, bin_dir=str(tmp_path)))
     proc = run_dts("run", "--once", config=cfg, env=slurm.env)
     assert proc.returncode == 2 and "sbatch" in proc.stderr and "bin_dir" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_streams_timeout_is_enforced_by_slurm(slow_job: SlowJob) -> None:
+    """Last in this module: the job started by the first test has had its time."""
+    spool, job_id = slow_job.spool, slow_job.job_id
+    wait_for(lambda: where(spool, job_id) == "failed", 150, interval=0.5,
+             what="the job Slurm stopped at its time limit")
+    data = job_data(spool, job_id)
+    assert "--time=1" in data["slurm"]["sbatch"]
+    assert data["failure"]["reason"] == "timeout" and data["slurm"]["state"] == "TIMEOUT"
+    assert "TIMEOUT" in data["failure"]["message"]
+    assert "DUE TO TIME LIMIT" in data["failure"]["log_tail"]  # slurmstepd's line
+    failed = events(spool, job_id, "failed")
+    assert len(failed) == 1 and failed[0]["reason"] == "timeout"
+    assert stop_process(slow_job.proc) == 0

@@ -75,17 +75,14 @@ class SlurmCluster:
 
     def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env})
+                              env={**os.environ, **self.env}, check=False)
 
     # -- daemons -----------------------------------------------------------------------
     def _start(self, name: str, argv: list[str]) -> None:
-        log = open(self.root / "log" / f"{name}.out", "ab")
-        try:
+        with open(self.root / "log" / f"{name}.out", "ab") as log:
             self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL,
                                                 env={**os.environ, **self.env})
-        finally:
-            log.close()
 
     def _stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
