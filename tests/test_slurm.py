@@ -435,3 +435,107 @@ def test_the_streams_timeout_is_enforced_by_slurm(slow_job: SlowJob) -> None:
     failed = events(spool, job_id, "failed")
     assert len(failed) == 1 and failed[0]["reason"] == "timeout"
     assert stop_process(slow_job.proc) == 0
+
+
+# -- without a cluster: the configuration, the batch files, the decisions ---------------------
+
+
+def test_slurm_keys_are_parsed_and_checked(tmp_path: Path) -> None:
+    from dts import config as config_mod
+    from dts.errors import ConfigError
+
+    def load(table: str, stream: str = 'executor = "slurm"') -> Any:
+        path = station_config(tmp_path, streams=[{"name": "s", "command": ["true"]}],
+                              stream_text=stream, tail=table)
+        return config_mod.load(path)
+
+    cfg = load('[slurm]\npartition = "gpu"\naccount = "ai"\nqos = "hi"\n'
+               'options = ["--constraint=v100"]\nmax_submitted = 5\npoll_interval = "2s"\n'
+               'spool_path = "/shared/spool"\nruntime_command = ["podman", "--root", "/x"]')
+    assert cfg.slurm.partition == "gpu" and cfg.slurm.options == ("--constraint=v100",)
+    assert cfg.slurm.max_submitted == 5 and cfg.slurm.poll_interval == 2.0
+    assert cfg.slurm.spool_path == Path("/shared/spool")
+    assert cfg.streams[0].executor == "slurm"
+    assert config_mod.effective(cfg)["slurm"]["partition"] == "gpu"
+    for table, stream, key, words in (
+            ("[slurm]\npartitions = 'x'", 'executor = "slurm"', "slurm.partitions", "unknown"),
+            ("[slurm]\noptions = ['--time=5']", 'executor = "slurm"', "slurm.options",
+             "sets --time itself"),
+            ("[slurm]\noptions = ['-pgpu']", 'executor = "slurm"', "slurm.options", "-p"),
+            ("[slurm]\noptions = ['constraint']", 'executor = "slurm"', "slurm.options",
+             "not an option"),
+            ("[slurm]\nmax_submitted = 0", 'executor = "slurm"', "slurm.max_submitted",
+             "at least 1"),
+            ("[slurm]\nruntime = 'apptainer'", 'executor = "slurm"', "slurm.runtime",
+             "podman"),
+            ("[slurm]\npartition = 'a b'", 'executor = "slurm"', "slurm.partition", "name"),
+            ("", 'executor = "cloud"', "stream.s.executor", "local, slurm"),
+            ("", 'executor = "slurm"\ngpus = "all"', "stream.s.gpus", "number"),
+            ("", 'executor = "slurm"\nuser = "1000"', "stream.s.user", "submits"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load(table, stream)
+        assert err.value.key == key and words in err.value.reason, (key, err.value)
+
+
+def test_sbatch_gets_the_streams_limits_as_argv_items(tmp_path: Path) -> None:
+    from dts import config as config_mod
+    from dts import slurm as slurm_mod
+
+    path = station_config(tmp_path, streams=[{
+        "name": "m", "image": "model:1", "executor": "slurm", "timeout": "90s",
+        "memory": "1.5g", "cpus": 2.5, "gpus": "2",
+        "parameters": {"A": "x; rm -rf / $(reboot)"}}],
+        tail='[slurm]\npartition = "gpu"\nqos = "hi"\noptions = ["--constraint=v100"]\n'
+             f'spool_path = "{tmp_path}/node-view"\nruntime_command = ["podman", "--root", "/r"]')
+    cfg = config_mod.load(path)
+    spool = Spool(tmp_path / "spool").ensure()
+    job_path = make_run_job(spool.root, "m", n_series=1, per_series=1)[0]
+    slurm_dir = spool.dir(Queue.RUN, slurm_mod.State.SLURM) / job_path.name
+    job_path.rename(slurm_dir)
+    job = Job(slurm_dir)
+    (job.path / "view").mkdir()
+    (job.path / "output").mkdir()
+    argv, env, command = slurm_mod.write_batch(job, cfg.streams[0], cfg.slurm, spool, "t0k")
+    node = f"{tmp_path}/node-view/run/slurm/{job.id}"
+    assert argv[:2] == ["--parsable", f"--job-name=dts-{job.id}"]
+    for item in ("--comment=dts:t0k", "--time=2", "--mem=1536M", "--cpus-per-task=3",
+                 "--gres=gpu:2", "--partition=gpu", "--qos=hi", "--constraint=v100",
+                 "--no-requeue", "--export=ALL", f"--output={node}/logs/run-stdout.log"):
+        assert item in argv, item
+    assert argv[-2:] == [str(job.path / "slurm" / "job.sh"), f"{node}/slurm"]
+    assert command[:4] == ["podman", "--root", "/r", "run"]
+    for item in (f"--volume={node}/view:/input:ro", f"--volume={node}/output:/output:rw",
+                 "--network=none", "--env=A", "--env=DTS_PARAMETERS", "--memory=1.5g"):
+        assert item in command, item
+    assert command[-1] == "model:1"
+    # the value travels in the environment, never in a command text
+    assert env["A"] == "x; rm -rf / $(reboot)" and env["DTS_INPUT"] == "/input"
+    assert not any("reboot" in a for a in argv + command)
+    assert (job.path / "slurm" / "job.sh").read_text() == slurm_mod.BATCH_SCRIPT
+    assert (job.path / "slurm" / "argv").read_bytes().split(b"\0")[:-1] == \
+        [a.encode() for a in command]
+    cleanup = (job.path / "slurm" / "cleanup").read_bytes().split(b"\0")[:-1]
+    assert cleanup == [b"podman", b"--root", b"/r", b"rm", b"--force", b"--time=0",
+                       f"dts-{job.id}".encode()]
+
+
+def test_the_decisions_on_slurms_answers() -> None:
+    from dts import slurm as slurm_mod
+
+    assert slurm_mod.sbatch_minutes(1) == 1 and slurm_mod.sbatch_minutes(3600) == 60
+    assert slurm_mod.sbatch_minutes(3601) == 61
+    assert slurm_mod.sbatch_memory("512m") == "512M"
+    assert slurm_mod.sbatch_memory("8g") == "8192M"
+    assert slurm_mod.sbatch_memory("1000") == "1M"
+    fields = slurm_mod.parse_scontrol(
+        "JobId=7 JobName=dts-x JobState=CANCELLED Reason=None ExitCode=0:15 "
+        "Command=/a b c WorkDir=/w Comment=dts:abc NodeList=n1")
+    assert fields["Command"] == "/a b c" and fields["ExitCode"] == "0:15"
+    assert slurm_mod.job_name("2026.x/y z") == "dts-2026.x_y_z"
+    local = [("vm", "127.0.0.1")]
+    others = [("vm", "127.0.0.1"), ("gpu01", "10.1.2.3")]
+    assert slurm_mod.shared_verdict("ext4", local) is None           # one node: this host
+    assert "gpu01" in (slurm_mod.shared_verdict("ext4", others) or "")
+    assert slurm_mod.shared_verdict("nfs4", others) is None
+    assert slurm_mod.shared_verdict("lustre", others) is None
