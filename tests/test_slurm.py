@@ -88,6 +88,51 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
         stop_process(p, signal.SIGKILL)
 
 
+def waiting_stream(name: str, release: Path, **extra: Any) -> dict[str, Any]:
+    """A command that waits (on the node) until the test creates ``release``."""
+    return {"name": name, "executor": "slurm", "expect_output": False, "timeout": "5m",
+            "command": ["sh", "-c", ('echo "waiting for $0"; while [ ! -e "$0" ]; do '
+                                     'sleep 0.1; done; echo released'), str(release)],
+            **extra}
+
+
+def test_a_node_failure_runs_the_job_again_with_its_attempt_counted(
+        tmp_path: Path, slurm: SlurmCluster, processes: list[subprocess.Popen[bytes]]) -> None:
+    """First in this module: taking the node down ends every job on it (NODE_FAIL), so
+    no other test's job may be running yet."""
+    release = tmp_path / "release"
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)])
+    spool = tmp_path / "spool"
+    job_id = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    proc = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run.log")
+    processes.append(proc)
+    wait_for(lambda: slurm_state(spool, job_id) == "RUNNING", 30, what="the job running")
+    first = job_data(spool, job_id)["slurm"]
+    node = first["node"]
+    down = slurm.run("/usr/bin/scontrol", "update", f"NodeName={node}", "State=DOWN",
+                     "Reason=dts-test")
+    assert down.returncode == 0, down.stderr
+    try:
+        wait_for(lambda: events(spool, job_id, "retry"), 30, what="the job put back")
+    finally:
+        # with ReturnToService=2 slurmd's next registration may have brought it back
+        # already: then RESUME is refused ("Invalid node state specified")
+        slurm.run("/usr/bin/scontrol", "update", f"NodeName={node}", "State=RESUME")
+        slurm.wait_ready()
+    retry = events(spool, job_id, "retry")[0]
+    assert retry["slurm_state"] == "NODE_FAIL" and "NODE_FAIL" in retry["message"]
+    release.touch()
+    wait_for(lambda: where(spool, job_id) == "send/new", 60, what="the second run collected")
+    assert stop_process(proc) == 0
+    data = job_data(spool, job_id)
+    assert data["attempts"] == 1
+    assert data["slurm_history"][0]["job_id"] == first["job_id"]
+    assert data["slurm_history"][0]["state"] == "NODE_FAIL"
+    assert data["slurm"]["state"] == "COMPLETED" and data["slurm"]["job_id"] != first["job_id"]
+    assert len(events(spool, job_id, "submitted")) == 2
+    assert len(slurm.completed(first["name"])) == 2  # the failed one and the second run
+
+
 @dataclass
 class SlowJob:
     spool: Path
@@ -208,14 +253,6 @@ def test_storescu_to_orthanc_through_the_cluster_command_and_container(
     log = run_dts("log", "--accession", "SLURM-E2E", config=cfg, check=True).stdout
     assert " submitted " in log and " started " in log and "running on" in log
     assert stop_process(proc) == 0
-
-
-def waiting_stream(name: str, release: Path, **extra: Any) -> dict[str, Any]:
-    """A command that waits (on the node) until the test creates ``release``."""
-    return {"name": name, "executor": "slurm", "expect_output": False, "timeout": "5m",
-            "command": ["sh", "-c", ('echo "waiting for $0"; while [ ! -e "$0" ]; do '
-                                     'sleep 0.1; done; echo released'), str(release)],
-            **extra}
 
 
 def test_kill_9_of_dts_run_while_the_job_runs_adopts_it(
