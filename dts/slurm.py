@@ -702,6 +702,7 @@ class Follower:
                 infos[job_id] = {}
         if not infos:
             return tally
+        asked = isotime()
         try:
             known = self.cluster.queue(str(i.get("name") or job_name(j)) for j, i in infos.items())
         except SlurmUnreachable as exc:
@@ -716,7 +717,7 @@ class Follower:
                 continue  # another follower has it this moment, or it moved on
             with claim:
                 try:
-                    outcome = self._step(claim, known)
+                    outcome = self._step(claim, known, asked)
                 except SlurmUnreachable as exc:
                     self._down(str(exc))
                     outcome = Outcome.RETRY
@@ -732,7 +733,8 @@ class Follower:
             self.wake()  # a slot of max_submitted is free: run/new may submit again
         return tally
 
-    def _step(self, claim: Claim, known: dict[str, list[ClusterJob]]) -> Outcome | None:
+    def _step(self, claim: Claim, known: dict[str, list[ClusterJob]],
+              asked: str) -> Outcome | None:
         job = claim.job
         data = job.read()
         info: SlurmInfo = data.get("slurm") or {}
@@ -741,6 +743,8 @@ class Follower:
         mine = [j for j in known.get(name, []) if token and j.token == token]
         cj = next((j for j in mine if j.job_id == str(info.get("job_id"))), None) or \
             (mine[0] if mine else None)
+        if cj is None and str(info.get("submitted_at") or "") >= asked:
+            return None  # submitted after squeue answered: asked about in the next round
         if cj is None and not info.get("job_id"):
             return self._unsubmitted(claim, data, info)
         if cj is None:
