@@ -576,3 +576,35 @@ def test_the_decisions_on_slurms_answers() -> None:
     assert "gpu01" in (slurm_mod.shared_verdict("ext4", others) or "")
     assert slurm_mod.shared_verdict("nfs4", others) is None
     assert slurm_mod.shared_verdict("lustre", others) is None
+
+
+KILLED_BEFORE_SBATCH = KILLED_AFTER_SBATCH.replace(
+    "    real(self, argv, env)\n    os._exit(9)", "    os._exit(9)  # killed before sbatch ran")
+
+
+def test_a_submission_interrupted_before_sbatch_is_submitted_once_later(
+        tmp_path: Path, slurm: SlurmCluster) -> None:
+    import os
+
+    release = tmp_path / "release"
+    release.touch()
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)],
+                 table=slurm_table(slurm, command_timeout="2s"))
+    spool = tmp_path / "spool"
+    job_id = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    proc = subprocess.run([sys.executable, "-c", KILLED_BEFORE_SBATCH, str(cfg), job_id],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, **slurm.env})
+    assert proc.returncode == 9, proc.stderr
+    assert slurm_state(spool, job_id) == "SUBMITTING"
+    name = job_data(spool, job_id)["slurm"]["name"]
+    assert slurm.jobs(name) == []
+    # within command_timeout it waits (an sbatch of the dead process might still land),
+    # then it goes back to run/new and is submitted there
+    wait_for(lambda: run_dts("run", "--once", config=cfg, env=slurm.env).returncode in (0, 75)
+             and where(spool, job_id) == "send/new", 60, interval=0.5,
+             what="the job submitted again and collected")
+    assert len(slurm.completed(name)) == 1 and len(slurm.jobs(name)) == 1
+    assert len(events(spool, job_id, "submitted")) == 1
+    assert events(spool, job_id, "recovered")
+    assert job_data(spool, job_id)["attempts"] == 1
