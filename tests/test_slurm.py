@@ -608,3 +608,47 @@ def test_a_submission_interrupted_before_sbatch_is_submitted_once_later(
     assert len(events(spool, job_id, "submitted")) == 1
     assert events(spool, job_id, "recovered")
     assert job_data(spool, job_id)["attempts"] == 1
+
+
+def test_a_job_slurm_forgot_is_collected_from_its_exit_file_or_run_again(
+        tmp_path: Path, slurm: SlurmCluster) -> None:
+    """Ended longer than MinJobAge ago (dts was stopped), no accounting: the exit code the
+    batch script wrote into the job decides; a job that left none runs again."""
+    from dts import slurm as slurm_mod
+
+    release = tmp_path / "release"
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", release)])
+    spool = Spool(tmp_path / "spool").ensure()
+    ids = []
+    for n, exit_file in enumerate(("0\n", None)):
+        path = make_run_job(spool.root, "wait", n_series=1, per_series=1)[0]
+        job = Job(spool.dir(Queue.RUN, slurm_mod.State.SLURM) / path.name)
+        path.rename(job.path)
+        (job.path / "slurm").mkdir()
+        (job.path / "output").mkdir()
+        if exit_file is not None:
+            (job.path / "slurm" / "exit").write_text(exit_file)
+            (job.path / "slurm" / "node").write_text("gone-node\n")
+        data = job.read()
+        data["slurm"] = {"name": slurm_mod.job_name(job.id), "token": f"forgotten{n}",
+                         "job_id": str(900000 + n), "state": "RUNNING",
+                         "submitted_at": "2026-01-01T00:00:00.000000Z",
+                         "started_at": "2026-01-01T00:00:01.000000Z"}
+        job.write(data)
+        ids.append(job.id)
+    proc = run_dts("run", "--once", config=cfg, env=slurm.env)
+    assert proc.returncode == 75, proc.stdout + proc.stderr  # one runs again: a retry
+    kept, vanished = ids
+    assert where(spool.root, kept) == "send/new"
+    data = job_data(spool.root, kept)
+    assert data["run"]["slurm_state"] == "COMPLETED" and data["run"]["node"] == "gone-node"
+    # the vanished one went back to run/new and was submitted there, with a new token
+    retry = events(spool.root, vanished, "retry")
+    assert retry and "no longer knows" in retry[0]["message"]
+    data = job_data(spool.root, vanished)
+    assert data["attempts"] == 1 and data["slurm_history"][0]["state"] == "VANISHED"
+    assert where(spool.root, vanished) == "run/slurm"
+    assert data["slurm"]["token"] != "forgotten1"
+    release.touch()
+    wait_for(lambda: run_dts("run", "--once", config=cfg, env=slurm.env).returncode == 0
+             and where(spool.root, vanished) == "send/new", 60, what="the rerun collected")
