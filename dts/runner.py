@@ -524,7 +524,7 @@ def _submit(station: Station, claim: Claim, stream: Stream, data: JobRecord) -> 
     if info.get("job_id") and not info.get("collected_at"):
         return _adopt(station, claim, data, info, "followed again")  # back from run/cur
     token = (info.get("token") if info and not info.get("job_id") else None) or \
-        slurm.new_token()
+        slurm.new_token(spool)
     name = slurm.job_name(job.id)
     info = {"name": name, "token": token, "state": slurm.UNSUBMITTED}
     if cfg.partition:

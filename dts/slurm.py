@@ -33,6 +33,7 @@ that does not answer is a ``SlurmUnreachable`` (a temporary failure: exit 75).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -70,6 +71,8 @@ NODE = "node"
 NAME_PREFIX = "dts-"
 COMMENT_PREFIX = "dts:"
 COMMANDS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "sacct")
+# The follower looks for orphaned cluster jobs every this many polls.
+SWEEP_EVERY = 10
 # The script's exit status when it cannot see its own folder on the node.
 NOT_SHARED_EXIT = 97
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -144,8 +147,15 @@ def job_name(job_id: str) -> str:
     return NAME_PREFIX + _NAME_UNSAFE.sub("_", job_id)
 
 
-def new_token() -> str:
-    return secrets.token_hex(8)
+def station_id(spool: Spool) -> str:
+    """This station (host and spool) in a few characters: the start of its tokens, so
+    that the orphan sweep cancels only cluster jobs this station submitted."""
+    text = f"{socket.gethostname()}:{spool.root}"
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def new_token(spool: Spool) -> str:
+    return f"{station_id(spool)}-{secrets.token_hex(6)}"
 
 
 # -- what Slurm says about a job ----------------------------------------------------------
@@ -354,6 +364,17 @@ class Cluster:
                                   comment=parts[5], start=_slurm_time(parts[6]),
                                   end=_slurm_time(parts[7]), source="sacct"))
         return sorted(out, key=lambda j: _id_key(j.job_id), reverse=True)
+
+    def mine(self) -> list[ClusterJob]:
+        """The submitting user's jobs that are pending or running (squeue's default)."""
+        proc = self.run("squeue", ["--noheader", "--me", "--format=%i|%j|%T|%k"])
+        out = []
+        for line in proc.stdout.splitlines():
+            parts = [p.strip() for p in line.split("|", 3)]
+            if len(parts) == 4:
+                out.append(ClusterJob(job_id=parts[0], name=parts[1], state=_state(parts[2]),
+                                      comment=parts[3]))
+        return out
 
     def nodes(self) -> list[tuple[str, str]]:
         """(node name, node address) of every node of the cluster."""
@@ -611,7 +632,7 @@ def check_ready(station: Station) -> list[str]:
     spool = station.spool
     node_root = cfg.spool_path or spool.root
     if cfg.spool_path is not None:
-        probe = spool.tmp / f".slurm-probe-{new_token()}"
+        probe = spool.tmp / f".slurm-probe-{secrets.token_hex(8)}"
         probe.write_text(probe.name)
         try:
             seen = (cfg.spool_path / "tmp" / probe.name).read_text()
@@ -660,6 +681,8 @@ class Follower:
     wake: Callable[[], None] | None = None
     cluster: Cluster = field(init=False)
     down_since: float | None = field(default=None, init=False)
+    polls: int = field(default=0, init=False)
+    suspects: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self.cluster = Cluster(self.station.config.slurm)
@@ -693,6 +716,12 @@ class Follower:
     def poll(self) -> Tally:
         tally = Tally()
         spool = self.station.spool
+        self.polls += 1
+        if self.polls % SWEEP_EVERY == 1:
+            try:
+                self.sweep()
+            except (SlurmUnreachable, UsageError) as exc:
+                log.warning("looking for orphaned cluster jobs failed: %s", exc)
         folder = spool.dir(Queue.RUN, State.SLURM)
         infos: dict[str, SlurmInfo] = {}
         for job_id in spool.list(Queue.RUN, State.SLURM):
@@ -732,6 +761,28 @@ class Follower:
         if self.wake is not None and len(spool.list(Queue.RUN, State.SLURM)) < len(infos):
             self.wake()  # a slot of max_submitted is free: run/new may submit again
         return tally
+
+    def sweep(self) -> list[str]:
+        """Cancel the cluster jobs this station submitted whose dts job is no longer in
+        run/ (its folder removed or moved by hand): seen so in two sweeps in a row, so a
+        job moving between run/ folders at the moment of looking is never taken for one."""
+        spool = self.station.spool
+        prefix = station_id(spool) + "-"
+        active = [j for j in self.cluster.mine()
+                  if (j.token or "").startswith(prefix) and not j.ended]
+        names = {job_name(j) for state in (State.SLURM, State.CUR, State.NEW)
+                 for j in spool.list(Queue.RUN, state)}
+        candidates = {j.job_id for j in active if j.name not in names}
+        confirmed, self.suspects = candidates & self.suspects, candidates - self.suspects
+        for j in active:
+            if j.job_id not in confirmed:
+                continue
+            self.cluster.cancel(j.job_id)
+            self.station.journal.emit(Stage.RUN, Event.ORPHAN_STOPPED, Status.WARNING,
+                                      f"cancelled slurm job {j.job_id} ({j.name}): its dts "
+                                      "job is no longer in run/ (removed by hand?)",
+                                      slurm_job_id=j.job_id, slurm_name=j.name)
+        return sorted(confirmed)
 
     def _step(self, claim: Claim, known: dict[str, list[ClusterJob]],
               asked: str) -> Outcome | None:

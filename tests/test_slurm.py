@@ -652,3 +652,22 @@ def test_a_job_slurm_forgot_is_collected_from_its_exit_file_or_run_again(
     release.touch()
     wait_for(lambda: run_dts("run", "--once", config=cfg, env=slurm.env).returncode == 0
              and where(spool.root, vanished) == "send/new", 60, what="the rerun collected")
+
+
+def test_a_cluster_job_whose_dts_job_was_removed_by_hand_is_cancelled(
+        tmp_path: Path, slurm: SlurmCluster, processes: list[subprocess.Popen[bytes]]) -> None:
+    import shutil
+
+    cfg = config(tmp_path, slurm, [waiting_stream("wait", tmp_path / "never")])
+    spool = tmp_path / "spool"
+    job_id = make_run_job(spool, "wait", n_series=1, per_series=1)[0].name
+    proc = start_dts("run", config=cfg, env=slurm.env, log=tmp_path / "run.log")
+    processes.append(proc)
+    wait_for(lambda: slurm_state(spool, job_id) == "RUNNING", 30, what="the job running")
+    info = job_data(spool, job_id)["slurm"]
+    shutil.rmtree(Spool(spool).find(job_id)[1])  # a person removes it by hand
+    wait_for(lambda: slurm.jobs(info["name"])[0]["state"] == "CANCELLED", 30, interval=0.3,
+             what="the orphaned cluster job cancelled")
+    (ev,) = [e for e in events(spool, event="orphan-stopped")]
+    assert ev["slurm_job_id"] == info["job_id"] and "removed by hand" in ev["message"]
+    assert stop_process(proc) == 0
