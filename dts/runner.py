@@ -523,10 +523,11 @@ def _submit(station: Station, claim: Claim, stream: Stream, data: JobRecord) -> 
     cluster = slurm.Cluster(cfg)
     if info.get("job_id") and not info.get("collected_at"):
         return _adopt(station, claim, data, info, "followed again")  # back from run/cur
-    token = (info.get("token") if info and not info.get("job_id") else None) or \
-        slurm.new_token(spool)
+    reuse = bool(info.get("token")) and not info.get("job_id")
+    token = str(info.get("token")) if reuse else slurm.new_token(spool)
     name = slurm.job_name(job.id)
-    info = {"name": name, "token": token, "state": slurm.UNSUBMITTED}
+    info = {**(info if reuse else {}), "name": name, "token": token,
+            "state": slurm.UNSUBMITTED}
     if cfg.partition:
         info["partition"] = cfg.partition
     try:
@@ -576,6 +577,16 @@ def _submit(station: Station, claim: Claim, stream: Stream, data: JobRecord) -> 
         _save_slurm(job, info)
         return _fail(station, claim, "slurm-refused", str(exc))
     except slurm.SlurmUnreachable as exc:
+        if exc.uncertain:
+            # slurmctld may have taken it: it stays in run/slurm as SUBMITTING, and the
+            # follower finds it by name and token, or puts it back after command_timeout
+            data = _save_slurm(job, info)
+            station.journal.emit(Stage.RUN, Event.RETRY, Status.WARNING,
+                                 f"{exc}; it may have reached Slurm all the same: the job "
+                                 "waits in run/slurm until Slurm says whether it has it",
+                                 job=job, job_data=data)
+            claim.release()
+            return Outcome.RETRY
         shutil.rmtree(job.path / VIEW_DIR, ignore_errors=True)
         info["state"] = slurm.UNSUBMITTED  # the token stays: if it got there, it is found
         _save_slurm(job, info)

@@ -134,7 +134,17 @@ exit "$code"
 
 
 class SlurmUnreachable(TemporaryFailure):
-    """slurmctld (or munge) does not answer: try again later."""
+    """slurmctld (or munge) does not answer: try again later. ``uncertain``: the request
+    may have reached slurmctld all the same (a timeout, not a refused connection)."""
+
+    def __init__(self, message: str, uncertain: bool = False) -> None:
+        super().__init__(message)
+        self.uncertain = uncertain
+
+
+# sbatch's messages that say the request never reached slurmctld (nothing was submitted)
+_NOT_SENT = re.compile(r"connect failure|connection refused|munge|no route to host|"
+                       r"network is unreachable|protocol authentication error", re.IGNORECASE)
 
 
 class SubmissionRefused(JobFailed):
@@ -266,7 +276,7 @@ class Cluster:
         except subprocess.TimeoutExpired:
             raise SlurmUnreachable(f"{name} did not answer within "
                                    f"{self.config.command_timeout:g} s ([slurm] "
-                                   "command_timeout)") from None
+                                   "command_timeout)", uncertain=True) from None
         except OSError as exc:
             raise UsageError(f"cannot run {argv[0]}: {exc.strerror or exc} (install Slurm's "
                              "client commands, or set [slurm] bin_dir)") from None
@@ -281,12 +291,14 @@ class Cluster:
         if proc.returncode != 0:
             message = _message(proc)
             if _UNREACHABLE.search(proc.stderr or ""):
-                raise SlurmUnreachable(f"sbatch could not reach Slurm: {message}")
+                raise SlurmUnreachable(f"sbatch could not reach Slurm: {message}",
+                                       uncertain=not _NOT_SENT.search(proc.stderr or ""))
             raise SubmissionRefused(f"sbatch refused the job: {message}")
         job_id = (proc.stdout or "").strip().splitlines()[-1:] or [""]
         value = job_id[0].split(";", 1)[0].strip()
         if not re.match(r"^[0-9]+(_[0-9]+)?$", value):
-            raise SlurmUnreachable(f"sbatch answered {proc.stdout.strip()!r}, not a job id")
+            raise SlurmUnreachable(f"sbatch answered {proc.stdout.strip()!r}, not a job id",
+                                   uncertain=True)
         return value
 
     def cancel(self, job_id: str) -> None:
