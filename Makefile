@@ -9,13 +9,17 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dicom3tools (dciodvfy checks every object the result builder makes),
 # Orthanc (a PACS), podman + runc (a Docker-compatible engine), PostgreSQL (journal DB),
 # busybox-static (a root filesystem for test container images), logrotate (its dts file
-# is run by the tests), chromium + chromium-driver (the page in a real browser, Selenium).
-TEST_DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb podman runc busybox-static postgresql logrotate systemd \
-             chromium chromium-driver
+# is run by the tests), chromium + chromium-driver (the page in a real browser, Selenium),
+# slurm-wlm + munge (a one-node Slurm cluster: slurmctld, slurmd, the client commands),
+# orthanc-dicomweb (Orthanc's DICOMweb plugin: STOW-RS both ways).
+TEST_DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb podman runc busybox-static postgresql logrotate \
+             systemd chromium chromium-driver slurm-wlm munge
 TEST_BINS := /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu /usr/sbin/Orthanc \
              /usr/bin/dciodvfy /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
              /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/sbin/logrotate \
-             /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver
+             /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver \
+             /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/bin/squeue \
+             /usr/bin/scontrol /usr/bin/scancel /usr/bin/sinfo /usr/sbin/munged
 
 .PHONY: run test unit venv system-deps lint typecheck bench clean-venv
 

@@ -240,9 +240,40 @@ class Stream:
     contract: str = "dts"
     call: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # where the processing runs: "local" (this machine: the engine or a process) or
+    # "slurm" (a batch job on the cluster, [slurm]; dts.slurm)
+    executor: str = "local"
 
 
 CONTRACTS = ("dts", "ror")
+EXECUTORS = ("local", "slurm")
+# sbatch options dts sets itself for every job ([slurm] options may not give them)
+SBATCH_OWN = ("--job-name", "-J", "--output", "-o", "--error", "-e", "--time", "-t",
+              "--mem", "--cpus-per-task", "-c", "--gres", "--gpus", "-G", "--parsable",
+              "--comment", "--export", "--chdir", "-D", "--wrap", "--requeue",
+              "--no-requeue", "--partition", "-p", "--account", "-A", "--qos", "-q",
+              "--wait", "-W", "--hold", "-H")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """``[slurm]``: how run jobs of ``executor = "slurm"`` streams go to the cluster
+    (``dts.slurm``, docs/slurm.md)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    options: tuple[str, ...] = ()          # more sbatch options, one argv item each
+    spool_path: Path | None = None         # the spool as the nodes see it (default: same path)
+    max_submitted: int = 100               # cluster jobs followed at a time
+    poll_interval: float = 10.0            # how often squeue is asked about them
+    command_timeout: float = 30.0          # deadline of every sbatch/squeue/scontrol/scancel
+    runtime: str = "podman"                # the container runtime on the nodes
+    runtime_command: tuple[str, ...] = ("podman",)   # its argv prefix (global options too)
+    container_options: tuple[str, ...] = ()  # more `podman run` options (devices, mounts)
+    bin_dir: Path | None = None            # where sbatch & co. are (default: PATH)
+    # the spool's filesystem is not checked against the nodes (they mount this host's disk)
+    assume_shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -293,6 +324,7 @@ class Config:
     web: WebConfig = WebConfig()
     stow: StowConfig = StowConfig()
     notify: tuple[Notify, ...] = ()
+    slurm: SlurmConfig = SlurmConfig()
 
     @property
     def rules_path(self) -> Path:
@@ -844,6 +876,7 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         shadow=t.get("shadow", bool, False),
         contract=contract, call=t.get("call", str),
         options=t.convert("parameters", _ror_options, {}) if ror else {},
+        executor=t.get("executor", str, "local"),
     )
     t.finish()
     _check_contract(file, t.prefix, stream)
@@ -851,6 +884,7 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         raise ConfigError(file, f"{t.prefix}.review", "a shadow stream sends nothing, so "
                           "there is nothing to review: give review = true or shadow = true, "
                           "not both")
+    _check_executor(file, t.prefix, stream)
     if bool(stream.image) == bool(stream.command):
         raise ConfigError(file, t.prefix, "give exactly one of image or command")
     if stream.command is not None and not stream.command:
@@ -924,6 +958,85 @@ def _check_contract(file: str, prefix: str, stream: Stream) -> None:
                 from None
 
 
+def _check_executor(file: str, prefix: str, stream: Stream) -> None:
+    if stream.executor not in EXECUTORS:
+        raise ConfigError(file, f"{prefix}.executor", f"expected one of "
+                          f"{', '.join(EXECUTORS)}, got {stream.executor!r}")
+    if stream.executor != "slurm":
+        return
+    if stream.gpus is not None and not stream.gpus.strip().isdigit():
+        raise ConfigError(file, f"{prefix}.gpus", "with executor = \"slurm\" gpus is a "
+                          f"number of GPUs (--gres=gpu:N), got {stream.gpus!r}")
+    if stream.user and stream.command:
+        raise ConfigError(file, f"{prefix}.user", "a command on the cluster runs as the user "
+                          "who submits it (user applies to an image on the cluster)")
+
+
+def _options(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of sbatch options (one argv item each, e.g. "
+                         f"[\"--constraint=v100\"]), got {value!r}")
+    for item in value:
+        if not item.startswith("-"):
+            raise ValueError(f"{item!r} is not an option (options start with '-'; give "
+                             "\"--name=value\" as one item)")
+        name = item.split("=", 1)[0]
+        if name in SBATCH_OWN or any(item.startswith(o) and len(o) == 2 and len(item) > 2
+                                     for o in SBATCH_OWN):
+            raise ValueError(f"{item!r}: dts sets {name} itself (partition, account, qos "
+                             "are keys of [slurm]; time, memory, cpus, gpus come from the "
+                             "stream)")
+    return tuple(value)
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v
+                                                           for v in value):
+        raise ValueError(f"expected a non-empty list of argv items, got {value!r}")
+    return tuple(value)
+
+
+def _argv_items(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of argv items, got {value!r}")
+    return tuple(value)
+
+
+def _slurm(file: str, data: Any, base: Path) -> SlurmConfig:
+    t = _Table(file, "slurm", data)
+    d = SlurmConfig()
+    slurm = SlurmConfig(
+        partition=t.get("partition", str),
+        account=t.get("account", str),
+        qos=t.get("qos", str),
+        options=t.convert("options", _options, ()),
+        spool_path=t.convert("spool_path", _path(base)),
+        max_submitted=t.convert("max_submitted", _positive_int, d.max_submitted),
+        poll_interval=t.convert("poll_interval", _duration, d.poll_interval),
+        command_timeout=t.convert("command_timeout", _duration, d.command_timeout),
+        runtime=t.get("runtime", str, d.runtime),
+        runtime_command=t.convert("runtime_command", _argv, d.runtime_command),
+        container_options=t.convert("container_options", _argv_items, ()),
+        bin_dir=t.convert("bin_dir", _path(base)),
+        assume_shared=t.get("assume_shared", bool, False),
+    )
+    t.finish()
+    for key in ("partition", "account", "qos"):
+        value = getattr(slurm, key)
+        if value is not None and not _NAME.match(value):
+            raise t.fail(key, f"expected a name of letters, digits, '_.-', got {value!r}")
+    if slurm.max_submitted < 1:
+        raise t.fail("max_submitted", "must be at least 1")
+    if not 0.05 <= slurm.poll_interval <= 3600:
+        raise t.fail("poll_interval", "expected between 50ms and 1h")
+    if not 1 <= slurm.command_timeout <= 3600:
+        raise t.fail("command_timeout", "expected between 1s and 1h")
+    if slurm.runtime != "podman":
+        raise t.fail("runtime", f"expected \"podman\" (the container runtime the batch "
+                     f"script runs on the nodes), got {slurm.runtime!r}")
+    return slurm
+
+
 def embedded_config() -> Path:
     """The embedded default: a checkout's ``configuration/dts.toml`` (the copy users edit,
     relative paths resolving in the checkout), else the copy shipped inside the package."""
@@ -981,10 +1094,11 @@ def load(path: str | os.PathLike[str] | None = None,
     web = _web(file, top.get("web", dict, {}), base, station.spool)
     stow = _stow(file, top.get("stow", dict, {}), base)
     notify = tuple(_notify(file, i, n, base) for i, n in enumerate(top.get("notify", list, [])))
+    slurm = _slurm(file, top.get("slurm", dict, {}), base)
     top.finish()
     config = Config(path=cfg_path.resolve(), station=station, destinations=destinations,
                     streams=tuple(streams), journal=journal, web=web, stow=stow,
-                    notify=notify)
+                    notify=notify, slurm=slurm)
     # a bad rule file is refused now, not at the first classification
     rules.load_station_rules(config.rules_path, config.path)
     return config
@@ -1075,4 +1189,6 @@ def effective(config: Config) -> dict[str, Any]:
         out["stow"] = _plain(config.stow)
     if config.notify:
         out["notify"] = [_plain(n) for n in config.notify]
+    if config.slurm != SlurmConfig() or any(s.executor == "slurm" for s in config.streams):
+        out["slurm"] = _plain(config.slurm)
     return _masked({k: v for k, v in out.items() if v != []})

@@ -80,7 +80,8 @@ _PRECEDENCE = ("failed", "review", "receiving", "classifying", "running", "sendi
 # The job status an event leaves behind (events not listed leave it as it was).
 _JOB_STATUS = {
     "received": "classifying", "matched": "classified", "unmatched": "unmatched",
-    "own-result": "unmatched", "queued": "running", "started": "running",
+    "own-result": "unmatched", "queued": "running", "submitted": "running",
+    "started": "running",
     "finished": "sending", "send-started": "sending", "send-retry": "sending",
     "stored": "sending", "sent": "done", "failed": "failed", "send-failed": "failed",
     "commit-requested": "sending", "committed": "sending", "commit-failed": "sending",

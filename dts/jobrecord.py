@@ -90,6 +90,12 @@ Run stage (``dts.runner``):
   ``last_error`` (str)     the last temporary failure (container engine unreachable).
   ``orphans_stopped`` (list of str)  processes/containers of dead runs stopped on recovery,
                            e.g. ``"process group 1234"``, ``"container 3f9a..."``.
+  ``slurm`` (SlurmInfo)    a stream with ``executor = "slurm"``: the cluster job of this run
+                           (``dts.slurm``): its name, token, Slurm job id, state, node and
+                           times; written before sbatch is called (so an interrupted
+                           submission is found again) and kept after the run for ``dts show``.
+  ``slurm_history`` (list of SlurmInfo)  earlier cluster jobs of this job (run again after
+                           NODE_FAIL/PREEMPTED/BOOT_FAIL, or requeued by hand and scancelled).
 
 Send stage (``dts.sender``):
   ``destinations`` (object name -> DestinationState)  per-destination delivery state; a
@@ -147,10 +153,36 @@ class RunningInfo(TypedDict, total=False):
     pid_of_runner: int   # the dts process that started it
 
 
+class SlurmInfo(TypedDict, total=False):
+    """One cluster job of a run (``slurm``, ``slurm_history``; ``dts.slurm``)."""
+
+    name: str            # the Slurm job name, dts-<job id>
+    token: str           # its comment is dts:<token>: one per intended run
+    job_id: str          # Slurm's job id (absent until sbatch answered)
+    state: str           # Slurm's JobState, or SUBMITTING / UNSUBMITTED / VANISHED
+    node: str            # the node it ran on
+    reason: str          # Slurm's Reason (why pending, why it ended)
+    exit_code: int | None  # the processing's exit code (the batch script's exit file)
+    partition: str       # [slurm] partition, when given
+    sbatch: list[str]    # sbatch's arguments as run
+    command: list[str]   # what the batch script runs (podman run ... or the command)
+    node_folder: str     # the job's folder as the nodes see it ([slurm] spool_path)
+    submitting_at: str   # when it went to run/slurm/ to be submitted
+    submitted_at: str    # when sbatch answered with the job id
+    started_at: str      # when Slurm reported it running
+    ended_at: str        # when it ended (Slurm's EndTime, or when dts saw it ended)
+    collected_at: str    # when dts took its result (finished, failed or run again)
+    cancelled_at: str    # when dts scancelled it (dts requeue)
+
+
 class RunInfo(TypedDict, total=False):
     """Provenance and result of the last run (``run``)."""
 
-    executor: str        # "command" or "docker"
+    executor: str        # "command", "docker" or "slurm"
+    runtime: str         # slurm: "podman" (an image) or "command"
+    slurm_job_id: str    # slurm: the cluster job
+    slurm_state: str     # slurm: its final state (COMPLETED, FAILED, TIMEOUT ...)
+    node: str            # slurm: the node it ran on
     command: list[str]   # command: the argv run; docker with contract "ror": the call
     contract: str        # docker: "ror" when the stream runs in the ror contract
     image: str           # docker: the stream's image as configured
@@ -216,6 +248,8 @@ class Failure(TypedDict, total=False):
     reason: str          # no-stream, attempts, input, setup, timeout, oom, exit-code,
                          # invalid-output, invalid-results, no-output, engine-unreachable;
                          # rejected (stage review)
+                         # slurm: slurm-refused, slurm-unreachable, cancelled, not-shared,
+                         # slurm-<state> (deadline, node_fail ... once attempts are used up)
     message: str
     log_tail: str        # last lines of the processing's log ("" when there was no run)
     time: str
@@ -318,6 +352,8 @@ class JobRecord(TypedDict, total=False):
     failure: Failure
     last_error: str
     orphans_stopped: list[str]
+    slurm: SlurmInfo
+    slurm_history: list[SlurmInfo]
     destinations: dict[str, DestinationState]
     next_attempt_at: str
     sent_at: str
@@ -338,5 +374,5 @@ IDENTITY_KEYS: tuple[IdentityKey, ...] = (
 
 __all__ = ["IDENTITY_KEYS", "CommitmentTransaction", "DestinationState", "Failure", "IdentityKey",
            "JobRecord", "OutputEntry", "RequeueEntry", "ResultEntry", "ReviewDecision",
-           "ReviewEntry", "RunInfo", "RunningInfo", "SendStatus", "Source", "StreamVerdict",
-           "ViolationEntry"]
+           "ReviewEntry", "RunInfo", "RunningInfo", "SendStatus", "SlurmInfo", "Source",
+           "StreamVerdict", "ViolationEntry"]

@@ -67,7 +67,10 @@ class Event(StrEnum):
     QUEUED = "queued"                            # a fan-out run job was made (on the child)
     MATCHED = "matched"                          # a stream matched (on the parent, per stream)
     # run
-    STARTED = "started"                          # the container or command was started
+    SUBMITTED = "submitted"                      # handed to Slurm (sbatch), or found there again
+    STARTED = "started"                          # the container or command was started (Slurm:
+                                                 # the cluster job runs, with its node)
+    SLURM_UNREACHABLE = "slurm-unreachable"      # slurmctld does not answer the follower
     INTERRUPTED = "interrupted"                  # stopped by a shutdown; job put back
     RETRY = "retry"                              # engine unreachable; job put back
     FINISHED = "finished"                        # valid output: job to send/ (review/, done/)

@@ -107,7 +107,7 @@ class _Collector:
             if queue == "incoming":
                 jobs.add_metric([queue, "receiving"], counts.get("studies", 0))
                 continue
-            for state in ("new", "cur", "count"):
+            for state in ("new", "cur", "slurm", "count"):
                 if state in counts:
                     jobs.add_metric([queue, "" if state == "count" else state], counts[state])
             if counts.get("oldest_seconds") is not None:

@@ -19,6 +19,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import slurm
 from .errors import TemporaryFailure, UsageError
 from .jobrecord import DestinationState, JobRecord
 from .journal import Event, Stage, Status
@@ -105,6 +106,7 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
             # a plan left by a crash after the move to done/: new children this time
             data.pop("fanout_pending", None)
         data["attempts"] = 0
+        cancelled = _cancel_on_cluster(station, data, now)
         if target is Queue.RUN:
             _keep_previous(claim.job.path, now)
             data.pop("destinations", None)  # new results: every destination again
@@ -116,14 +118,30 @@ def requeue(station: Station, job_id: str, target: Queue, *, resend_all: bool = 
         data["requeued"] = history
         claim.job.write(data)
         station.journal.emit(Stage.REQUEUE, Event.REQUEUED, Status.INFO,
-                             f"requeued from {source} to {target}/new by {by}@{host}",
+                             f"requeued from {source} to {target}/new by {by}@{host}"
+                             + (f" (slurm job {cancelled} cancelled)" if cancelled else ""),
                              job=claim.job, job_data=data, by=by, source=str(source),
-                             target=f"{target}/new")
+                             target=f"{target}/new", slurm_cancelled=cancelled)
         if claim.path.parent == spool.dir(target, State.NEW):
             claim.release()  # already waiting there: reset in place (due now)
         else:
             claim.move(target, State.NEW)
     return Requeued(job_id, str(source), f"{target}/new", by, host)
+
+
+def _cancel_on_cluster(station: Station, data: JobRecord, now: str) -> str | None:
+    """A job handed to Slurm whose cluster job may still run: scancel it (a controller
+    that does not answer refuses the requeue with exit 75, the job stays where it is)
+    and keep its record in ``slurm_history``; the next run is a new submission."""
+    info = data.get("slurm")
+    if not info:
+        return None
+    cancelled = slurm.cancel(station, info)
+    if cancelled:
+        info["cancelled_at"] = now
+    data["slurm_history"] = [*(data.get("slurm_history") or []), info]
+    data.pop("slurm", None)
+    return cancelled
 
 
 def _keep_previous(job_path: Any, now: str) -> None:

@@ -10,6 +10,12 @@ own results coming back from a PACS are not processed again.
 A job's ``running`` entry in job.json says what is running for it (container or
 process group), so that after a ``kill -9`` of ``dts run`` the next start can stop
 the orphan (``on_recovered``) before the job runs again.
+
+A stream with ``executor = "slurm"`` runs on the cluster instead (``dts.slurm``):
+``process`` prepares the view and output as for any run, then submits a batch job and
+leaves the job in ``run/slurm/``, holding no worker; the ``slurm.Follower`` of ``serve``
+(and of ``dts watch``) hands it back to ``collect`` when the cluster job has ended, and
+``collect`` checks and publishes it with the same code as a local run (``_finish``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Literal, cast
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from . import review, worker
+from . import review, slurm, worker
 from .config import Stream
 from .dicom.uid import valid_uid
 from .errors import JobFailed, TemporaryFailure
@@ -43,12 +49,13 @@ from .executors import (
     stop_processes_of_job,
 )
 from .builders import Built, RunContext, build
-from .jobrecord import (BuiltEntry, JobRecord, RunInfo, RunningInfo,
+from .jobrecord import (BuiltEntry, JobRecord, RunInfo, RunningInfo, SlurmInfo,
                         ViolationEntry)
 from .journal import Event, Stage, Status
 from .provenance import register_produced
 from .results import InvalidResults, describe, read_document, read_results
-from .spool import Claim, Job, Queue, dump_json, fsync_dir, isotime
+from .spool import (Claim, Job, Queue, SpoolError, State, dump_json, fsync_dir, isotime,
+                    parse_isotime)
 from .station import Station
 from .validate import InputFacts, InvalidOutput, check_output
 from .worker import Outcome, Tally
@@ -268,6 +275,8 @@ def process(station: Station, claim: Claim, *,
     if attempts >= max_attempts:
         return _fail(station, claim, "attempts", f"gave up after {attempts} interrupted "
                      f"attempts ([station] max_attempts = {max_attempts})")
+    if stream.executor == "slurm":
+        return _submit(station, claim, stream, data)
     executor = executor_for(stream)
     started_at = isotime()
     try:
@@ -436,7 +445,8 @@ def _fail(station: Station, claim: Claim, reason: str, message: str,
     return Outcome.FAILED
 
 
-def _temporary(station: Station, claim: Claim, message: str) -> Outcome:
+def _temporary(station: Station, claim: Claim, message: str,
+               reason: str = "engine-unreachable") -> Outcome:
     """Engine down: count the attempt; back to run/new, or failed/ when attempts are used up."""
     job = claim.job
     data = job.read()
@@ -446,7 +456,7 @@ def _temporary(station: Station, claim: Claim, message: str) -> Outcome:
     job.write(data)
     max_attempts = station.config.station.max_attempts
     if data["attempts"] >= max_attempts:
-        return _fail(station, claim, "engine-unreachable",
+        return _fail(station, claim, reason,
                      f"{message} (gave up after {data['attempts']} attempts)")
     station.journal.emit(Stage.RUN, Event.RETRY, Status.WARNING,
                          f"{message}; attempt {data['attempts']} of {max_attempts}, job put back",
@@ -464,6 +474,12 @@ def on_recovered(job: Job) -> None:
     """Stop what a dead ``dts run`` left running for ``job`` (called under its lock)."""
     data = job.read()
     info = data.get("running")
+    if data.get("slurm"):
+        # a cluster job is Slurm's, not an orphan: it is found again by name and followed
+        # (or, if it never reached Slurm, submitted after one more look by name)
+        if data.pop("running", None) is not None:
+            job.write(data)
+        return
     stopped: list[str] = []
     recorded_pgid: int | None = None
     if isinstance(info, dict) and info.get("executor") == "command":
@@ -495,6 +511,237 @@ def _recover(station: Station) -> list[str]:
     return worker.recover(station, Queue.RUN, hook)
 
 
+# -- on the cluster (executor = "slurm") ----------------------------------------------
+
+# one submission at a time per process: [slurm] max_submitted is counted in run/slurm/
+_SUBMIT_LOCK = threading.Lock()
+
+
+def _submit(station: Station, claim: Claim, stream: Stream, data: JobRecord) -> Outcome:
+    """Hand a claimed run job to Slurm and leave it in run/slurm/ (no worker holds it)."""
+    job, spool, cfg = claim.job, station.spool, station.config.slurm
+    info: SlurmInfo = data.get("slurm") or {}
+    cluster = slurm.Cluster(cfg)
+    if info.get("job_id") and not info.get("collected_at"):
+        return _adopt(station, claim, data, info, "followed again")  # back from run/cur
+    reuse = bool(info.get("token")) and not info.get("job_id")
+    token = str(info.get("token")) if reuse else slurm.new_token(spool)
+    name = slurm.job_name(job.id)
+    info = {**(info if reuse else {}), "name": name, "token": token,
+            "state": slurm.UNSUBMITTED}
+    if cfg.partition:
+        info["partition"] = cfg.partition
+    try:
+        # an earlier try may have reached Slurm although its answer was lost: never twice
+        known = cluster.queue([name])[name]
+        mine = next((j for j in known if j.token == token), None)
+        if mine is not None:
+            info.update({"job_id": mine.job_id, "state": mine.state, "submitted_at": isotime()})
+            return _adopt(station, claim, data, info, "found again by its name")
+        stale = [j for j in known if not j.ended]
+        for old in stale:
+            cluster.cancel(old.job_id)
+    except slurm.SlurmUnreachable as exc:
+        data["slurm"] = info
+        job.write(data)
+        return _temporary(station, claim, str(exc), "slurm-unreachable")
+    if stale:
+        station.journal.emit(Stage.RUN, Event.ORPHAN_STOPPED, Status.WARNING,
+                             f"cancelled slurm job(s) {', '.join(j.job_id for j in stale)} of "
+                             "an earlier run of this job; it is submitted once they have "
+                             "ended", job=job)
+        return Outcome.SKIPPED  # back to run/new (the claim's home) for the next round
+    with _SUBMIT_LOCK:
+        if slurm.submitted_count(spool) >= cfg.max_submitted:
+            return Outcome.SKIPPED  # [slurm] max_submitted on the cluster: wait in run/new
+        try:
+            build_view(job, data, stream)
+            prepare_output(job, stream)
+        except JobFailed as exc:
+            return _fail(station, claim, "input", str(exc))
+        info.update({"state": slurm.SUBMITTING, "submitting_at": isotime()})
+        data = job.read()
+        data.pop("running", None)
+        data["slurm"] = info
+        job.write(data)
+        claim.move_keep(Queue.RUN, State.SLURM)  # where the cluster job will see it
+        job = claim.job
+    try:
+        argv, env, command = slurm.write_batch(job, stream, cfg, spool, token)
+        info.update({"sbatch": argv, "command": command,
+                     "node_folder": slurm.Paths(spool, cfg).node(job.path)})
+        _save_slurm(job, info)
+        job_id = cluster.submit(argv, env)
+    except slurm.SubmissionRefused as exc:
+        shutil.rmtree(job.path / VIEW_DIR, ignore_errors=True)
+        info["state"] = "REFUSED"
+        _save_slurm(job, info)
+        return _fail(station, claim, "slurm-refused", str(exc))
+    except slurm.SlurmUnreachable as exc:
+        if exc.uncertain:
+            # slurmctld may have taken it: it stays in run/slurm as SUBMITTING, and the
+            # follower finds it by name and token, or puts it back after command_timeout
+            data = _save_slurm(job, info)
+            station.journal.emit(Stage.RUN, Event.RETRY, Status.WARNING,
+                                 f"{exc}; it may have reached Slurm all the same: the job "
+                                 "waits in run/slurm until Slurm says whether it has it",
+                                 job=job, job_data=data)
+            claim.release()
+            return Outcome.RETRY
+        shutil.rmtree(job.path / VIEW_DIR, ignore_errors=True)
+        info["state"] = slurm.UNSUBMITTED  # the token stays: if it got there, it is found
+        _save_slurm(job, info)
+        return _temporary(station, claim, str(exc), "slurm-unreachable")
+    except JobFailed as exc:
+        shutil.rmtree(job.path / VIEW_DIR, ignore_errors=True)
+        return _fail(station, claim, "setup", str(exc))
+    info.update({"job_id": job_id, "state": "PENDING", "submitted_at": isotime()})
+    data = _save_slurm(job, info)
+    station.journal.emit(Stage.RUN, Event.SUBMITTED, Status.INFO,
+                         f"slurm job {job_id} submitted as {info['name']} "
+                         f"({cfg.partition or 'default partition'}, "
+                         f"--time={slurm.sbatch_minutes(stream.timeout)})", job=job,
+                         job_data=data, executor="slurm", slurm_job_id=job_id,
+                         attempt=int(data.get("attempts") or 0) + 1)
+    claim.release()
+    log.info("%s: submitted as slurm job %s", job.id, job_id)
+    return Outcome.SUBMITTED
+
+
+def _save_slurm(job: Job, info: SlurmInfo) -> JobRecord:
+    data = job.read()
+    data["slurm"] = info
+    job.write(data)
+    return data
+
+
+def _adopt(station: Station, claim: Claim, data: JobRecord, info: SlurmInfo,
+           how: str) -> Outcome:
+    """A cluster job of this run exists already: follow it in run/slurm/, do not submit."""
+    job = claim.job
+    data["slurm"] = info
+    data.pop("running", None)
+    job.write(data)
+    claim.move_keep(Queue.RUN, State.SLURM)
+    job = claim.job
+    station.journal.emit(Stage.RUN, Event.SUBMITTED, Status.INFO,
+                         f"slurm job {info.get('job_id')} of this run {how}; following it",
+                         job=job, job_data=data, executor="slurm",
+                         slurm_job_id=info.get("job_id"), adopted=True)
+    claim.release()
+    return Outcome.SUBMITTED
+
+
+def _seconds(start: str | None, end: str | None) -> float:
+    try:
+        return max(0.0, (parse_isotime(str(end)) - parse_isotime(str(start))).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def collect(station: Station, claim: Claim, cj: slurm.ClusterJob) -> Outcome:
+    """A cluster job has ended (the follower holds the job, moved to run/cur): its state,
+    exit code and log decide, and a good run is checked and published as a local one."""
+    job = claim.job
+    shutil.rmtree(job.path / VIEW_DIR, ignore_errors=True)
+    data = job.read()
+    info: SlurmInfo = data.get("slurm") or {}
+    stream = station.config.stream(str(data.get("stream") or ""))
+    left = slurm.left_by_script(job, info)
+    exit_code = left.exit_code if left is not None else cj.exit_code
+    node = slurm.script_node(job) or cj.node or info.get("node")
+    now = isotime()
+    info.update({"state": cj.state, "ended_at": cj.end or now, "collected_at": now,
+                 "exit_code": exit_code})
+    if node:
+        info["node"] = node
+    if cj.reason and cj.reason != "None":
+        info["reason"] = cj.reason
+    data["slurm"] = info
+    job.write(data)
+    started_at = info.get("started_at") or info.get("submitted_at") or now
+    duration = _seconds(started_at, info.get("ended_at"))
+    run: RunInfo = {"executor": "slurm", "runtime": "podman" if stream and stream.image
+                    else "command", "slurm_job_id": cj.job_id, "slurm_state": cj.state,
+                    "exit_code": exit_code, "duration_seconds": round(duration, 3),
+                    "started_at": started_at, "finished_at": str(info.get("ended_at"))}
+    if node:
+        run["node"] = node
+    if stream is not None and stream.image:
+        run["image"] = stream.image
+    elif info.get("command"):
+        run["command"] = list(info.get("command") or [])
+    where = f"slurm job {cj.job_id}" + (f" on {node}" if node else "")
+    if stream is None:
+        return _fail(station, claim, "no-stream", f"stream {data.get('stream')!r} is not "
+                     f"configured in {station.config.path}", run=run)
+    state = cj.state
+    if state in slurm.RERUN or state == slurm.VANISHED:
+        what = (f"Slurm no longer knows {where} and it left no exit code"
+                if state == slurm.VANISHED else f"{where} ended {state}")
+        return _rerun(station, claim, state, what)
+    if state == "TIMEOUT":
+        return _fail(station, claim, "timeout", f"{where} was stopped by Slurm at its time "
+                     f"limit (state TIMEOUT; the stream's timeout {stream.timeout:g} s, "
+                     f"--time={slurm.sbatch_minutes(stream.timeout)})", run=run)
+    if state == "OUT_OF_MEMORY" or (exit_code == 137 and stream.memory and stream.image):
+        return _fail(station, claim, "oom", f"{where} ran out of memory (state {state}, "
+                     f"memory = {stream.memory}, exit code {exit_code})", run=run)
+    if state == "CANCELLED":
+        return _fail(station, claim, "cancelled", f"{where} was cancelled outside dts (state "
+                     f"CANCELLED, exit code {exit_code})", run=run)
+    if state != slurm.COMPLETED and left is None and slurm.script_node(job) is None:
+        return _fail(station, claim, "not-shared", f"{where} ended {state} before its batch "
+                     f"script ran in the job's folder {info.get('node_folder')}: is the spool "
+                     "on a filesystem the node shares ([slurm] spool_path)? (Slurm's reason: "
+                     f"{cj.reason or 'none'}, exit code {exit_code})", run=run)
+    if state not in (slurm.COMPLETED, "FAILED"):
+        return _fail(station, claim, f"slurm-{state.lower()}", f"{where} ended {state} "
+                     f"(exit code {exit_code})", run=run)
+    if exit_code != 0:
+        return _fail(station, claim, "exit-code", f"the processing exited with code "
+                     f"{exit_code} ({where}, state {state})", run=run)
+    return _finish(station, claim, stream, RunResult(exit_code=0, duration=duration,
+                                                     provenance=dict(run)), started_at)
+
+
+def _rerun(station: Station, claim: Claim, state: str, message: str) -> Outcome:
+    """Not the job's fault (the node failed, it was preempted): run it again with the
+    attempt counted, or fail once ``max_attempts`` are used up."""
+    job = claim.job
+    data = job.read()
+    data["attempts"] = int(data.get("attempts") or 0) + 1
+    old = data.pop("slurm", None)
+    if old is not None:
+        data["slurm_history"] = [*(data.get("slurm_history") or []), old]
+    data["last_error"] = message
+    job.write(data)
+    max_attempts = station.config.station.max_attempts
+    if data["attempts"] >= max_attempts:
+        return _fail(station, claim, f"slurm-{state.lower()}",
+                     f"{message} (gave up after {data['attempts']} attempts)")
+    station.journal.emit(Stage.RUN, Event.RETRY, Status.WARNING,
+                         f"{message}; attempt {data['attempts']} of {max_attempts}, job put "
+                         "back to run again", job=job, job_data=data, slurm_state=state)
+    claim.move(Queue.RUN)
+    return Outcome.RETRY
+
+
+def ready_for(station: Station) -> worker.Ready:
+    """The run queue's ``ready``: a job of a Slurm stream waits in run/new while
+    ``[slurm] max_submitted`` jobs are on the cluster."""
+    def ready(job: Job) -> bool:
+        try:
+            name = job.read().get("stream")
+        except SpoolError:
+            return True  # the stage itself says what is wrong with it
+        stream = station.config.stream(str(name)) if isinstance(name, str) else None
+        if stream is None or stream.executor != "slurm":
+            return True
+        return slurm.submitted_count(station.spool) < station.config.slurm.max_submitted
+    return ready
+
+
 # -- the stage ----------------------------------------------------------------------
 
 
@@ -502,13 +749,46 @@ def serve(station: Station, *, once: bool = False, job_ids: list[str] | None = N
           stop: threading.Event | None = None) -> Tally:
     """The body of ``dts run``: recover, then the given jobs, what is queued, or forever,
     with up to ``[station] max_parallel_runs`` runs at a time. Setting ``stop`` stops
-    running processing and puts its jobs back."""
+    running processing and puts its jobs back.
+
+    With Slurm streams (or jobs on the cluster) it also follows ``run/slurm/``: ``--once``
+    collects what has ended, then submits what waits (and returns; what still runs is
+    collected by the next one); forever, a follower thread polls beside the claimers;
+    given job ids are submitted and followed until they end."""
     _recover(station)
+    stop = stop if stop is not None else threading.Event()
+    if any(s.executor == "slurm" and s.enabled for s in station.config.streams):
+        for warning in slurm.check_ready(station):
+            log.warning("%s", warning)
+    follower = (slurm.Follower(station, functools.partial(collect, station))
+                if slurm.follow_jobs(station) else None)
     proc = functools.partial(process, cancel=stop)
     if job_ids:
-        return worker.process_ids(station, Queue.RUN, list(job_ids), proc)
+        tally = worker.process_ids(station, Queue.RUN, list(job_ids), proc)
+        if follower is not None:
+            tally.merge(follower.follow(set(job_ids) & set(tally.submitted), stop))
+        return tally
     # engine down (a RETRY): give it time before the job's next try
     loop = worker.ClaimLoop(station, Queue.RUN, proc, stop=stop, name="dts-run",
                             claimers=station.config.station.max_parallel_runs,
-                            pause=min(600.0, station.config.station.rescan_seconds))
-    return loop.drain() if once else loop.serve()
+                            pause=min(600.0, station.config.station.rescan_seconds),
+                            ready=ready_for(station))
+    if once:
+        tally = follower.poll() if follower is not None else Tally()
+        tally.merge(loop.drain())
+        return tally
+    if follower is None:
+        return loop.serve()
+    follower.wake = loop.wake
+    followed: list[Tally] = []
+    thread = threading.Thread(target=lambda: followed.append(follower.serve(stop)),
+                              name="dts-slurm", daemon=True)
+    thread.start()
+    try:
+        tally = loop.serve()
+    finally:
+        stop.set()
+        thread.join(station.config.slurm.command_timeout * 2 + 5)
+    for t in followed:
+        tally.merge(t)
+    return tally

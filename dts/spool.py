@@ -57,6 +57,10 @@ class Queue(str, Enum):
 class State(str, Enum):
     NEW = "new"
     CUR = "cur"
+    # run/slurm/: handed to the Slurm cluster (or about to be) and followed there by
+    # whichever dts run holds no lock on it; job.json ``slurm`` says which cluster job
+    # (dts.slurm). Only the run queue has it.
+    SLURM = "slurm"
 
     def __str__(self) -> str:
         return self.value
@@ -346,6 +350,7 @@ class Spool:
         dirs = [self.tmp, self.incoming, self.log_dir, self.produced, self.commitment]
         for q in self.WORK:
             dirs += [self.dir(q, State.NEW), self.dir(q, State.CUR)]
+        dirs.append(self.dir(Queue.RUN, State.SLURM))
         dirs += [self.dir(q) for q in self.FINAL]
         return dirs
 
@@ -415,6 +420,8 @@ class Spool:
         for q in self.WORK:
             yield Location(q, State.NEW)
             yield Location(q, State.CUR)
+            if q is Queue.RUN:
+                yield Location(q, State.SLURM)
         for q in self.FINAL:
             yield Location(q)
 
@@ -456,8 +463,9 @@ class Spool:
         return Claim(self, dest, fd, Location(queue, State.NEW))
 
     def claim_at(self, job_id: str) -> Claim | None:
-        """Claim a job wherever it rests (new/ of a work queue or a final queue) without
-        moving it; for manual commands (requeue, re-classify). None if busy in cur/."""
+        """Claim a job wherever it rests (new/ of a work queue, run/slurm/ or a final
+        queue) without moving it; for manual commands (requeue, re-classify) and the Slurm
+        follower. None if busy in cur/ (or locked in run/slurm/ by a follower)."""
         loc, path = self.find(job_id)
         if loc.state is State.CUR:
             fd = _lock(path)
@@ -471,6 +479,19 @@ class Spool:
             os.close(fd)
             return None
         return Claim(self, path, fd, loc)
+
+    def hold(self, job_id: str, queue: Queue, state: State) -> Claim | None:
+        """Lock a job where it is (``queue/state``) without moving it; None if it is not
+        there (any more) or someone else holds it. Releasing it leaves it there."""
+        path = self.dir(queue, state) / job_id
+        fd = _lock(path)
+        if fd is None:
+            return None
+        if not path.is_dir():
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return None
+        return Claim(self, path, fd, Location(queue, state))
 
     def claim_next(self, queue: Queue,
                    ready: Callable[[Job], bool] | None = None) -> Claim | None:

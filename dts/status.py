@@ -18,6 +18,7 @@ from typing import Any
 
 from . import review
 from .journal import EventFilter, read_events
+from .slurm import cluster_jobs
 from .spool import Queue, Spool, State, age_seconds, parse_isotime, utcnow
 
 # the webhooks' outbox (dts.notify): spool/notify/<delivery>.json, given up in gave-up/
@@ -125,6 +126,10 @@ def queue_counts(spool: Spool, now: float | None = None) -> dict[str, dict[str, 
         out[q.value] = {"new": len(new), "cur": len(cur), "oldest_seconds": oldest(new + cur)}
         if q is Queue.REVIEW and new + cur:  # how long a person has been waited for
             out[q.value]["oldest_seconds"] = review.oldest_waiting(spool, now)
+        if q is Queue.RUN:  # run/slurm/: on the Slurm cluster (dts.slurm)
+            on_cluster = spool.list(q, State.SLURM)
+            out[q.value]["slurm"] = len(on_cluster)
+            out[q.value]["oldest_seconds"] = oldest(new + cur + on_cluster)
     for q in Spool.FINAL:
         ids = spool.list(q)
         out[q.value] = {"count": len(ids), "oldest_seconds": oldest(ids)}
@@ -172,6 +177,7 @@ def station_status(spool: Spool) -> dict[str, Any]:
         "watch": service_state(spool, "watch"),
         "web": service_state(spool, "web"),
         "notify": notify_state(spool),
+        "slurm": {"jobs": cluster_jobs(spool)},
         "errors_24h": failures,
         "free_mb": round(spool.free_mb()),
     }

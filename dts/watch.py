@@ -141,6 +141,11 @@ class Watch:
 
     def _start(self) -> None:
         spool = self.station.spool
+        if any(s.executor == "slurm" and s.enabled for s in self.station.config.streams):
+            from . import slurm
+
+            for warning in slurm.check_ready(self.station):  # UsageError: refused at start
+                log.warning("%s", warning)
         details = {"host": self.host or self.cfg.host, "port": self.port if self.port is not None
                    else self.cfg.port, "ae_title": self.cfg.ae_title}
         lock = hold_service(spool, "watch", **details)
@@ -212,7 +217,8 @@ class Watch:
         return {
             "classify": loop("classify", Queue.CLASSIFY, classifier.process, pause=pause),
             "run": loop("run", Queue.RUN, functools.partial(runner.process, cancel=self.cancel),
-                        claimers=self.cfg.max_parallel_runs, pause=pause),
+                        claimers=self.cfg.max_parallel_runs, pause=pause,
+                        ready=runner.ready_for(self.station)),
             "send": loop("send", Queue.SEND, sender.process, ready=sender.ready,
                          claimers=self.cfg.max_parallel_sends,
                          pause=min(pause, self.cfg.send_backoff / 2),
@@ -246,6 +252,10 @@ class Watch:
             self._helper("notify", self._notify_loop)
         if self.web:
             self._helper("web", self._web_loop)
+        from . import slurm
+
+        if slurm.follow_jobs(self.station):
+            self._helper("slurm", self._slurm_loop)
 
     def _helper(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=f"dts-{name}", daemon=True)
@@ -314,6 +324,16 @@ class Watch:
         from .notify import Notifier
 
         Notifier(self.station).run(self.helpers_stop, interval=1.0)
+
+    def _slurm_loop(self) -> None:
+        """Follow the jobs on the Slurm cluster (run/slurm/) and collect those that ended;
+        the cluster jobs themselves go on when dts watch stops."""
+        from . import runner, slurm
+
+        follower = slurm.Follower(self.station, functools.partial(runner.collect, self.station),
+                                  on_result=functools.partial(self._result, "run"),
+                                  wake=self.loops["run"].wake)
+        follower.serve(self.helpers_stop)
 
     def _web_command(self) -> list[str]:
         cfg = self.station.config

@@ -32,6 +32,7 @@ class Outcome(Enum):
     FAILED = "failed"    # moved to failed/
     RETRY = "retry"      # temporary failure; back in new/ for a later try
     SKIPPED = "skipped"  # nothing done (e.g. not due yet)
+    SUBMITTED = "submitted"  # handed to the Slurm cluster: in run/slurm/, followed there
 
 
 @dataclass
@@ -40,12 +41,13 @@ class Tally:
     failed: list[str] = field(default_factory=list)
     retry: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    submitted: list[str] = field(default_factory=list)
 
     def add(self, job_id: str, outcome: Outcome) -> None:
         getattr(self, outcome.value).append(job_id)
 
     def merge(self, other: "Tally") -> None:
-        for name in ("done", "failed", "retry", "skipped"):
+        for name in ("done", "failed", "retry", "skipped", "submitted"):
             getattr(self, name).extend(getattr(other, name))
 
     @property
@@ -57,11 +59,15 @@ class Tally:
         return EXIT_OK
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {"done": self.done, "failed": self.failed, "retry": self.retry,
-                "skipped": self.skipped}
+        out = {"done": self.done, "failed": self.failed, "retry": self.retry,
+               "skipped": self.skipped}
+        if self.submitted:
+            out["submitted"] = self.submitted
+        return out
 
 
 Process = Callable[[Station, Claim], Outcome]
+Ready = Callable[[Job], bool]
 
 
 STAGE_OF = {Queue.CLASSIFY: Stage.CLASSIFY, Queue.RUN: Stage.RUN, Queue.REVIEW: Stage.REVIEW,

@@ -12,14 +12,16 @@ import pytest
 from tests.helpers import station_config
 
 # Real peers started by fixtures: dcmtk and Orthanc (peers), podman (engine), PostgreSQL
-# (database). Each is started on free loopback ports and stopped by its PID.
-pytest_plugins = ["tests.plugins.peers", "tests.plugins.engine", "tests.plugins.database"]
+# (database), a one-node Slurm cluster (slurm). Each is started on free loopback ports and
+# stopped by its PID.
+pytest_plugins = ["tests.plugins.peers", "tests.plugins.engine", "tests.plugins.database",
+                  "tests.plugins.slurm"]
 
 # The fixtures that start a real peer; a test using one is marked ``peers`` by itself.
 # Tests that run a peer program directly (dcmtk, Orthanc, systemd-analyze, logrotate, cron)
 # carry ``@pytest.mark.peers``. `pytest -m "not peers"` runs the rest: no root, no apt.
 PEER_FIXTURES = {"orthanc", "orthanc_factory", "storescp", "storescp_factory", "engine",
-                 "docker_host", "postgres"}
+                 "docker_host", "postgres", "slurm"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

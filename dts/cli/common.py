@@ -46,7 +46,7 @@ def finish(tally: Tally, as_json: bool = False) -> None:
     if as_json:
         print_json(tally.as_dict())
     else:
-        for outcome in ("done", "failed", "retry"):
+        for outcome in ("submitted", "done", "failed", "retry"):
             for job_id in getattr(tally, outcome):
                 click.echo(f"{job_id}\t{outcome}")
     ctx = click.get_current_context()

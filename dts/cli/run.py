@@ -23,9 +23,16 @@ def command(ctx: StationContext, once: bool, as_json: bool, job_ids: tuple[str, 
     back; exit 0). A container engine that cannot be reached exits 75 and leaves the job in
     run/new/ with its attempt counted. Container jobs use the engine at DOCKER_HOST.
 
+    Streams with executor = "slurm" are submitted with sbatch and wait in run/slurm/
+    while they run on the cluster (up to [slurm] max_submitted); dts run follows them
+    (squeue) and collects each when it ends. --once collects what has ended and submits
+    what waits; given job ids are submitted and followed until they end. An unreachable
+    slurmctld exits 75 (docs/slurm.md).
+
     \b
     Example:
       dts run --once
+      SLURM_CONF=/etc/slurm/slurm.conf dts run --once    # cron on a login node
       DOCKER_HOST=unix:///run/podman/podman.sock dts run 20261126T105700.123456Z-3f9a1c2e.vibe
     """
     station = ctx.station

@@ -51,6 +51,11 @@ def command(ctx: StationContext, job_id: str, as_json: bool) -> None:
         print_json({"location": str(loc), "path": str(path), "job": data, "events": events})
         return
     click.echo(f"# {job_id} in {loc} ({path})")
+    info = data.get("slurm")
+    if info:
+        node = f" on {info['node']}" if info.get("node") else ""
+        click.echo(f"# slurm job {info.get('job_id') or '-'} ({info.get('name')}): "
+                   f"{info.get('state') or '?'}{node}")
     click.echo(json.dumps(data, indent=2, default=str))
     if data.get("destinations"):
         click.echo("# delivery")

@@ -60,6 +60,8 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
                 table.add_row(name, "", "", str(q["studies"]), "")
             elif "new" in q:
                 table.add_row(name, str(q["new"]), str(q["cur"]), "", _age(q["oldest_seconds"]))
+                if q.get("slurm"):
+                    table.add_row(f"{name}/slurm", "", "", str(q["slurm"]), "")
             else:
                 table.add_row(name, "", "", str(q["count"]), _age(q["oldest_seconds"]))
         console = Console()
@@ -76,6 +78,10 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
         if n["pending"] or n["gave_up"]:
             console.print(f"webhooks: {n['pending']} pending (oldest {_age(n['oldest_seconds'])})"
                           f", {n['gave_up']} given up (spool/notify/gave-up/)")
+        for j in st["slurm"]["jobs"]:
+            where = f" on {j['node']}" if j.get("node") else ""
+            console.print(f"slurm: {j['job']}  job {j.get('slurm_job_id') or '-'} "
+                          f"{j.get('state') or '?'}{where}")
         console.print(f"errors in the last 24 h: {st['errors_24h']}   free: {st['free_mb']} MB")
         for r in reasons:
             click.echo(f"attention: {r}", err=True)
