@@ -68,6 +68,8 @@ class Event(StrEnum):
     FINISHED = "finished"                        # valid output: job to send/
     RESULT = "result"                            # one value the model reported (dts_results)
     ORPHAN_STOPPED = "orphan-stopped"            # what a dead dts run left running was stopped
+    PRIORS_FETCHED = "priors-fetched"            # prior studies retrieved into the job (or none)
+    PRIORS_MISSING = "priors-missing"            # required priors not found, or refused
     # send
     SEND_STARTED = "send-started"                # a try to deliver a job began
     STORED = "stored"                            # objects reached one destination
