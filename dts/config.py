@@ -43,8 +43,8 @@ MAX_DURATION = 10 * 365.25 * 86400.0
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``, ``"5y"``; ValueError otherwise,
-    also for NaN, infinity and anything longer than ``MAX_DURATION`` (ten years)."""
+    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``, ``"5y"``; ValueError
+    otherwise, also for NaN, infinity and anything longer than ``MAX_DURATION`` (ten years)."""
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     seconds: float | None = None

@@ -254,7 +254,7 @@ class PriorsRecord(TypedDict, total=False):
     source: str              # the destination queried (``priors.from``)
     method: str              # "get" or "move"
     fetched_at: str
-    found: int               # earlier studies the C-FIND answered with that matched
+    found: int               # studies of the patient the C-FIND answered with (usable ones)
     ignored: int             # C-FIND answers ignored (invalid UIDs, the current study)
     studies: list[PriorStudyEntry]
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from pynetdicom import evt
 
-from . import priors
+from . import expectations
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
 from .dicom.header import read_header
@@ -173,7 +173,7 @@ class Receiver:
         self._free_checked = 0.0
         self._incoming = str(self.spool.incoming)
         self._tmp = str(self.spool.tmp)
-        self._expected = str(self.spool.priors / priors.EXPECT_DIR)
+        self._expected = str(self.spool.priors / expectations.EXPECT_DIR)
         self._free_ok = True
         self._unfinished = False  # a publication failed after its files moved to tmp/
         self._budget = PendingBudget(self.cfg.max_pending_connections,
@@ -438,7 +438,7 @@ class Receiver:
         study_uid = str(header["study_uid"])
         series_uid = str(header["series_uid"])
         sop_uid = str(header["sop_uid"])
-        if priors.expected(self._expected, study_uid):  # a C-MOVE of dts's run stage?
+        if expectations.expected(self._expected, study_uid):  # a C-MOVE of dts's run stage?
             answer = self._store_prior(conn, path, header, synced=synced)
             if answer is not None:
                 return answer
@@ -480,12 +480,12 @@ class Receiver:
     def _store_prior(self, conn: Connection, path: str, header: dict[str, str | None], *,
                      synced: bool) -> int | None:
         """An instance of a study a run job retrieves as a prior by C-MOVE goes to that
-        job (``dts.priors.route``), never into incoming/, durable before success; None
+        job (``dts.expectations.route``), never into incoming/, durable before success; None
         when no live expectation holds it (the file is synced then)."""
         try:
             if not synced:
                 _fsync_path(Path(path))
-            routed = priors.route(self.spool, self._tmp, conn.calling_ae, header, path)
+            routed = expectations.route(self.spool, self._tmp, conn.calling_ae, header, path)
         except OSError as exc:
             return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
         if routed is None:

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .expectations import sweep
 from .journal import Event, Stage, Status
-from .spool import EVENTS_FILE, JOB_FILE, LOCK_NAME, Job, Queue, Spool
+from .spool import EVENTS_FILE, JOB_FILE, LOCK_NAME, Job, Queue, Spool, State
 from .station import Station
 
 DEFAULT_QUEUES = (Queue.DONE, Queue.UNMATCHED)
@@ -171,9 +172,6 @@ def clean(station: Station, older_than: float, *, queues: Iterable[Queue] = DEFA
     report.produced_removed = clean_produced(station.spool, max(older_than, PRODUCED_AGE),
                                              dry_run=dry_run, now=now)
     # stale expectations, and priors retrieved for a run that died before it took them
-    from .priors import sweep
-    from .spool import State
-
     report.priors_removed = sweep(station.spool, dry_run=dry_run,
                                   active=set(station.spool.list(Queue.RUN, State.CUR)))
     if report.removed and not dry_run:

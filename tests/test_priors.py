@@ -118,7 +118,7 @@ class Archive:
     other: dict[str, Any]      # CT, 2026-06-01 of PAT002: another patient, never fetched
 
 
-def _archive(tmp_path: Path, orthanc: Orthanc, current: Path) -> Archive:
+def _archive(tmp_path: Path, orthanc: Orthanc, current: list[Path]) -> Archive:
     root = tmp_path / "archive"
     a = Archive(recent=_study(root / "recent", date="20250310", per_series=2),
                 older=_study(root / "older", date="20230105"),
@@ -126,11 +126,11 @@ def _archive(tmp_path: Path, orthanc: Orthanc, current: Path) -> Archive:
                 mr=_study(root / "mr", date="20260101", modality="MR"),
                 other=_study(root / "other", date="20260601", patient_id="PAT002"))
     files = [f for s in (a.recent, a.older, a.too_old, a.mr, a.other) for f in s["files"]]
-    _upload(orthanc, files + sorted((current / "input").rglob("*.dcm")))  # itself too
+    _upload(orthanc, files + current)  # the current study itself too
     return a
 
 
-def _check_fetched(job: Path, a: Archive, method: str) -> None:
+def _check_fetched(job: Path, a: Archive, method: str, seen_file: Path | None = None) -> None:
     data = json.loads((job / "job.json").read_text())
     priors = data["priors"]
     assert priors["method"] == method and priors["source"] == "pacs"
@@ -138,7 +138,7 @@ def _check_fetched(job: Path, a: Archive, method: str) -> None:
                                                           a.older["study_uid"]]
     assert [s["date"] for s in priors["studies"]] == ["20250310", "20230105"]
     assert [s["instances"] for s in priors["studies"]] == [2, 1]
-    seen = json.loads((job / "output" / "seen.json").read_text())
+    seen = json.loads((seen_file or job / "output" / "seen.json").read_text())
     expected = sorted(f"{s['study_uid']}/{series}/{sop}.dcm" for s in (a.recent, a.older)
                       for series, sops in s["series"].items() for sop in sops)
     assert seen["prior"] == expected
@@ -152,7 +152,7 @@ def _check_fetched(job: Path, a: Archive, method: str) -> None:
     # the other patient's study (and the others left out) never reached the station
     on_disk = {p.name for p in (job / "prior").iterdir()}
     assert on_disk == {a.recent["study_uid"], a.older["study_uid"]}
-    spool = job.parent.parent.parent
+    spool = next(p for p in job.parents if p.name == "spool")
     for study in (a.other, a.mr, a.too_old):
         assert not list(spool.rglob(f"{next(iter(study['series'].values()))[0]}.dcm"))
     events = [e["event"] for e in _events(job)]
@@ -167,7 +167,7 @@ def test_priors_by_c_get_from_orthanc(tmp_path: Path,
     orthanc = orthanc_factory(modalities={"DTS": ("DTS", "127.0.0.1", free_port())})
     cfg = _config(tmp_path, orthanc.port, priors={**PRIORS, "method": "get"})
     job = _job(tmp_path)
-    archive = _archive(tmp_path, orthanc, job)
+    archive = _archive(tmp_path, orthanc, sorted((job / "input").rglob("*.dcm")))
     proc = run_dts("run", "--once", config=cfg)
     assert proc.returncode == 0, proc.stderr
     job = tmp_path / "spool" / "send" / "new" / job.name
@@ -182,7 +182,7 @@ def test_priors_by_c_move_through_the_receiver(tmp_path: Path,
     cfg = _config(tmp_path, orthanc.port, priors={**PRIORS, "method": "move"},
                   station={"port": port, "host": "127.0.0.1"})
     job = _job(tmp_path)
-    archive = _archive(tmp_path, orthanc, job)
+    archive = _archive(tmp_path, orthanc, sorted((job / "input").rglob("*.dcm")))
     spool = tmp_path / "spool"
     # without a receiver a C-MOVE has nowhere to go: a temporary failure, counted
     proc = run_dts("run", "--once", config=cfg)
@@ -204,6 +204,42 @@ def test_priors_by_c_move_through_the_receiver(tmp_path: Path,
     assert not any(e.get("event") == "received" for e in _station_log(spool))
     assert [p.name for p in (spool / "priors").iterdir()] == ["expect"]  # staging gone
     assert list((spool / "priors" / "expect").iterdir()) == []  # and the expectation
+
+
+@pytest.mark.slow
+def test_priors_end_to_end_with_dts_watch(tmp_path: Path,
+                                          orthanc_factory: Callable[..., Orthanc]) -> None:
+    """storescu -> dts watch (receiver, classify, run with priors by C-MOVE into its own
+    receiver, send to a folder): the priors arrive in the same process, are routed to
+    the run job, and never become a study of their own."""
+    port = free_port()
+    orthanc = orthanc_factory(modalities={"DTS": ("DTS", "127.0.0.1", port)})
+    box = tmp_path / "box"
+    cfg = station_config(
+        tmp_path, station={"stable_seconds": 0.5, "port": port, "host": "127.0.0.1"},
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                       "port": orthanc.port}, {"name": "box", "folder": str(box)}],
+        streams=[{"name": "model", "command": [sys.executable, _model(tmp_path), "{input}",
+                                               "{output}"],
+                  "priors": {"from": "pacs", **PRIORS, "method": "move"},
+                  "destinations": ["box"]}])
+    current = _study(tmp_path / "current", date="20261126", per_series=2)
+    archive = _archive(tmp_path, orthanc, current["files"])
+    spool = tmp_path / "spool"
+    watch = start_dts("watch", config=cfg, log=tmp_path / "watch.log")
+    try:
+        wait_port(port)
+        _storescu(port, "MODALITY", current["files"])
+        done = wait_for(lambda: list((spool / "done").glob("*.model")), 60,
+                        what="the run job in done/")
+    finally:
+        stop_process(watch)
+    seen = list(box.rglob("seen.json"))
+    assert len(seen) == 1, (tmp_path / "watch.log").read_text()[-3000:]
+    _check_fetched(done[0], archive, "move", seen_file=seen[0])
+    received = [e for e in _station_log(spool) if e["event"] == "received"]
+    assert [e["study_uid"] for e in received] == [current["study_uid"]]
+    assert not list((spool / "unmatched").iterdir()) and not list((spool / "incoming").iterdir())
 
 
 def _station_log(spool: Path) -> list[dict[str, Any]]:
@@ -434,7 +470,7 @@ def _storescu(port: int, calling: str, files: list[Path]) -> str:
 
 
 def test_the_receiver_routes_only_what_is_expected(tmp_path: Path) -> None:
-    from dts.priors import expect
+    from dts.expectations import expect
     from dts.spool import Spool
 
     port = free_port()
@@ -479,7 +515,7 @@ def test_the_receiver_routes_only_what_is_expected(tmp_path: Path) -> None:
 
 
 def test_stale_expectations_are_ignored_and_swept(tmp_path: Path) -> None:
-    from dts.priors import expect, expected, route, sweep
+    from dts.expectations import expect, expected, route, sweep
     from dts.spool import Spool
 
     spool = Spool(tmp_path / "spool").ensure()
