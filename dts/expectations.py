@@ -53,16 +53,19 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def place(src: str, dest_dir: str, name: str, tmp: str, *, move: bool) -> str:
+def place(src: str, dest_dir: str, name: str, tmp: str, *, move: bool,
+          synced: bool = False) -> str:
     """Put the received file ``src`` as ``dest_dir/name`` durably (renamed when ``move``
-    and on the same filesystem, else copied through ``tmp``)."""
+    and on the same filesystem, else copied through ``tmp``; ``synced``: ``src`` is
+    fsynced already)."""
     new = not os.path.isdir(dest_dir)
     os.makedirs(dest_dir, exist_ok=True)
     if new:
         fsync_dir(os.path.dirname(dest_dir))
     dest = os.path.join(dest_dir, name)
     if move:
-        _fsync_file(src)
+        if not synced:
+            _fsync_file(src)
         os.rename(src, dest)
     else:
         part = os.path.join(tmp, f".prior-copy-{os.getpid()}-{name}")
@@ -139,7 +142,7 @@ def _live(folder: str, now: datetime) -> list[dict[str, Any]]:
 
 def route(spool: Spool, tmp: str, calling_ae: str,
           header: dict[str, str | None], path: str) -> tuple[int, str] | None:
-    """The receiver's question for an instance (its UIDs checked, its file durable)
+    """The receiver's question for an instance (its UIDs checked, its file fsynced)
     of a study some job waits for: None when no live expectation holds it (receive it
     as usual), else the status to answer and, for a failure, why. Stored instances go
     to ``spool/priors/<job>/<Study>/<Series>/<SOP>.dcm`` for every job waiting."""
@@ -167,7 +170,7 @@ def route(spool: Spool, tmp: str, calling_ae: str,
             dest_dir = os.path.join(spool.priors, str(entry["job"]), study, series)
             if placed is None:
                 placed = place(path, dest_dir, sop + ".dcm", tmp,
-                                move=os.path.dirname(path) == tmp)
+                               move=os.path.dirname(path) == tmp, synced=True)
             else:  # a second job waits for the same study: a hard link
                 os.makedirs(dest_dir, exist_ok=True)
                 dest = os.path.join(dest_dir, sop + ".dcm")

@@ -508,8 +508,8 @@ def _record(station: Station, job: Job, record: PriorsRecord, message: str, *,
     data = job.read()
     data["priors"] = record
     job.write(data)
-    event = Event.PRIORS_MISSING if missing else Event.PRIORS_FETCHED
-    station.journal.emit(Stage.RUN, event, status, message, job=job, job_data=data,
+    station.journal.emit(Stage.RUN, Event.PRIORS_MISSING if missing else Event.PRIORS_FETCHED,
+                         status, message, job=job, job_data=data,
                          source=record.get("source"), method=record.get("method"),
                          studies=[s["study_uid"] for s in record.get("studies", [])],
                          ignored=record.get("ignored", 0))
