@@ -31,8 +31,10 @@ PACKAGED_CONFIG = Path(__file__).resolve().parent / "data" / "dts.toml"
 CHECKOUT_CONFIG = PACKAGE_ROOT / "configuration" / "dts.toml"
 SPOOL_PLACEHOLDER = "{spool}"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y)?\s*$")
+# "y": a year of 365.25 days (the ten years of MAX_DURATION are counted the same way)
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
+          "y": 365.25 * 86400.0}
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The longest duration any key or option takes: ten years (of 365.25 days). Longer is a
@@ -41,8 +43,8 @@ MAX_DURATION = 10 * 365.25 * 86400.0
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``; ValueError otherwise,
-    also for NaN, infinity and anything longer than ``MAX_DURATION`` (ten years)."""
+    """Seconds from ``90``, ``2.5``, ``"90s"``, ``"30m"``, ``"7d"``, ``"5y"``; ValueError
+    otherwise, also for NaN, infinity and anything longer than ``MAX_DURATION`` (ten years)."""
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     seconds: float | None = None
@@ -57,7 +59,7 @@ def parse_duration(value: object) -> float:
         if m:
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds is None:
-        raise ValueError(f"not a duration (seconds, or a number with ms/s/m/h/d/w): {value!r}")
+        raise ValueError(f"not a duration (seconds, or a number with ms/s/m/h/d/w/y): {value!r}")
     if not seconds <= MAX_DURATION:
         raise ValueError(f"longer than ten years: {value!r}")
     return seconds
@@ -201,6 +203,27 @@ class Notify:
 NOTIFY_EVENTS = ("failed", "delivered", "stuck", "review")
 
 
+PRIORS_METHODS = ("get", "move")
+PRIOR_SELECTION = "prior"  # the selection name priors have in the job and the /input view
+
+
+@dataclass(frozen=True)
+class Priors:
+    """A stream's ``priors`` table: earlier studies of the patient fetched before the run
+    (``dts.priors``, docs/priors.md)."""
+
+    source: str                      # ``from``: a configured DICOM destination's name
+    max: int = 2                     # at most this many, the most recent first
+    within: float | None = None      # seconds before the current study; None: any age
+    # "same" (share a modality with the current study), "any", or a pattern every
+    # modality code of a prior is matched against (fullmatch; a list becomes one)
+    modality: str | tuple[str, ...] = "same"
+    modality_pattern: re.Pattern[str] | None = None
+    description: re.Pattern[str] | None = None  # searched in StudyDescription
+    method: str = "get"              # C-GET, or C-MOVE to [station] ae_title
+    required: bool = False           # none found: retry until max_attempts, then fail
+
+
 @dataclass(frozen=True)
 class Stream:
     name: str
@@ -243,6 +266,7 @@ class Stream:
     # where the processing runs: "local" (this machine: the engine or a process) or
     # "slurm" (a batch job on the cluster, [slurm]; dts.slurm)
     executor: str = "local"
+    priors: Priors | None = None
 
 
 CONTRACTS = ("dts", "ror")
@@ -877,6 +901,7 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
         contract=contract, call=t.get("call", str),
         options=t.convert("parameters", _ror_options, {}) if ror else {},
         executor=t.get("executor", str, "local"),
+        priors=_priors(file, f"{t.prefix}.priors", t.get("priors", dict), destinations),
     )
     t.finish()
     _check_contract(file, t.prefix, stream)
@@ -885,6 +910,13 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
                           "there is nothing to review: give review = true or shadow = true, "
                           "not both")
     _check_executor(file, t.prefix, stream)
+    if stream.priors is not None:
+        if stream.contract != "dts":
+            raise ConfigError(file, f"{t.prefix}.priors", "priors go with contract = \"dts\" "
+                              "(the ror contract's /data view has no place for them)")
+        if PRIOR_SELECTION in stream.select:
+            raise ConfigError(file, f"{t.prefix}.select.{PRIOR_SELECTION}",
+                              f"the selection name {PRIOR_SELECTION!r} is taken by priors")
     if bool(stream.image) == bool(stream.command):
         raise ConfigError(file, t.prefix, "give exactly one of image or command")
     if stream.command is not None and not stream.command:
@@ -895,6 +927,53 @@ def _stream(file: str, index: int, data: Any, destinations: dict[str, Destinatio
                               f"unknown destination {dest!r} (configured: "
                               f"{', '.join(sorted(destinations)) or 'none'}; or '@sender')")
     return stream
+
+
+def _priors(file: str, prefix: str, data: Any,
+            destinations: dict[str, Destination]) -> Priors | None:
+    """A stream's ``priors = { from = "pacs", max = 2, within = "5y", ... }``."""
+    if data is None:
+        return None
+    t = _Table(file, prefix, data)
+    source = t.get("from", str)
+    if source is None:
+        raise ConfigError(file, f"{prefix}.from", "priors need from = \"<destination>\": the "
+                          "PACS to query and retrieve from")
+    dest = destinations.get(source)
+    if dest is None or dest.is_folder:
+        dicom = sorted(n for n, d in destinations.items() if not d.is_folder)
+        raise ConfigError(file, f"{prefix}.from", f"{source!r} is not a configured DICOM "
+                          f"destination (configured: {', '.join(dicom) or 'none'})")
+    count = t.get("max", int, 2)
+    if not 1 <= count <= 20:
+        raise t.fail("max", f"expected 1 to 20 prior studies, got {count!r}")
+    within = t.convert("within", _duration)
+    if within is not None and within <= 0:
+        raise t.fail("within", "must be more than 0 (leave it out for any age)")
+    modality: Any = t.get("modality", (str, list), "same")
+    pattern: re.Pattern[str] | None = None
+    if isinstance(modality, list):
+        if not modality or not all(isinstance(m, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", m)
+                                   for m in modality):
+            raise t.fail("modality", f"expected a list of modality codes like [\"CT\", "
+                                     f"\"MR\"], got {modality!r}")
+        pattern = re.compile("|".join(re.escape(m) for m in modality))
+        modality = tuple(modality)
+    elif modality not in ("same", "any"):
+        try:
+            pattern = _regex(modality)
+        except ValueError as exc:
+            raise t.fail("modality", f"expected \"same\", \"any\", a list of modality codes "
+                                     f"or a regular expression: {exc}") from None
+    method = t.get("method", str, "get")
+    if method not in PRIORS_METHODS:
+        raise t.fail("method", f"expected \"get\" (C-GET) or \"move\" (C-MOVE to the "
+                               f"station's ae_title), got {method!r}")
+    priors = Priors(source=source, max=count, within=within, modality=modality,
+                    modality_pattern=pattern, description=t.convert("description", _regex),
+                    method=method, required=t.get("required", bool, False))
+    t.finish()
+    return priors
 
 
 def _host(value: Any) -> str:
@@ -1173,6 +1252,9 @@ def effective(config: Config) -> dict[str, Any]:
         if s.contract == "ror":
             entry["parameters"] = options
         entry.pop("ror_select", None)
+        if "priors" in entry:  # as written: from = ..., the pattern not repeated
+            entry["priors"].pop("modality_pattern", None)
+            entry["priors"] = {"from": entry["priors"].pop("source"), **entry["priors"]}
         ror = entry.pop("ror_select_text", None)
         if ror is not None:
             entry["ror_select"] = ror

@@ -78,6 +78,9 @@ Run stage (``dts.runner``):
   ``running`` (RunningInfo)  what is running for the job now, so that the next start after
                            a ``kill -9`` stops the orphan; removed when the run ends.
   ``run`` (RunInfo)        provenance and result of the last run.
+  ``priors`` (PriorsRecord)  the prior studies fetched for a stream with ``priors``
+                           (``dts.priors``): source, method, and per study its UID, date,
+                           description, instance counts; the files are in ``prior/``.
   ``outputs`` (list of OutputEntry)  the validated DICOM results the sender sends.
   ``other_files`` (list of str)  non-DICOM files of ``output/``, relative to it.
   ``results`` (list of ResultEntry)  the values the model reported (``results.json`` in
@@ -308,6 +311,29 @@ class ReviewEntry(TypedDict, total=False):
     reason: str          # why (required to reject; optional to approve)
 
 
+class PriorStudyEntry(TypedDict, total=False):
+    """One prior study fetched into ``prior/`` (``priors.studies``; ``dts.priors``)."""
+
+    study_uid: str
+    date: str | None         # StudyDate (YYYYMMDD) as the PACS answered
+    time: str | None
+    description: str | None
+    modalities: list[str]
+    instances: int
+    series: dict[str, int]   # SeriesInstanceUID -> instances
+
+
+class PriorsRecord(TypedDict, total=False):
+    """``priors``: what the run stage fetched for the stream's ``priors`` (``dts.priors``)."""
+
+    source: str              # the destination queried (``priors.from``)
+    method: str              # "get" or "move"
+    fetched_at: str
+    found: int               # studies of the patient the C-FIND answered with (usable ones)
+    ignored: int             # C-FIND answers ignored (invalid UIDs, the current study)
+    studies: list[PriorStudyEntry]
+
+
 class JobRecord(TypedDict, total=False):
     """job.json; every key is documented in the module docstring."""
 
@@ -361,6 +387,7 @@ class JobRecord(TypedDict, total=False):
     review: ReviewEntry
     shadow: bool
     replay_of: str
+    priors: PriorsRecord
 
 
 # The identity keys a fan-out run job copies from its parent, typed so that mypy checks
@@ -373,6 +400,7 @@ IDENTITY_KEYS: tuple[IdentityKey, ...] = (
     "received_at", "completed_at", "last_received_at", "source")
 
 __all__ = ["IDENTITY_KEYS", "CommitmentTransaction", "DestinationState", "Failure", "IdentityKey",
-           "JobRecord", "OutputEntry", "RequeueEntry", "ResultEntry", "ReviewDecision",
-           "ReviewEntry", "RunInfo", "RunningInfo", "SendStatus", "SlurmInfo", "Source",
+           "JobRecord", "OutputEntry", "PriorStudyEntry", "PriorsRecord", "RequeueEntry",
+           "ResultEntry", "ReviewDecision", "ReviewEntry", "RunInfo", "RunningInfo",
+           "SendStatus", "SlurmInfo", "Source",
            "StreamVerdict", "ViolationEntry"]

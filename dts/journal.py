@@ -82,6 +82,8 @@ class Event(StrEnum):
     REVIEW_WAITING = "review-waiting"            # valid results published to review/new
     APPROVED = "approved"                        # a person approved them: job to send/new
     REJECTED = "rejected"                        # a person rejected them: job to failed/
+    PRIORS_FETCHED = "priors-fetched"            # prior studies retrieved into the job (or none)
+    PRIORS_MISSING = "priors-missing"            # required priors not found, or refused
     # send
     SEND_STARTED = "send-started"                # a try to deliver a job began
     STORED = "stored"                            # objects reached one destination

@@ -44,7 +44,7 @@ from typing import Any
 
 from pynetdicom import evt
 
-from . import carriers, commitment
+from . import carriers, commitment, expectations
 from .carriers import AssociationSlots
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
@@ -192,6 +192,7 @@ class Receiver:
         self._free_checked = 0.0
         self._incoming = str(self.spool.incoming)
         self._tmp = str(self.spool.tmp)
+        self._expected = str(self.spool.priors / expectations.EXPECT_DIR)
         self._free_ok = True
         self._unfinished = False  # a publication failed after its files moved to tmp/
         self.workers = max(1, workers)
@@ -509,6 +510,11 @@ class Receiver:
         study_uid = str(header["study_uid"])
         series_uid = str(header["series_uid"])
         sop_uid = str(header["sop_uid"])
+        if expectations.expected(self._expected, study_uid):  # a C-MOVE of dts's run stage?
+            answer = self._store_prior(conn, path, header, synced=synced)
+            if answer is not None:
+                return answer
+            synced = True  # no live expectation holds it: received as usual
         try:
             if not synced:
                 fh = getattr(req, "_dataset_file", None)
@@ -552,6 +558,22 @@ class Receiver:
             return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
         self._leave(st, sop_uid)
         return SUCCESS
+
+    def _store_prior(self, conn: Connection, path: str, header: dict[str, str | None], *,
+                     synced: bool) -> int | None:
+        """An instance of a study a run job retrieves as a prior by C-MOVE goes to that
+        job (``dts.expectations.route``), never into incoming/, durable before success; None
+        when no live expectation holds it (the file is synced then)."""
+        try:
+            if not synced:
+                _fsync_path(Path(path))
+            routed = expectations.route(self.spool, self._tmp, conn.calling_ae, header, path)
+        except OSError as exc:
+            return self._refuse(conn, OUT_OF_RESOURCES, f"cannot write: {exc}", header)
+        if routed is None:
+            return None
+        status, why = routed
+        return status if status == SUCCESS else self._refuse(conn, status, why, header)
 
     def _enough_space(self) -> bool:
         if self.cfg.min_free_mb <= 0:

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .expectations import sweep
 from .journal import Event, Stage, Status
-from .spool import EVENTS_FILE, JOB_FILE, LOCK_NAME, Job, Queue, Spool
+from .spool import EVENTS_FILE, JOB_FILE, LOCK_NAME, Job, Queue, Spool, State
 from .station import Station
 
 DEFAULT_QUEUES = (Queue.DONE, Queue.UNMATCHED)
@@ -66,6 +67,7 @@ class CleanReport:
     tmp_removed: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)  # old enough, but claimed by a worker
     produced_removed: list[str] = field(default_factory=list)  # SOP Instance UIDs
+    priors_removed: list[str] = field(default_factory=list)  # under priors/ (dts.priors)
     free_mb_before: float | None = None
     free_mb_after: float | None = None
 
@@ -77,6 +79,7 @@ class CleanReport:
         return {"dry_run": self.dry_run, "removed": [r.as_dict() for r in self.removed],
                 "tmp_removed": self.tmp_removed, "busy": self.busy, "bytes": self.bytes,
                 "produced_removed": len(self.produced_removed),
+                "priors_removed": self.priors_removed,
                 "free_mb_before": _round(self.free_mb_before),
                 "free_mb_after": _round(self.free_mb_after)}
 
@@ -168,6 +171,9 @@ def clean(station: Station, older_than: float, *, queues: Iterable[Queue] = DEFA
     report.tmp_removed = clean_tmp(station.spool, tmp_age, dry_run=dry_run, now=now)
     report.produced_removed = clean_produced(station.spool, max(older_than, PRODUCED_AGE),
                                              dry_run=dry_run, now=now)
+    # stale expectations, and priors retrieved for a run that died before it took them
+    report.priors_removed = sweep(station.spool, dry_run=dry_run,
+                                  active=set(station.spool.list(Queue.RUN, State.CUR)))
     if report.removed and not dry_run:
         station.journal.emit(Stage.CLEAN, Event.CLEANED, Status.INFO,
                              f"removed {len(report.removed)} finished job(s), "

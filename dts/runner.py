@@ -33,8 +33,8 @@ from typing import Any, Literal, cast
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from . import review, slurm, worker
-from .config import Stream
+from . import priors, review, slurm, worker
+from .config import PRIOR_SELECTION, Stream
 from .dicom.uid import valid_uid
 from .errors import JobFailed, TemporaryFailure
 from .executors import (
@@ -142,6 +142,9 @@ def build_view(job: Job, data: JobRecord, stream: Stream) -> Path:
         "files": files,
         "parameters": stream.parameters,
     }
+    if stream.priors is not None:  # /input/prior/<Study>/<Series>/ (dts.priors)
+        files[PRIOR_SELECTION], task["priors"] = priors.link_view(
+            job, view, data, _readable if stream.user else None)
     (view / TASK_FILE).write_bytes(dump_json(task))
     return view
 
@@ -275,6 +278,16 @@ def process(station: Station, claim: Claim, *,
     if attempts >= max_attempts:
         return _fail(station, claim, "attempts", f"gave up after {attempts} interrupted "
                      f"attempts ([station] max_attempts = {max_attempts})")
+    if stream.priors is not None:  # the patient's earlier studies, into <job>/prior/
+        try:
+            priors.fetch(station, job, stream)
+        except priors.PriorsMissing as exc:
+            return _temporary(station, claim, str(exc), reason="priors-missing")
+        except TemporaryFailure as exc:
+            return _temporary(station, claim, str(exc), reason="pacs-unreachable")
+        except JobFailed as exc:
+            return _fail(station, claim, "priors", str(exc))
+        data = job.read()
     if stream.executor == "slurm":
         return _submit(station, claim, stream, data)
     executor = executor_for(stream)
@@ -340,6 +353,7 @@ def _finish(station: Station, claim: Claim, stream: Stream, result: RunResult,
     except InvalidResults as exc:
         return _fail(station, claim, "invalid-results", str(exc), run=run)
     facts = InputFacts.from_job(job.input_dir, job.read())
+    facts.prior_study_uids, facts.prior_sop_uids = priors.facts(job)  # never sent on
     try:
         checked = check_output(job.output_dir, facts, allow_new_study=stream.allow_new_study)
     except InvalidOutput as exc:
@@ -447,7 +461,8 @@ def _fail(station: Station, claim: Claim, reason: str, message: str,
 
 def _temporary(station: Station, claim: Claim, message: str,
                reason: str = "engine-unreachable") -> Outcome:
-    """Engine down: count the attempt; back to run/new, or failed/ when attempts are used up."""
+    """Engine (or the priors' PACS) down: count the attempt; back to run/new, or failed/
+    (with ``reason``) when attempts are used up."""
     job = claim.job
     data = job.read()
     data.pop("running", None)

@@ -337,6 +337,13 @@ class Spool:
         return self.root / "commitment"
 
     @property
+    def priors(self) -> Path:
+        """Prior studies retrieved for run jobs by C-MOVE, and what is expected
+        (``dts.priors``): ``priors/expect/<StudyInstanceUID>/<job>.json``,
+        ``priors/<job>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
+        return self.root / "priors"
+
+    @property
     def run_dir(self) -> Path:
         """Process state (pid files of running services)."""
         return self.root / "tmp" / ".run"
@@ -347,7 +354,8 @@ class Spool:
         return self.root / queue.value
 
     def all_dirs(self) -> list[Path]:
-        dirs = [self.tmp, self.incoming, self.log_dir, self.produced, self.commitment]
+        dirs = [self.tmp, self.incoming, self.log_dir, self.produced, self.commitment,
+                self.priors]
         for q in self.WORK:
             dirs += [self.dir(q, State.NEW), self.dir(q, State.CUR)]
         dirs.append(self.dir(Queue.RUN, State.SLURM))

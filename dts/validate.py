@@ -59,6 +59,9 @@ class InputFacts:
     study_uids: set[str] = field(default_factory=set)
     patient_ids: set[str] = field(default_factory=set)
     sop_uids: set[str] = field(default_factory=set)
+    # the job's prior studies (dts.priors): never sent on, allow_new_study or not
+    prior_study_uids: set[str] = field(default_factory=set)
+    prior_sop_uids: set[str] = field(default_factory=set)
 
     @classmethod
     def from_job(cls, input_dir: Path, job_data: JobRecord) -> InputFacts:
@@ -239,7 +242,15 @@ def _check_dicom(path: Path, rel: str, facts: InputFacts,
                                   "input's: results may only go to the patient they were "
                                   "made from"))
     study = values["StudyInstanceUID"]
-    if not allow_new_study and study not in facts.study_uids:
+    if sop_uid in facts.prior_sop_uids:
+        problems.append(Violation(rel, "prior-instance", f"SOPInstanceUID {sop_uid} is an "
+                                  "instance of a prior study retrieved for this job: priors "
+                                  "never leave the station"))
+    elif study in facts.prior_study_uids:
+        problems.append(Violation(rel, "prior-study", f"StudyInstanceUID {study} is a prior "
+                                  "study retrieved for this job: results go into the current "
+                                  "study (allow_new_study permits a new one, never a prior)"))
+    elif not allow_new_study and study not in facts.study_uids:
         problems.append(Violation(rel, "foreign-study", f"StudyInstanceUID {study} is not the "
                                   "input's study (set allow_new_study = true in the stream to "
                                   "permit a new study of the same patient)"))

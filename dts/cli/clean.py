@@ -55,6 +55,8 @@ def command(ctx: StationContext, older_than: str, done: bool, unmatched: bool, f
         click.echo(f"{r.queue}/{r.job}\t{r.age_seconds / 86400:.1f}d\t{r.bytes}")
     for name in report.tmp_removed:
         click.echo(f"tmp/{name}")
+    for name in report.priors_removed:
+        click.echo(f"priors/{name}")
     click.echo(f"{verb} {len(report.removed)} job(s), {report.bytes / 1e6:.1f} MB, "
                f"{len(report.tmp_removed)} tmp/ entries, "
                f"{len(report.produced_removed)} produced/ entries"
