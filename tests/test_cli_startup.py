@@ -69,6 +69,15 @@ def test_commands_without_dicom_start_without_the_dicom_libraries(
     assert not imported & set(HEAVY), imported & set(HEAVY)
 
 
+def test_every_commands_help_imports_no_heavy_library() -> None:
+    """``dts X --help`` needs nothing of what X does (dts send --help took 0.5 s when the
+    sender, and with it pynetdicom and pydicom, was imported for it)."""
+    for name in COMMANDS:
+        imported = _imported([name, "--help"])
+        assert not imported & set(HEAVY), (name, imported & set(HEAVY))
+        assert "starlette" not in imported and "uvicorn" not in imported, name
+
+
 def test_a_ror_select_stream_still_loads_its_parser(tmp_path: Path) -> None:
     config = station_config(tmp_path, streams=[{
         "name": "s", "command": ["true"],

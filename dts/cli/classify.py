@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import classifier
 from ..errors import UsageError
 from . import StationContext, pass_ctx
 from .common import (
@@ -38,6 +37,8 @@ def command(ctx: StationContext, once: bool, explain: bool, as_json: bool,
       dts classify --explain 20261126T105700.123456Z-3f9a1c2e
       dts classify --explain --json JOB | jq '.streams[] | {stream, matched, reasons}'
     """
+    from .. import classifier
+
     station = ctx.station
     if explain:
         if not job_ids:

@@ -8,11 +8,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import click
 
-from ..worker import Tally
+if TYPE_CHECKING:  # only named here: importing it costs every command's --help
+    from ..worker import Tally
+
 
 F = Callable[..., Any]
 

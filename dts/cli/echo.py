@@ -6,11 +6,8 @@ import time
 
 import click
 
-from .. import dicomweb
-from ..dicom import ae as dicom_ae
 from ..config import valid_ae_title
 from ..errors import TemporaryFailure, UsageError
-from ..sender import tls_context
 from . import StationContext, pass_ctx
 from .common import json_option, print_json
 
@@ -34,6 +31,10 @@ def command(ctx: StationContext, dest: str | None, ae_title: str | None,
     Example:
       dts echo && dts echo pacs && dts echo 10.0.0.5:104 --ae-title PACS
     """
+    from .. import dicomweb
+    from ..dicom import ae as dicom_ae
+    from ..sender import tls_context
+
     config = ctx.station.config
     tls = None
     server_name: str | None = None

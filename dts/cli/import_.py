@@ -8,7 +8,6 @@ import click
 
 from ..config import valid_ae_title
 from ..errors import EXIT_FAILED, UsageError
-from ..importer import import_paths
 from . import StationContext, pass_ctx
 from .common import json_option, print_json
 
@@ -37,6 +36,8 @@ def command(ctx: StationContext, paths: tuple[Path, ...], calling_ae: str | None
     Example:
       dts import --calling-ae PACS /media/cdrom/DICOM
     """
+    from ..importer import import_paths
+
     result = import_paths(ctx.station, list(paths), calling_ae=calling_ae, called_ae=called_ae)
     for skip in result.skipped:
         kind = "refused" if skip.refused else "skipped"

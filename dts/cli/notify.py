@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from ..errors import TemporaryFailure, UsageError
-from ..notify import Notifier
 from . import StationContext, pass_ctx
 from .common import json_option, print_json, stop_on_signals
 
@@ -29,6 +28,8 @@ def command(ctx: StationContext, once: bool, all_now: bool, as_json: bool) -> No
       * * * * *  dts notify --once
       dts notify --once --now --json | jq .pending
     """
+    from ..notify import Notifier
+
     station = ctx.station
     if not station.config.notify:
         raise UsageError("no [[notify]] webhooks in the configuration")

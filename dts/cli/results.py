@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..builders import check_folder
 from ..errors import JobFailed
 from . import StationContext, pass_ctx
 
@@ -33,6 +32,8 @@ def check(ctx: StationContext, folder: Path, input_dir: Path | None) -> None:
       dts results check ./out
       dts results check ./out --input ./in
     """
+    from ..builders import check_folder
+
     try:
         found = check_folder(folder, input_dir)
     except JobFailed as exc:

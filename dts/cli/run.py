@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import runner
 from . import StationContext, pass_ctx
 from .common import finish, job_ids_argument, json_option, once_option, stop_on_signals
 
@@ -35,6 +34,8 @@ def command(ctx: StationContext, once: bool, as_json: bool, job_ids: tuple[str, 
       SLURM_CONF=/etc/slurm/slurm.conf dts run --once    # cron on a login node
       DOCKER_HOST=unix:///run/podman/podman.sock dts run 20261126T105700.123456Z-3f9a1c2e.vibe
     """
+    from .. import runner
+
     station = ctx.station
     with stop_on_signals() as stop:
         tally = runner.serve(station, once=once, job_ids=list(job_ids), stop=stop)

@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from .. import sender
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_TEMPFAIL
 from . import StationContext, pass_ctx
 from .common import finish, json_option, once_option, print_json, stop_on_signals
@@ -43,6 +42,8 @@ def command(ctx: StationContext, once: bool, target: str | None, ae_title: str |
       dts send --to pacs /data/study/
       dts send --to 10.0.0.5:104 --ae-title PACS report.dcm
     """
+    from .. import sender
+
     if target is None:
         if ae_title or calling_ae:
             raise click.UsageError("--ae-title and --calling-ae go with --to")
@@ -57,6 +58,8 @@ def command(ctx: StationContext, once: bool, target: str | None, ae_title: str |
 
 def _send_to(ctx: StationContext, target: str, paths: list[Path], ae_title: str | None,
              calling_ae: str | None, as_json: bool) -> int:
+    from .. import sender
+
     progress: Any = None
     task: Any = None
     hooks: dict[str, Any] = {}

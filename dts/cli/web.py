@@ -8,7 +8,6 @@ import click
 
 from ..errors import UsageError
 from ..requeue import who
-from ..web import server
 from ..web.users import Role, UserFile, check_name, manage
 from . import StationContext, pass_ctx
 from .common import json_option, print_json
@@ -34,6 +33,8 @@ def command(click_ctx: click.Context, host: str | None, port: int | None) -> Non
       dts web user add alice --role operator
       printf '%s\\n' "$PW" | dts web user add robot --role viewer --password-stdin
     """
+    from ..web import server
+
     if click_ctx.invoked_subcommand is not None:
         return
     ctx = click_ctx.find_object(StationContext)
