@@ -47,6 +47,9 @@ def _env(nodelay: bool) -> dict[str, str]:
     return env
 
 
+WORKERS: int | None = None  # --workers: [station] receive_workers of dts (None: its default)
+
+
 def start_dts(work: Path, port: int, env: dict[str, str],
               max_pdu: int | None) -> subprocess.Popen[bytes]:
     cfg = work / "dts.toml"
@@ -59,6 +62,7 @@ spool = "{work / 'spool'}"
 stable_seconds = 2
 min_free_mb = 0
 {'' if max_pdu is None else f'max_pdu = {max_pdu}'}
+{'' if WORKERS is None else f'receive_workers = {WORKERS}'}
 classify_rules = "{REPO / 'configuration' / 'classifyRules.json'}"
 """)
     env = {k: v for k, v in env.items() if k != "TCP_NODELAY"}  # dts sets its own options
@@ -166,6 +170,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--senders", type=int, default=1,
                     help="parallel storescu processes (associations), one series each")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="[station] receive_workers of dts (default: not set, one per core)")
     ap.add_argument("--busy", type=float, default=0.3,
                     help="flag a round when other work uses more than this many cores")
     ap.add_argument("--peers", default="dts,storescp,orthanc")
@@ -174,6 +180,8 @@ def main() -> None:
                     help="[station] max_pdu of dts (default: not set, dts's default)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "dts-bench")
     args = ap.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     size = args.size or (64 if args.small else 512)
     images = args.images or (5000 if args.small else 1000)
     peers = [p for p in args.peers.split(",") if p]
