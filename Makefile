@@ -66,7 +66,7 @@ typecheck: venv
 
 ## Benchmarks against dcmtk and Orthanc (prints ratios; never part of `make test`).
 bench: system-deps venv
-	for b in receive send classify run e2e index web builders priors; do $(BIN)/python -m tests.bench.bench_$$b || exit 1; done
+	for b in receive send classify run e2e index web builders priors stow burst memory; do $(BIN)/python -m tests.bench.bench_$$b || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
