@@ -166,12 +166,12 @@ class Watch:
             self.receiver.start()  # recovers incoming/ and half-published studies first
             self.port = self.receiver.port
             details["port"] = self.port
-            if hasattr(self.receiver, "pids"):  # worker processes: dts status lists them
-                details["workers"] = self.receiver.pids()
-                rlock = self._locks[-1]
-                self.receiver.on_change = lambda pids: update_service(rlock, {"workers": pids})
             for lk in self._locks:
                 update_service(lk, details)
+            if hasattr(self.receiver, "pids"):  # worker processes: dts status lists them
+                rlock = self._locks[-1]  # the receiver's lock (not watch's)
+                update_service(rlock, {"workers": self.receiver.pids()})
+                self.receiver.on_change = lambda pids: update_service(rlock, {"workers": pids})
             self._say(f"receiving as {self.cfg.ae_title} on "
                       f"{self.receiver.host}:{self.receiver.port}")
         # The observer first: a job published before it watches is found by the workers'

@@ -28,6 +28,7 @@ from dts.spool import Job, Queue, Spool, State
 from tests.helpers import (
     free_port,
     make_instance,
+    run_dts,
     start_dts,
     station_config,
     stop_process,
@@ -272,3 +273,28 @@ def test_sigterm_with_four_associations_open_ends_within_the_grace_time(
     kept = {p.stem for p in st.spool.root.rglob("*.dcm")}
     assert acknowledged <= kept
     assert st.events("receiver-stopped")
+
+
+@pytest.mark.parametrize("command", ["receive", "watch"])
+def test_dts_status_lists_the_workers(tmp_path: Path, command: str) -> None:
+    port = free_port()
+    config = station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
+                                               "port": port, "receive_workers": 2})
+    proc = start_dts(command, "--no-web" if command == "watch" else "--port", *(
+        [] if command == "watch" else [str(port)]), config=config, log=tmp_path / "dts.log")
+    try:
+        wait_port(port, 60)
+        spool = Spool(tmp_path / "spool")
+        from dts.status import receiver_state
+
+        wait_for(lambda: len(receiver_state(spool).get("workers") or []) == 2, 60,
+                 what="two workers listed")
+        pids = [w["pid"] for w in receiver_state(spool)["workers"]]
+        shown = run_dts("status", config=config)
+        assert shown.returncode in (0, 1), shown.stderr
+        assert f"2 worker process(es): {pids[0]}, {pids[1]}" in shown.stdout, shown.stdout
+        assert "Traceback" not in shown.stderr and "web:" in shown.stdout, shown.stderr
+        data = json.loads(run_dts("status", "--json", config=config).stdout)
+        assert [w["pid"] for w in data["receiver"]["workers"]] == pids
+    finally:
+        stop_process(proc)

@@ -70,7 +70,7 @@ def command(ctx: StationContext, as_json: bool, check: bool, max_age: str) -> No
             s = st[svc]
             state = f"running (pid {s.get('pid')})" if s["running"] else "not running"
             extra = f" on port {s['port']}" if s.get("running") and s.get("port") else ""
-            if s.get("running") and s.get("workers"):
+            if svc == "receiver" and s.get("running") and s.get("workers"):
                 pids = ", ".join(str(w["pid"]) for w in s["workers"])
                 extra += f", {len(s['workers'])} worker process(es): {pids}"
             console.print(f"{svc}: {state}{extra}")
