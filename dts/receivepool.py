@@ -3,7 +3,7 @@
 One process (``dts receive``, or ``dts watch``) holds the ``receiver`` service lock, the
 port (a socket bound with SO_REUSEPORT but never listening, so the port stays the
 station's while workers come and go) and supervises the workers: each is a
-``dts receive --worker K/N`` child process (``ps`` shows them) running a
+``dts receive --worker K/N@PID`` child process (``ps`` shows them) running a
 ``receiver.Receiver`` that listens on the same port with SO_REUSEPORT, so the kernel
 spreads the incoming connections over them. What must hold station-wide is decided in
 the spool, where the kernel keeps it honest when a worker dies (``dts.carriers``):
@@ -63,14 +63,15 @@ def make_receiver(station: Station, *, host: str | None = None,
     return ReceiverPool(station, host=host, port=port, workers=workers)
 
 
-def die_with_parent() -> int:
-    """In a worker: be killed when the supervisor ends; returns the supervisor's pid
-    (the worker also compares it with ``os.getppid()`` now and then)."""
+def die_with_parent(supervisor: int) -> bool:
+    """In a worker: be killed when the supervisor (its parent, ``supervisor`` by the pid it
+    was given) ends. False when it is gone already: before the request was made, the
+    kernel could not know (the worker then compares ``os.getppid()`` now and then)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    return os.getppid()
+    return os.getppid() == supervisor
 
 
 @dataclass
@@ -166,7 +167,8 @@ class ReceiverPool:
         station = self.station
         return [sys.executable, "-m", "dts", "--config", str(station.config.path),
                 "--spool", str(station.spool.root), "receive", "--host", self.host,
-                "--port", str(self.port), "--worker", f"{w.index}/{len(self.workers)}"]
+                "--port", str(self.port),
+                "--worker", f"{w.index}/{len(self.workers)}@{os.getpid()}"]
 
     def _spawn(self, w: _Worker) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("DTS_CONFIG", "DTS_SPOOL")}

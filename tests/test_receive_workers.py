@@ -298,3 +298,16 @@ def test_dts_status_lists_the_workers(tmp_path: Path, command: str) -> None:
         assert [w["pid"] for w in data["receiver"]["workers"]] == pids
     finally:
         stop_process(proc)
+
+
+def test_a_worker_whose_receiver_is_gone_does_not_start(tmp_path: Path) -> None:
+    """A worker started just as its receiver died (its parent is then pid 1, which the
+    kernel's death signal can no longer cover) ends at once instead of serving alone."""
+    port = free_port()
+    config = station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
+                                               "port": port, "receive_workers": 2})
+    done = run_dts("receive", "--port", str(port), "--worker", "0/2@1", config=config)
+    assert done.returncode == 75, done.stderr
+    assert "the receiver that started this worker is gone" in done.stderr
+    bad = run_dts("receive", "--port", str(port), "--worker", "0/2", config=config)
+    assert bad.returncode == 2 and "--worker K/N@PID" in bad.stderr

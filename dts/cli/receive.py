@@ -18,8 +18,8 @@ from .common import stop_on_signals
 @click.option("--host", help="Address to listen on (default: [station] host).")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Port to listen on (default: [station] port; 0 picks a free one).")
-@click.option("--worker", hidden=True, metavar="K/N",
-              help="Internal: serve as worker K of N of a receiver that holds the port.")
+@click.option("--worker", hidden=True, metavar="K/N@PID",
+              help="Internal: serve as worker K of N of the receiver PID that holds the port.")
 @pass_ctx
 def command(ctx: StationContext, host: str | None, port: int | None,
             worker: str | None) -> None:
@@ -74,10 +74,12 @@ def _serve_as_worker(ctx: StationContext, host: str | None, port: int | None,
     from ..receivepool import die_with_parent
     from ..receiver import Receiver
 
-    match = re.fullmatch(r"(\d+)/(\d+)", worker)
+    match = re.fullmatch(r"(\d+)/(\d+)@(\d+)", worker)
     if match is None or not int(match[1]) < int(match[2]) or port is None:
-        raise UsageError("--worker K/N (K < N) with --port: started by dts receive itself")
-    parent = die_with_parent()
+        raise UsageError("--worker K/N@PID (K < N) with --port: started by dts receive itself")
+    parent = int(match[3])
+    if not die_with_parent(parent):
+        raise TemporaryFailure("the receiver that started this worker is gone")
     station = ctx.station
     index, workers = int(match[1]), int(match[2])
     # the worker of a supervisor killed a moment ago may still be dying (its kernel-sent
