@@ -7,16 +7,19 @@ station's while workers come and go) and supervises the workers: each is a
 ``receiver.Receiver`` that listens on the same port with SO_REUSEPORT, so the kernel
 spreads the incoming connections over them. What must hold station-wide is decided in
 the spool, where the kernel keeps it honest when a worker dies (``dts.carriers``):
-``max_associations`` (slot locks), "no open association carries the study" (carrier
-locks) and "quiet for stable_seconds" (the carriers' close stamps); a study is
-published by exactly one worker. Allow-lists, the disk watermark, TLS and every
+``max_associations`` (slot locks in ``tmp/.run/associations/``), and "no open
+association carries the study, quiet for stable_seconds" (the study's gate
+``tmp/.run/carry/<Study>``, held shared by every carrying association, taken alone by
+the publisher, its mtime the last activity: the same gate ``dts web`` uses for STOW-RS);
+a study is published by exactly one worker. Allow-lists, the disk watermark, TLS and every
 refusal status are each worker's, unchanged. The pending budget
 (``max_pending_connections``, ``max_pending_per_host``) is split evenly among workers.
 
 A worker that dies is restarted (journal: ``receive-worker-exited``), after a pause
 when it keeps dying; a worker dies with its supervisor (it asks the kernel for SIGKILL
-when its parent ends, PR_SET_PDEATHSIG, and also looks itself). ``stop()`` sends SIGTERM to every worker
-(each stops accepting, lets its open associations finish, publishes what is stable)
+when its parent ends, PR_SET_PDEATHSIG, and also looks itself; it is told its
+supervisor's pid and does not start without it). ``stop()`` sends SIGTERM to every
+worker (each stops accepting, lets its open associations finish, publishes what is stable)
 and SIGKILL to those still running at the deadline. ``receive_workers = 1`` is the
 one-process receiver without any of this.
 """
