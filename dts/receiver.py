@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import socketserver
 import threading
 import time
@@ -44,7 +45,7 @@ from typing import Any
 
 from pynetdicom import evt
 
-from . import carriers, commitment, expectations
+from . import carriers, commitment, expectations, receivepool
 from .carriers import AssociationSlots
 from .dicom import ae as dicom_ae
 from .dicom import patches, scp
@@ -166,14 +167,16 @@ class Receiver:
     """The C-STORE/C-ECHO service of one station (see the module docstring).
 
     ``workers`` above 1 makes this one of that many worker processes serving one port
-    (``dts.receivepool``): the listening socket is shared with SO_REUSEPORT,
-    ``max_associations`` is counted station-wide in lock files, the pending budget is
+    (``dts.receivepool``): its supervisor accepts the connections and hands them over
+    ``channel``, ``max_associations`` is counted station-wide in lock files, the pending budget is
     this worker's share, and which study is still carried, or quiet, is decided with
     the other workers through ``dts.carriers``."""
 
     def __init__(self, station: Station, *, host: str | None = None,
-                 port: int | None = None, workers: int = 1) -> None:
+                 port: int | None = None, workers: int = 1,
+                 channel: socket.socket | None = None) -> None:
         self.station = station
+        self.channel = channel  # a worker's: connections come over it (dts.receivepool)
         self.spool = station.spool
         self.cfg = station.config.station
         self.host = host if host is not None else self.cfg.host
@@ -245,20 +248,23 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         try:
-            if self.shared:  # every worker listens on the one port (SO_REUSEPORT)
-                patches.share_listening_port()
+            if self.channel is not None:  # a worker: its supervisor accepts for it
+                patches.serve_handed_connections(self.channel)
             self._server = ae.start_server((self.host, self.port), block=False,
                                            evt_handlers=handlers, ssl_context=ssl_context)
         except OSError as exc:
             raise TemporaryFailure(f"cannot listen on {self.host}:{self.port}: "
                                    f"{exc.strerror or exc}") from None
         self.port = int(self._server.server_address[1])
-        dicom_ae.widen_backlog(self._server)
+        if self.channel is None:
+            dicom_ae.widen_backlog(self._server)
         # socketserver asks this on the accepting thread, in the order of the accepts
         self._server.verify_request = self._on_accept
         self._checker = threading.Thread(target=self._check_loop, name="dts-stable",
                                          daemon=True)
         self._checker.start()
+        if self.channel is not None:
+            self._tell(receivepool.SERVING)
         if self.shared:
             return  # the pool says it once for all its workers
         self.station.journal.emit(Stage.RECEIVE, Event.RECEIVER_STARTED, Status.INFO,
@@ -414,6 +420,17 @@ class Receiver:
         scp.discard_partial(event.assoc)  # a data set cut off on pynetdicom's path
         key = id(event.assoc)
         self._closed(key)
+        if self.channel is not None:
+            self._tell(receivepool.ENDED)
+
+    def _tell(self, what: bytes) -> None:
+        """Tell the supervisor (a worker's channel): serving, a connection ended. A full
+        channel (the supervisor not reading) loses the word, never blocks the worker."""
+        try:
+            assert self.channel is not None
+            self.channel.send(what, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
 
     def _closed(self, key: int) -> None:
         """The association ``key`` ended: it carries nothing any more."""
@@ -656,13 +673,16 @@ class Receiver:
                     "patient_id": header.get("patient_id"),
                     "accession": header.get("accession"), "received_at": isotime(),
                     "source": "dicom", "sources": [conn.as_dict()]}
-            if study_dir.is_dir():  # adopted after a restart: keep the first metadata
+            try:
+                study_dir.mkdir()
+            except FileExistsError:
+                # adopted after a restart, or made a moment ago by another receive worker
+                # (its first instance came to both at once): keep the first metadata
                 try:
                     meta = {**meta, **json.loads((study_dir / STUDY_META).read_bytes())}
                 except (OSError, ValueError):
                     pass
             else:
-                study_dir.mkdir()
                 fsync_dir(self.spool.incoming)
             write_file_durably(study_dir / STUDY_META, dump_json(meta))
             st.ino = study_dir.stat().st_ino

@@ -463,6 +463,34 @@ def test_restart_adopts_incoming_and_publishes_when_stable(tmp_path: Path) -> No
 
 
 
+@pytest.mark.parametrize("meta_written", [False, True])
+def test_a_study_folder_another_worker_just_made_is_joined(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meta_written: bool) -> None:
+    """Two receive workers get the first instance of one study at the same moment: the
+    other one makes the folder just before this one does (its metadata written or not
+    yet), and this one joins it (it refused the instance with 0xA700, "File exists")."""
+    station = _station(tmp_path)
+    rx = receiver_mod.Receiver(station)
+    folder = station.spool.incoming / "1.2.3"
+    real_mkdir = Path.mkdir
+
+    def the_other_worker_first(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == folder and not self.exists():
+            real_mkdir(self)
+            if meta_written:
+                (folder / receiver_mod.STUDY_META).write_text(json.dumps(
+                    {"calling_ae": "FIRST", "study_uid": "1.2.3",
+                     "received_at": "2026-12-02T10:00:00Z"}))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", the_other_worker_first)
+    conn = receiver_mod.Connection("SECOND", "DTS", "127.0.0.1", 1000)
+    st = rx._enter("1.2.3", 1, conn, {"patient_id": "P", "accession": "A"})
+    kept = json.loads((folder / receiver_mod.STUDY_META).read_text())
+    assert kept["study_uid"] == "1.2.3" and st.active == 1
+    assert kept["calling_ae"] == ("FIRST" if meta_written else "SECOND")
+
+
 def _no_space(*args: Any, **kwargs: Any) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 

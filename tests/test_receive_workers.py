@@ -187,6 +187,42 @@ def test_a_study_over_associations_of_two_workers_is_published_once(
     assert not list(st.spool.incoming.iterdir())
 
 
+def test_connections_go_to_the_worker_with_the_fewest(
+        station: Callable[..., Station], tmp_path: Path) -> None:
+    """Four associations at once are two on each worker (the kernel's hash of
+    SO_REUSEPORT listeners put three or four on one worker now and then), and a worker
+    whose associations ended gets the next ones."""
+    st = station()
+    study = generate_uid()
+    senders = []
+    for _ in range(4):
+        assoc = _associate(st.port)
+        assert assoc.is_established
+        before = Counter(st.carriers(study))
+        s = Sender(assoc, study, tmp_path / "data")
+        s.send(1)
+        (s.pid,) = list((Counter(st.carriers(study)) - before).elements())
+        senders.append(s)
+    served = Counter(s.pid for s in senders)
+    assert sorted(served.values()) == [2, 2], served
+    first = senders[0].pid
+    for s in senders:
+        if s.pid == first:
+            s.release()
+    time.sleep(0.5)  # the worker's word that its connections ended reaches the supervisor
+    later = []
+    for _ in range(2):
+        assoc = _associate(st.port)
+        s = Sender(assoc, study, tmp_path / "data")
+        s.send(1)
+        (s.pid,) = list((Counter(st.carriers(study)) - Counter(
+            x.pid for x in senders + later if x.assoc.is_established)).elements())
+        later.append(s)
+    assert [s.pid for s in later] == [first, first]
+    for s in senders + later:
+        s.release()
+
+
 def test_a_killed_worker_loses_no_acknowledged_instance_and_is_restarted(
         station: Callable[..., Station], tmp_path: Path) -> None:
     st = station()
@@ -306,8 +342,8 @@ def test_a_worker_whose_receiver_is_gone_does_not_start(tmp_path: Path) -> None:
     port = free_port()
     config = station_config(tmp_path, station={"ae_title": "DTS", "host": "127.0.0.1",
                                                "port": port, "receive_workers": 2})
-    done = run_dts("receive", "--port", str(port), "--worker", "0/2@1", config=config)
+    done = run_dts("receive", "--port", str(port), "--worker", "0/2@1:3", config=config)
     assert done.returncode == 75, done.stderr
     assert "the receiver that started this worker is gone" in done.stderr
     bad = run_dts("receive", "--port", str(port), "--worker", "0/2", config=config)
-    assert bad.returncode == 2 and "--worker K/N@PID" in bad.stderr
+    assert bad.returncode == 2 and "--worker K/N@PID:FD" in bad.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 
 import click
@@ -18,8 +19,9 @@ from .common import stop_on_signals
 @click.option("--host", help="Address to listen on (default: [station] host).")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Port to listen on (default: [station] port; 0 picks a free one).")
-@click.option("--worker", hidden=True, metavar="K/N@PID",
-              help="Internal: serve as worker K of N of the receiver PID that holds the port.")
+@click.option("--worker", hidden=True, metavar="K/N@PID:FD",
+              help="Internal: serve as worker K of N of the receiver PID, which hands it "
+                   "connections over the Unix socket FD.")
 @pass_ctx
 def command(ctx: StationContext, host: str | None, port: int | None,
             worker: str | None) -> None:
@@ -74,12 +76,14 @@ def _serve_as_worker(ctx: StationContext, host: str | None, port: int | None,
     from ..receivepool import die_with_parent
     from ..receiver import Receiver
 
-    match = re.fullmatch(r"(\d+)/(\d+)@(\d+)", worker)
+    match = re.fullmatch(r"(\d+)/(\d+)@(\d+):(\d+)", worker)
     if match is None or not int(match[1]) < int(match[2]) or port is None:
-        raise UsageError("--worker K/N@PID (K < N) with --port: started by dts receive itself")
+        raise UsageError("--worker K/N@PID:FD (K < N) with --port: started by dts receive "
+                         "itself")
     parent = int(match[3])
     if not die_with_parent(parent):
         raise TemporaryFailure("the receiver that started this worker is gone")
+    channel = _channel(int(match[4]))
     station = ctx.station
     index, workers = int(match[1]), int(match[2])
     # the worker of a supervisor killed a moment ago may still be dying (its kernel-sent
@@ -90,7 +94,7 @@ def _serve_as_worker(ctx: StationContext, host: str | None, port: int | None,
         if time.monotonic() > deadline:
             raise TemporaryFailure(f"receive worker {index} is already running")
         time.sleep(0.1)
-    receiver = Receiver(station, host=host, port=port, workers=workers)
+    receiver = Receiver(station, host=host, port=port, workers=workers, channel=channel)
     with stop_on_signals() as stop:
         try:
             receiver.start()
@@ -101,3 +105,16 @@ def _serve_as_worker(ctx: StationContext, host: str | None, port: int | None,
             receiver.stop()
         finally:
             lock.release()
+
+
+def _channel(fd: int) -> socket.socket:
+    """The worker's end of the socket pair its supervisor hands connections over."""
+    try:
+        channel = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise UsageError(f"--worker: descriptor {fd} is no socket: {exc.strerror or exc}") \
+            from None
+    if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_SEQPACKET:
+        channel.detach()
+        raise UsageError(f"--worker: descriptor {fd} is not the receiver's socket pair")
+    return channel

@@ -61,7 +61,7 @@ from typing import Any
 from pydicom.uid import UID
 
 import pynetdicom
-from pynetdicom import _config, association, dimse_messages, dul, transport
+from pynetdicom import _config, association, dimse_messages, dul, presentation, transport
 
 from . import filemeta, scp, takeover, wire
 
@@ -190,6 +190,14 @@ INTERNALS: tuple[Internal, ...] = (
              source=("if not socket._is_connected:", "self.dul.receive_pdu(wait=True")),
     Internal("dul.DULServiceProvider.receive_pdu", "the queue ae.associate looks in",
              source=("self.to_user_queue.get(",)),
+    Internal("transport.RequestHandler._create_association",
+             "deep-copies the server's presentation contexts for every accepted association",
+             source=("deepcopy(self.server.contexts)",)),
+    Internal("presentation.PresentationContext.__init__",
+             "PresentationContext.__deepcopy__: these fields, the transfer syntaxes a list",
+             source=("self._context_id", "self._abstract_syntax", "self._transfer_syntax",
+                     "self.result", "self._scu_role", "self._scp_role", "self._as_scp",
+                     "self._as_scu")),
 )
 
 
@@ -310,6 +318,8 @@ REVIEWED: dict[str, str] = {
     "pdu_primitives.P_DATA.presentation_data_value_list": "9f2d171cdd1e929b",
     "acse.ACSE._negotiate_as_requestor": "507959152c5896c6",
     "dul.DULServiceProvider.receive_pdu": "fa67339834ca998c",
+    "transport.RequestHandler._create_association": "05c8d12b79863cdb",
+    "presentation.PresentationContext.__init__": "37a8842ac07cd8f3",
 }
 
 
@@ -485,11 +495,27 @@ def _get_request(self: transport.AssociationServer) -> tuple[Any, Any]:
     own thread, bounded by the socket's timeout and the ACSE timeout (network_timeout)."""
     listening = self.socket
     assert listening is not None
-    client, address = listening.accept()
+    if listening is _handed:  # a receive worker: its supervisor accepted the connection
+        client, address = _handed_connection(listening)
+    else:
+        client, address = listening.accept()
     if self.ssl_context:
         client = self.ssl_context.wrap_socket(client, server_side=True,
                                               do_handshake_on_connect=False)
     return client, address
+
+
+def _copy_context(self: presentation.PresentationContext,
+                  memo: dict[int, Any]) -> presentation.PresentationContext:
+    """``copy.deepcopy`` of a presentation context: pynetdicom copies every context the
+    receiver supports for each association it accepts (171 SOP classes, 7,654 transfer
+    syntaxes: 35 ms of CPU an association, pydicom validating each UID again). The same
+    fields, a list of transfer syntaxes of its own; the UIDs (immutable strings) shared."""
+    new = self.__class__.__new__(self.__class__)
+    new.__dict__.update(self.__dict__)
+    new._transfer_syntax = list(self._transfer_syntax)
+    memo[id(self)] = new
+    return new
 
 
 def _serve_request(self: association.Association, msg: Any, context_id: int) -> None:
@@ -557,6 +583,7 @@ def tune() -> bool:
         transport.AssociationSocket.connect = _patch_connect(  # type: ignore[method-assign]
             transport.AssociationSocket.connect)
         association.Association._serve_request = _serve_request  # type: ignore[method-assign]
+        presentation.PresentationContext.__deepcopy__ = _copy_context  # type: ignore[attr-defined]
         locked = takeover.locked_transport_event(dul.DULServiceProvider._is_transport_event)
         dul.DULServiceProvider._is_transport_event = locked  # type: ignore
         _tuned = True
@@ -612,17 +639,49 @@ def send_files_as_encoded() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-def share_listening_port() -> None:
-    """Every association server of this process binds with SO_REUSEPORT, so that the
-    receiver's worker processes listen on one port together (``dts.receivepool``).
-    Process-wide: only a worker process calls it."""
-    original = transport.AssociationServer.server_bind
-    if getattr(original, "_dts_reuse_port", False):
+_handed: socket.socket | None = None  # serve_handed_connections()
+
+
+def serve_handed_connections(channel: socket.socket) -> None:
+    """The association server of this process takes its connections from ``channel``,
+    instead of listening itself: a receive worker's end of the Unix socket pair over
+    which its supervisor hands it each accepted connection (``dts.receivepool``).
+    Process-wide: only a worker calls it, before it starts its one server."""
+    global _handed
+    _handed = channel
+    bind = transport.AssociationServer.server_bind
+    if getattr(bind, "_dts_handed", False):
         return
+    activate = transport.AssociationServer.server_activate
 
     def server_bind(self: Any) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        original(self)
+        if _handed is None:
+            bind(self)
+            return
+        self.socket.close()  # the TCP socket socketserver made: never bound
+        self.socket = _handed
 
-    server_bind._dts_reuse_port = True  # type: ignore[attr-defined]
+    def server_activate(self: Any) -> None:
+        if _handed is None:
+            activate(self)
+
+    server_bind._dts_handed = True  # type: ignore[attr-defined]
     transport.AssociationServer.server_bind = server_bind  # type: ignore[method-assign]
+    transport.AssociationServer.server_activate = server_activate  # type: ignore[method-assign]
+
+
+def _handed_connection(channel: socket.socket) -> tuple[socket.socket, Any]:
+    """The next connection the supervisor handed over ``channel`` (one byte and one
+    descriptor per message); OSError when the message holds none (the supervisor is
+    gone: its end of file)."""
+    message, fds, _, _ = socket.recv_fds(channel, 16, 1)
+    if not fds:
+        if not message:
+            time.sleep(0.05)  # end of file: the worker sees its supervisor gone and ends
+        raise OSError("no connection in the receive supervisor's message")
+    client = socket.socket(fileno=fds[0])
+    try:
+        return client, client.getpeername()
+    except OSError:
+        client.close()  # the peer is gone already
+        raise

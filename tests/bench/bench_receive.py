@@ -7,7 +7,10 @@ for 5,000 of 64×64). Each receiver is started fresh on a free loopback port, on
 storescu exits (every instance acknowledged) gives images/s. With ``--senders N`` the study
 is N series of images/N and N storescu processes send one series each at once (N parallel
 associations; storescp then runs with ``--fork``, one process per association, as it is
-deployed for parallel senders); the clock stops when the last one exits. dts acknowledges an instance
+deployed for parallel senders); the clock stops when the last one exits. Each round starts
+with another peer, and what the runs received is removed only after the last round of a
+mode (see ``LEFT``); before each run, whatever the previous one left unwritten is
+written (``sync``), outside the clock. dts acknowledges an instance
 only once it is fsynced; storescp and Orthanc do not fsync. Each round is run twice: with
 dcmtk's defaults (Nagle on, as deployed in hospitals) and with ``TCP_NODELAY=1`` in the
 environment of the dcmtk programs (storescu, storescp, Orthanc). Medians of ``--runs``,
@@ -138,6 +141,8 @@ def study_folders(root: Path, images: int, size: int, senders: int) -> list[Path
 
 def one_run(peer: str, data: list[Path], images: int, nodelay: bool,
             max_pdu: int | None) -> float:
+    os.sync()  # what the previous run left unwritten (storescp and Orthanc do not fsync)
+    # is written now, not during this run
     work = Path(tempfile.mkdtemp(prefix=f"bench-{peer}-", dir=data[0].parent if len(data) == 1
                                 else data[0].parent.parent))
     port = free_port()
@@ -158,8 +163,20 @@ def one_run(peer: str, data: list[Path], images: int, nodelay: bool,
                 raise SystemExit(f"dts stored {stored} of {images} instances")
     finally:
         stop_process(proc)
-        shutil.rmtree(work, ignore_errors=True)
+        LEFT.append(work)
     return images / elapsed
+
+
+# The folders of finished runs, removed only at the end: on ext4 without a journal (this
+# machine's disk) the kernel skips inodes freed within the last 30 s when it allocates
+# new ones, one lookup per skipped inode, so that a receiver started right after the
+# previous run's 1,000 files were removed spent a third of its CPU making files.
+LEFT: list[Path] = []
+
+
+def remove_left() -> None:
+    while LEFT:
+        shutil.rmtree(LEFT.pop(), ignore_errors=True)
 
 
 def main() -> None:
@@ -200,8 +217,16 @@ def main() -> None:
             busy = busy_cores()
             if busy > args.busy:
                 busy_rounds.append(f"round {i + 1}: {busy:.2f} cores busy before it started")
-            for peer in peers:
-                rates[peer].append(one_run(peer, data, images, nodelay, args.max_pdu))
+            for peer in peers[i % len(peers):] + peers[:i % len(peers)]:  # each first once
+                try:
+                    rates[peer].append(one_run(peer, data, images, nodelay, args.max_pdu))
+                except BaseException:
+                    failed = LEFT.pop() if LEFT else None
+                    remove_left()
+                    if failed is not None:
+                        print(f"the failed run's folder is kept: {failed}")
+                    raise
+        remove_left()
         med = {p: statistics.median(r) for p, r in rates.items()}
         label = "TCP_NODELAY=1" if nodelay else "dcmtk defaults (Nagle on)"
         print(f"\n[{label}]")
