@@ -122,6 +122,8 @@ class ReceiverPool:
         self._lock = threading.RLock()
         self._supervisor: threading.Thread | None = None
         self._listening = False  # the port is bound at once, listened on once workers serve
+        self._dropped = 0  # connections no worker took, since the last warning
+        self._dropped_said = -10.0
         self._next = 0  # where the search for the least busy worker starts (ties rotate)
         self.on_change: Any = None  # called with the worker pids when they change
 
@@ -326,7 +328,12 @@ class ReceiverPool:
                 return
             try:
                 if not self._hand(conn):
-                    LOGGER.warning("no receive worker took a connection: closed")
+                    self._dropped += 1
+                    now = time.monotonic()
+                    if now - self._dropped_said >= 10:  # a flood must not flood the log
+                        LOGGER.warning("no receive worker took %d connection(s) (all busy "
+                                       "or restarting): closed", self._dropped)
+                        self._dropped, self._dropped_said = 0, now
             finally:
                 conn.close()  # the worker has its own descriptor of it
 
