@@ -168,8 +168,8 @@ class Receiver:
 
     ``workers`` above 1 makes this one of that many worker processes serving one port
     (``dts.receivepool``): its supervisor accepts the connections and hands them over
-    ``channel``, ``max_associations`` is counted station-wide in lock files, the pending budget is
-    this worker's share, and which study is still carried, or quiet, is decided with
+    ``channel``, ``max_associations`` is counted station-wide in lock files, the pending
+    budget is this worker's share, and which study is still carried, or quiet, is decided with
     the other workers through ``dts.carriers``."""
 
     def __init__(self, station: Station, *, host: str | None = None,

@@ -347,3 +347,8 @@ def test_a_worker_whose_receiver_is_gone_does_not_start(tmp_path: Path) -> None:
     assert "the receiver that started this worker is gone" in done.stderr
     bad = run_dts("receive", "--port", str(port), "--worker", "0/2", config=config)
     assert bad.returncode == 2 and "--worker K/N@PID:FD" in bad.stderr
+    # started by this process (its parent) but with a descriptor that is no socket pair
+    wrong = run_dts("receive", "--port", str(port), "--worker", f"0/2@{os.getpid()}:0",
+                    config=config, input="")  # descriptor 0: a pipe
+    assert wrong.returncode == 2, wrong.stderr
+    assert "descriptor 0 is no socket" in wrong.stderr, wrong.stderr

@@ -495,10 +495,7 @@ def _get_request(self: transport.AssociationServer) -> tuple[Any, Any]:
     own thread, bounded by the socket's timeout and the ACSE timeout (network_timeout)."""
     listening = self.socket
     assert listening is not None
-    if listening is _handed:  # a receive worker: its supervisor accepted the connection
-        client, address = _handed_connection(listening)
-    else:
-        client, address = listening.accept()
+    client, address = listening.accept()
     if self.ssl_context:
         client = self.ssl_context.wrap_socket(client, server_side=True,
                                               do_handshake_on_connect=False)
@@ -646,13 +643,15 @@ def serve_handed_connections(channel: socket.socket) -> None:
     """The association server of this process takes its connections from ``channel``,
     instead of listening itself: a receive worker's end of the Unix socket pair over
     which its supervisor hands it each accepted connection (``dts.receivepool``).
-    Process-wide: only a worker calls it, before it starts its one server."""
+    Process-wide: only a worker calls it, before it starts its one server. Independent of
+    ``tune()``: a pynetdicom dts is not tuned for still gets its connections."""
     global _handed
     _handed = channel
     bind = transport.AssociationServer.server_bind
     if getattr(bind, "_dts_handed", False):
         return
     activate = transport.AssociationServer.server_activate
+    get_request = transport.AssociationServer.get_request
 
     def server_bind(self: Any) -> None:
         if _handed is None:
@@ -665,9 +664,19 @@ def serve_handed_connections(channel: socket.socket) -> None:
         if _handed is None:
             activate(self)
 
+    def get_handed_request(self: Any) -> tuple[Any, Any]:
+        if _handed is None or self.socket is not _handed:
+            return get_request(self)
+        client, address = _handed_connection(_handed)
+        if self.ssl_context:  # the handshake with the first read, as _get_request does
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
     server_bind._dts_handed = True  # type: ignore[attr-defined]
     transport.AssociationServer.server_bind = server_bind  # type: ignore[method-assign]
     transport.AssociationServer.server_activate = server_activate  # type: ignore[method-assign]
+    transport.AssociationServer.get_request = get_handed_request  # type: ignore[method-assign]
 
 
 def _handed_connection(channel: socket.socket) -> tuple[socket.socket, Any]:
