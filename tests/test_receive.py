@@ -635,7 +635,9 @@ def test_full_disk_refuses_with_out_of_resources_and_keeps_what_it_acknowledged(
     ones whose journal line cannot be written; the lost lines are reported once there is
     room again, and nothing acknowledged is lost."""
     with _small_spool(tmp_path) as spool:
-        rx = start_receiver(station="min_free_mb = 0")
+        # one receiver process: the full disk cuts at most one journal line short per
+        # process writing it (with two workers, the refusing one and a publishing one may)
+        rx = start_receiver(station="min_free_mb = 0\nreceive_workers = 1")
         try:
             study = generate_uid()
             sops = _instances(tmp_path / "exam", 34, study)
